@@ -1,0 +1,126 @@
+"""The ``specrun`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import SpecrunError
+
+
+class SpecrunGroup(click.Group):
+    """Turns every SpecrunError into one line on stderr and exit status 2 — never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpecrunError as exc:
+            click.echo(f"specrun: error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("specrun: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=SpecrunGroup)
+@click.version_option(package_name="specrun")
+def main() -> None:
+    """Speculative decoding for LLMs with pluggable execution backends."""
+
+
+def backend_options(f):
+    f = click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Execution backend (see `specrun backends`).")(f)
+    f = click.option("--device", "-d", default="cpu", show_default=True, help="Device of the backend (cpu, cuda, GPU, NPU ...).")(f)
+    f = click.option("--precision", default=None, help="Compute precision (f32, bf16, f16, int8 ...); default: the backend's.")(f)
+    f = click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")(f)
+    f = click.option("--threads", type=int, default=None, help="CPU threads for the backend.")(f)
+    return f
+
+
+@main.command()
+@click.argument("prompt")
+@backend_options
+@click.option("--drafter", type=click.Choice(["none", "ngram", "model", "eagle3"]), default="ngram", show_default=True)
+@click.option("--draft", default=None, help="Draft model folder (for --drafter model).")
+@click.option("--draft-backend", default=None, help="Backend of the draft model [default: the target's].")
+@click.option("--draft-device", default=None, help="Device of the draft model [default: the target's].")
+@click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens verified per target call.")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--raw", is_flag=True, help="Do not apply the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
+             num_draft_tokens, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
+    """Generate text for PROMPT with speculative decoding."""
+    from .pipeline import Pipeline
+    from .sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if num_draft_tokens < 1:
+        raise SpecrunError(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
+    if not prompt.strip():
+        raise SpecrunError("the prompt is empty; give some text")
+    pipe = Pipeline.load(
+        target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
+        draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,
+        options={"threads": threads} if threads else None,
+    )
+    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, raw=raw)
+    if as_json:
+        click.echo(json.dumps(pipe.generate(prompt, **kwargs).as_dict()))
+        return
+    for piece in pipe.stream(prompt, **kwargs):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    st = pipe.last.stats
+    click.echo(
+        f"[{st.backend}/{st.device}/{st.precision} drafter={st.drafter} k={st.num_draft_tokens}] "
+        f"{st.new_tokens} tokens, acceptance length {st.acceptance_length:.2f} tokens/call, "
+        f"{st.tokens_per_second:.1f} tokens/s, first token {st.time_to_first_token:.2f} s, stop: {st.stop_reason}",
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends(as_json):
+    """List registered backends: package, version, devices, precisions, availability."""
+    from .plugins import load_registry
+
+    reg = load_registry()
+    rows = []
+    for name in reg.names():
+        e = reg.entries[name]
+        avail = e.availability()
+        devices: list[str] = []
+        precisions: dict[str, list[str]] = {}
+        if avail.available and e.backend is not None:
+            try:
+                devices = e.backend.devices()
+                precisions = {d: e.backend.precisions(d) for d in devices}
+            except Exception as exc:  # a plugin bug must not break the listing
+                avail = type(avail)(False, f"listing devices raised {type(exc).__name__}: {exc}")
+        rows.append({"name": name, "package": e.package, "version": e.version, "available": avail.available,
+                     "reason": avail.reason, "install_hint": avail.install_hint, "devices": devices, "precisions": precisions})
+    if as_json:
+        click.echo(json.dumps({"backends": rows, "conflicts": reg.conflicts}, indent=2))
+    else:
+        for r in rows:
+            if r["available"]:
+                prec = "; ".join(f"{d}: {', '.join(p)}" for d, p in r["precisions"].items())
+                click.echo(f"{r['name']:<12} {r['package']} {r['version']}  available  devices: {', '.join(r['devices'])}  precisions: {prec}")
+            else:
+                hint = f" (install: {r['install_hint']})" if r["install_hint"] else ""
+                click.echo(f"{r['name']:<12} {r['package']} {r['version']}  UNAVAILABLE: {r['reason']}{hint}")
+        for c in reg.conflicts:
+            click.echo(f"conflict: {c}")
+    if os.environ.get("SPECRUN_PLUGINS"):
+        click.echo(f"(plugins restricted by SPECRUN_PLUGINS={os.environ['SPECRUN_PLUGINS']})", err=True)

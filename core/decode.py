@@ -1,0 +1,170 @@
+"""The speculative loop: prefill, draft k, verify all k in ONE target call, accept, roll back, repeat."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+from .drafters import NoDrafter
+from .errors import SpecrunError
+from .interfaces import Draft, Drafter, Target
+from .sampling import Sampler, SamplingParams
+from .verify import GreedyVerifier, SpeculativeSamplingVerifier, Verifier
+
+
+@attrs.define
+class Stats:
+    """Per-request statistics.  ``target_calls`` counts verification calls after the prefill;
+    ``acceptance_length`` is the tokens they produced per call (1.0 for plain decoding)."""
+
+    backend: str = ""
+    device: str = ""
+    precision: str = ""
+    drafter: str = ""
+    num_draft_tokens: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_per_position: list[int] = attrs.field(factory=list)
+    accepted_per_position: list[int] = attrs.field(factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens produced by the verification calls
+    stop_reason: str = ""
+
+    @property
+    def acceptance_length(self) -> float:
+        return self.decode_tokens / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position, strict=True)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput: tokens after the first, per second of decoding."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prefill_seconds
+
+    def as_dict(self) -> dict:
+        d = attrs.asdict(self)
+        for name in ("acceptance_length", "acceptance_rate", "acceptance_rate_per_position", "tokens_per_second", "time_to_first_token"):
+            d[name] = getattr(self, name)
+        return d
+
+
+def make_verifier(params: SamplingParams) -> tuple[Verifier, Sampler | None]:
+    if params.greedy:
+        return GreedyVerifier(), None
+    sampler = Sampler(params)
+    return SpeculativeSamplingVerifier(sampler), sampler
+
+
+class SpeculativeDecoder:
+    """Drives one target and one drafter.  Knows nothing of the backends behind them."""
+
+    def __init__(self, target: Target, drafter: Drafter, num_draft_tokens: int = 4):
+        if num_draft_tokens < 1:
+            raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
+        self.target, self.drafter, self.k = target, drafter, num_draft_tokens
+        self.stats = Stats()
+
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise SpecrunError("the prompt is empty; give some text")
+        if max_new_tokens < 1:
+            raise SpecrunError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        limit = self.target.info.context_length
+        if prompt_len + max_new_tokens > limit:
+            raise SpecrunError(
+                f"prompt ({prompt_len} tokens) + max new tokens ({max_new_tokens}) exceeds the model's context "
+                f"limit of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> Iterator[list[int]]:
+        """Yield lists of newly accepted token ids as they are accepted (EOS is not yielded)."""
+        sampling = sampling or SamplingParams()
+        self.check_length(len(prompt), max_new_tokens)
+        verifier, sampler = make_verifier(sampling)
+        t, d = self.target, self.drafter
+        k_max = 0 if isinstance(d, NoDrafter) else self.k
+        s = self.stats = Stats(
+            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name,
+            num_draft_tokens=k_max, prompt_tokens=len(prompt),
+            drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
+        )
+        limit = t.info.context_length
+        capacity = min(len(prompt) + max_new_tokens + self.k + 1, limit)
+        eos = set(eos_token_ids)
+
+        t0 = time.perf_counter()
+        t.reset(capacity)
+        d.start(prompt, capacity)
+        out = t.forward(list(prompt), all_logits=False)
+        first = verifier.verify(out.logits[-1:], Draft([]))
+        tokens = list(prompt) + first
+        s.prefill_seconds = time.perf_counter() - t0
+        if first[0] in eos:
+            s.stop_reason = "eos"
+            return
+        s.new_tokens = 1
+        yield first
+
+        t_dec = time.perf_counter()
+        try:
+            while True:
+                remaining = max_new_tokens - s.new_tokens
+                if remaining <= 0:
+                    s.stop_reason = "length"
+                    return
+                # never draft past what is needed, nor past the context limit
+                k = min(k_max, remaining - 1, limit - len(tokens))
+                td = time.perf_counter()
+                draft = d.propose(tokens, k, sampler) if k > 0 else Draft([])
+                s.draft_seconds += time.perf_counter() - td
+                base = t.length  # == len(tokens) - 1: the last token is not yet in the cache
+                out = t.forward([tokens[-1], *draft.tokens])
+                accepted = verifier.verify(out.logits, draft)
+                n = len(accepted) - 1
+                t.rollback(base + 1 + n)
+                tokens.extend(accepted)
+                d.accepted(tokens, n)
+                s.target_calls += 1
+                s.drafted += len(draft)
+                s.accepted += n
+                for i in range(len(draft)):
+                    s.drafted_per_position[i] += 1
+                    s.accepted_per_position[i] += i < n
+                new = accepted[:remaining]
+                stop = next((i for i, tok in enumerate(new) if tok in eos), None)
+                if stop is not None:
+                    new = new[:stop]
+                s.new_tokens += len(new)
+                s.decode_tokens += len(new)
+                if new:
+                    yield new
+                if stop is not None:
+                    s.stop_reason = "eos"
+                    return
+        finally:
+            s.decode_seconds = time.perf_counter() - t_dec
+            if not s.stop_reason:
+                s.stop_reason = "stopped"

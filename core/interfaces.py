@@ -1,0 +1,161 @@
+"""The three interfaces the speculative loop talks to (target, drafter, verifier) and the backend
+that builds targets.  Everything crossing a backend boundary is a plain numpy array or a list of
+token ids, so a draft can run on one backend and the target on another."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+
+@attrs.frozen
+class StepOutput:
+    """What a target returns for a block of T new tokens."""
+
+    logits: np.ndarray  # [T, vocab] float32
+    hidden_states: np.ndarray | None = None  # [T, n_aux_layers * hidden] float32 (EAGLE-3 inputs) or None
+
+
+@attrs.frozen
+class Draft:
+    """Proposed continuation.  ``probs[i]`` is the drafter's distribution the i-th token was drawn
+    from (already temperature/top-k/top-p processed); ``None`` means a deterministic proposal."""
+
+    tokens: list[int]
+    probs: np.ndarray | None = None  # [k, vocab] float32
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@attrs.frozen
+class ModelInfo:
+    vocab_size: int
+    context_length: int
+    hidden_size: int
+    num_layers: int
+
+
+class Target(abc.ABC):
+    """A causal LM with a KV cache.  ``length`` tokens are in the cache; ``forward`` appends a block
+    of T >= 1 tokens and returns logits for every one of them; ``rollback`` cuts the cache back."""
+
+    info: ModelInfo
+    backend: str
+    device: str
+    precision: str
+
+    @abc.abstractmethod
+    def reset(self, capacity: int) -> None:
+        """Empty the cache and make room for ``capacity`` tokens."""
+
+    @abc.abstractmethod
+    def forward(self, tokens: Sequence[int], *, all_logits: bool = True) -> StepOutput:
+        """Run ``tokens`` (positions ``length .. length+T-1``) on top of the cache, causally,
+        and append them to the cache.  With ``all_logits=False`` only the last position's logits
+        (and hidden states) are returned (prefill of long prompts)."""
+
+    @property
+    @abc.abstractmethod
+    def length(self) -> int:
+        """Number of tokens in the cache."""
+
+    @abc.abstractmethod
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` cached tokens.  Must not cost time proportional to the context."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+class Drafter(abc.ABC):
+    """Proposes the next tokens of a sequence."""
+
+    name: str = "drafter"
+
+    def start(self, prompt: Sequence[int], capacity: int) -> None:  # noqa: B027 - optional hook
+        """A new request begins with ``prompt``."""
+
+    @abc.abstractmethod
+    def propose(self, tokens: Sequence[int], k: int, rng: np.random.Generator | None) -> Draft:
+        """Propose up to ``k`` tokens continuing ``tokens`` (the whole sequence so far).
+        ``rng`` is given when sampling; the drafter then returns the distributions it drew from."""
+
+    def accepted(self, tokens: Sequence[int], n_accepted: int) -> None:  # noqa: B027 - optional hook
+        """The verifier accepted ``n_accepted`` of the last draft; ``tokens`` is the sequence now."""
+
+
+@attrs.frozen
+class Availability:
+    available: bool
+    reason: str = ""
+    install_hint: str = ""
+
+
+class Backend(abc.ABC):
+    """A plugin's execution backend.  Instances are made by the plugin's ``register_backends`` hook."""
+
+    name: str
+    description: str = ""
+
+    @abc.abstractmethod
+    def availability(self) -> Availability: ...
+
+    @abc.abstractmethod
+    def devices(self) -> list[str]:
+        """Devices present on this machine (e.g. ``cpu``, ``cuda:0``)."""
+
+    def known_devices(self) -> list[str]:
+        """Every device name this backend understands, present or not."""
+        return self.devices()
+
+    @abc.abstractmethod
+    def precisions(self, device: str) -> list[str]:
+        """Precisions this backend can run on ``device``; the first is the default."""
+
+    def capabilities(self) -> set[str]:
+        """Optional features: ``hidden_states``, ``tree_attention``, ``weights:int8`` ..."""
+        return set()
+
+    @abc.abstractmethod
+    def load_target(
+        self,
+        model_dir: str,
+        *,
+        device: str,
+        precision: str | None = None,
+        aux_hidden_layers: Sequence[int] = (),
+        options: dict | None = None,
+    ) -> Target:
+        """Build a target for the transformers-format model folder ``model_dir``."""
+
+    def check_device(self, device: str) -> str:
+        """Return the canonical device name or raise a one-line error naming the present ones."""
+        from .errors import SpecrunError
+
+        present = self.devices()
+        if device in present:
+            return device
+        known = self.known_devices()
+        if device in known or device.split(":")[0] in {d.split(":")[0] for d in known}:
+            raise SpecrunError(
+                f"device '{device}' is not present for backend '{self.name}'; present: {', '.join(present) or 'none'}"
+            )
+        raise SpecrunError(
+            f"unknown device '{device}' for backend '{self.name}'; known: {', '.join(known)} (present: {', '.join(present) or 'none'})"
+        )
+
+    def check_precision(self, device: str, precision: str | None) -> str:
+        from .errors import SpecrunError
+
+        supported = self.precisions(device)
+        if precision is None:
+            return supported[0]
+        if precision not in supported:
+            raise SpecrunError(
+                f"backend '{self.name}' cannot run precision '{precision}' on {device}; supported: {', '.join(supported)}"
+            )
+        return precision

@@ -1,0 +1,186 @@
+"""Text in, text out: model resolution, tokenizer and chat template, backend and drafter selection,
+stop strings.  The CLI and the benchmarks use this; library users can too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+from .decode import SpeculativeDecoder, Stats
+from .drafters import ModelDrafter, NgramDrafter, NoDrafter
+from .errors import SpecrunError
+from .interfaces import Drafter, Target
+from .models import ModelConfig, resolve_model
+from .plugins import Registry, load_registry
+from .sampling import SamplingParams
+
+DRAFTERS = ("none", "ngram", "model", "eagle3")
+
+
+@attrs.define
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+
+    def as_dict(self) -> dict:
+        st = self.stats
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "stats": {
+                "target_calls": st.target_calls,
+                "drafted": st.drafted,
+                "accepted": st.accepted,
+                "acceptance_length": st.acceptance_length,
+                "acceptance_rate_per_position": st.acceptance_rate_per_position,
+                "tokens_per_second": st.tokens_per_second,
+                "time_to_first_token": st.time_to_first_token,
+                "prefill_seconds": st.prefill_seconds,
+                "decode_seconds": st.decode_seconds,
+                "new_tokens": st.new_tokens,
+                "prompt_tokens": st.prompt_tokens,
+                "stop_reason": st.stop_reason,
+                "drafter": st.drafter,
+                "num_draft_tokens": st.num_draft_tokens,
+                "backend": st.backend,
+                "device": st.device,
+                "precision": st.precision,
+            },
+        }
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many types here
+        raise SpecrunError(f"cannot load the tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+class Pipeline:
+    def __init__(self, target: Target, tokenizer, drafter: Drafter, num_draft_tokens: int, config: ModelConfig):
+        self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+        self.config = config
+        self.decoder = SpeculativeDecoder(target, drafter, num_draft_tokens)
+        eos = set(config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = sorted(eos)
+        self.last: Result | None = None
+
+    @classmethod
+    def load(
+        cls,
+        target: str | None = None,
+        *,
+        backend: str = "torch_cuda",
+        device: str = "cpu",
+        precision: str | None = None,
+        drafter: str = "ngram",
+        draft: str | None = None,
+        draft_backend: str | None = None,
+        draft_device: str | None = None,
+        draft_precision: str | None = None,
+        num_draft_tokens: int = 4,
+        options: dict | None = None,
+        registry: Registry | None = None,
+    ) -> Pipeline:
+        if num_draft_tokens < 1:
+            raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
+        if drafter not in DRAFTERS:
+            raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
+        registry = registry or load_registry()
+        be = registry.get(backend)
+        model_dir = resolve_model(target)
+        config = ModelConfig.load(model_dir)
+        tgt = be.load_target(str(model_dir), device=device, precision=precision, options=options)
+        if drafter == "none":
+            d: Drafter = NoDrafter()
+        elif drafter == "ngram":
+            d = NgramDrafter()
+        elif drafter == "model":
+            if not draft:
+                raise SpecrunError("the 'model' drafter needs --draft PATH (a small model sharing the target's tokenizer)")
+            draft_dir = resolve_model(draft)
+            dbe = registry.get(draft_backend or backend)
+            dconf = ModelConfig.load(draft_dir)
+            if dconf.vocab_size != config.vocab_size:
+                raise SpecrunError(
+                    f"the draft model's vocabulary ({dconf.vocab_size} tokens) differs from the target's "
+                    f"({config.vocab_size}); use a draft model that shares the target's tokenizer"
+                )
+            dt = dbe.load_target(str(draft_dir), device=draft_device or device, precision=draft_precision, options=options)
+            d = ModelDrafter(dt, config.vocab_size)
+        else:
+            raise SpecrunError("the eagle3 drafter is not available in this version yet; use --drafter ngram or model")
+        return cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
+
+    def encode(self, prompt: str, raw: bool = False) -> list[int]:
+        if not prompt.strip():
+            raise SpecrunError("the prompt is empty; give some text")
+        tok = self.tokenizer
+        if not raw and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            return tok.encode(text, add_special_tokens=False)
+        return tok.encode(prompt)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        raw: bool = False,
+    ) -> Iterator[str]:
+        """Yield text as tokens are accepted; the full result is in ``self.last`` afterwards."""
+        ids = self.encode(prompt, raw) if isinstance(prompt, str) else list(prompt)
+        self.decoder.check_length(len(ids), max_new_tokens)
+        out: list[int] = []
+        emitted = 0
+        hold = max((len(s) for s in stop), default=1) - 1
+        text = ""
+        gen = self.decoder.generate(ids, max_new_tokens, sampling, self.eos_token_ids)
+        try:
+            for chunk in gen:
+                out.extend(chunk)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    self.decoder.stats.stop_reason = "stop_string"
+                    if len(text) > emitted:
+                        yield text[emitted:]
+                    emitted = len(text)
+                    break
+                safe = len(text) - hold
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character
+                    safe = min(safe, len(text) - 1)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+        finally:
+            gen.close()
+        if cut_tail := text[emitted:]:
+            yield cut_tail
+        if self.decoder.stats.stop_reason == "stop_string":
+            out = self._trim_to_text(out, text)
+        self.last = Result(text, out, self.decoder.stats)
+
+    def _trim_to_text(self, ids: list[int], text: str) -> list[int]:
+        """The shortest token prefix whose decoded text covers ``text`` (the part before the stop string)."""
+        for n in range(len(ids) + 1):
+            if len(self.tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
+                return ids[:n]
+        return ids
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Result:
+        for _ in self.stream(prompt, **kwargs):
+            pass
+        assert self.last is not None
+        return self.last

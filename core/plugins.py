@@ -1,0 +1,124 @@
+"""Loading backends from entry points.  Each entry point is loaded on its own: a plugin that fails
+to import is recorded (with its error) and never breaks the other backends or the CLI."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import traceback
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import SpecrunError
+from .interfaces import Availability, Backend
+
+ENTRY_POINT_GROUP = "specrun.backends"
+PLUGINS_ENV = "SPECRUN_PLUGINS"  # comma-separated entry-point names to load; unset = all
+
+
+@attrs.define
+class BackendEntry:
+    name: str
+    package: str
+    version: str
+    backend: Backend | None = None
+    error: str = ""  # why the plugin could not be loaded
+
+    def availability(self) -> Availability:
+        if self.backend is None:
+            return Availability(False, f"plugin failed to load: {self.error}", f"pip install --force-reinstall {self.package}")
+        try:
+            return self.backend.availability()
+        except Exception as exc:  # a plugin bug must not break listing
+            return Availability(False, f"availability check raised {type(exc).__name__}: {exc}")
+
+
+@attrs.define
+class Registry:
+    entries: dict[str, BackendEntry] = attrs.field(factory=dict)
+    conflicts: list[str] = attrs.field(factory=list)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str, *, require_available: bool = True) -> Backend:
+        if self.conflicts:
+            raise SpecrunError(self.conflicts[0])
+        entry = self.entries.get(name)
+        if entry is None:
+            raise SpecrunError(
+                f"unknown backend '{name}'; known backends: {', '.join(self.names()) or 'none'} (see `specrun backends`)"
+            )
+        if entry.backend is None:
+            raise SpecrunError(f"backend '{name}' failed to load: {entry.error}")
+        if require_available:
+            avail = entry.availability()
+            if not avail.available:
+                hint = f"; {avail.install_hint}" if avail.install_hint else ""
+                raise SpecrunError(f"backend '{name}' is not available: {avail.reason}{hint}")
+        return entry.backend
+
+
+def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"], dist.version
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def load_registry(only: list[str] | None = None) -> Registry:
+    """Load every backend entry point (or only those named in ``only`` / $SPECRUN_PLUGINS)."""
+    if only is None and os.environ.get(PLUGINS_ENV):
+        only = [n.strip() for n in os.environ[PLUGINS_ENV].split(",") if n.strip()]
+    pm = pluggy.PluginManager("specrun")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry()
+    seen_eps: set[tuple[str, str]] = set()
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        if only is not None and ep.name not in only:
+            continue
+        package, version = _distribution_of(ep)
+        if (ep.name, ep.value) in seen_eps:  # the same distribution visible twice on sys.path
+            continue
+        seen_eps.add((ep.name, ep.value))
+        try:
+            module = ep.load()
+            pm.register(module, name=f"{package}:{ep.name}")
+        except Exception as exc:
+            detail = _one_line(exc)
+            if os.environ.get("SPECRUN_DEBUG"):
+                detail += "\n" + traceback.format_exc()
+            _add(registry, BackendEntry(ep.name, package, version, None, detail))
+            continue
+        collected: list[Backend] = []
+        try:
+            hook = pm.subset_hook_caller("register_backends", remove_plugins=[p for p in pm.get_plugins() if p is not module])
+            hook(register=collected.append)
+        except Exception as exc:
+            _add(registry, BackendEntry(ep.name, package, version, None, f"register_backends raised {_one_line(exc)}"))
+            continue
+        for backend in collected:
+            _add(registry, BackendEntry(backend.name, package, version, backend))
+    return registry
+
+
+def _add(registry: Registry, entry: BackendEntry) -> None:
+    existing = registry.entries.get(entry.name)
+    if existing is not None:
+        registry.conflicts.append(
+            f"two backends are named '{entry.name}': one from package '{existing.package}', one from "
+            f"package '{entry.package}'; uninstall one of them or restrict plugins with ${PLUGINS_ENV}"
+        )
+        return
+    registry.entries[entry.name] = entry
+
+
+def register_backend_for_tests(registry: Registry, backend: Backend, package: str = "test") -> None:
+    """Add an in-process backend (used by tests and the conformance kit's examples)."""
+    _add(registry, BackendEntry(backend.name, package, "0", backend))

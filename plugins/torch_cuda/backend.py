@@ -1,0 +1,102 @@
+"""PyTorch backend: CUDA when present, CPU as the numerical reference (fp32)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from specrun.errors import SpecrunError
+from specrun.interfaces import Availability, Backend, ModelInfo, StepOutput, Target
+
+from .model import LlamaModel, load_model
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class TorchTarget(Target):
+    def __init__(self, model: LlamaModel, device: str, precision: str, aux_layers: Sequence[int]):
+        s = model.spec
+        self.model = model
+        self.backend, self.device, self.precision = "torch_cuda", device, precision
+        self.info = ModelInfo(s.vocab_size, s.context_length, s.hidden_size, s.num_layers)
+        self.aux_layers = tuple(aux_layers)
+        self._dtype = DTYPES[precision]
+        self._k = self._v = None
+        self._len = 0
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+    def reset(self, capacity: int) -> None:
+        if self._k is None or self._k.shape[3] < capacity:
+            self._k, self._v = self.model.new_cache(capacity, self.device, self._dtype)
+        self._len = 0
+
+    def _ensure(self, needed: int) -> None:
+        if self._k is None:
+            self.reset(max(needed, 256))
+        elif self._k.shape[3] < needed:  # grow (rare: the loop reserves enough up front)
+            k, v = self.model.new_cache(max(needed, 2 * self._k.shape[3]), self.device, self._dtype)
+            k[:, :, :, : self._len] = self._k[:, :, :, : self._len]
+            v[:, :, :, : self._len] = self._v[:, :, :, : self._len]
+            self._k, self._v = k, v
+
+    def forward(self, tokens: Sequence[int], *, all_logits: bool = True) -> StepOutput:
+        if len(tokens) == 0:
+            raise ValueError("forward needs at least one token")
+        end = self._len + len(tokens)
+        if end > self.info.context_length:
+            raise SpecrunError(f"sequence of {end} tokens exceeds the model's context limit of {self.info.context_length}")
+        self._ensure(end)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits, hidden = self.model(ids, self._len, self._k, self._v, self.aux_layers, last_only=not all_logits)
+        self._len = end
+        return StepOutput(
+            logits.float().cpu().numpy(),
+            None if hidden is None else hidden.float().cpu().numpy(),
+        )
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self._len} tokens")
+        self._len = length  # stale entries beyond length are overwritten by the next forward
+
+
+class TorchBackend(Backend):
+    name = "torch_cuda"
+    description = "PyTorch: CUDA GPUs, and CPU as the fp32 numerical reference"
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def devices(self) -> list[str]:
+        devs = ["cpu"]
+        if torch.cuda.is_available():
+            devs += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return devs
+
+    def known_devices(self) -> list[str]:
+        return ["cpu", "cuda", "cuda:0"]
+
+    def precisions(self, device: str) -> list[str]:
+        if device.startswith("cuda"):
+            return ["bf16", "f16", "f32"]
+        return ["f32", "bf16"]
+
+    def capabilities(self) -> set[str]:
+        return {"hidden_states", "weights:f32", "weights:bf16"}
+
+    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
+        device = self.check_device(device)
+        precision = self.check_precision(device, precision)
+        threads = (options or {}).get("threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        model = load_model(model_dir, DTYPES[precision], device)
+        return TorchTarget(model, device, precision, aux_hidden_layers)
+
+
