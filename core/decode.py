@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 
@@ -75,10 +75,17 @@ def make_verifier(params: SamplingParams) -> tuple[Verifier, Sampler | None]:
 class SpeculativeDecoder:
     """Drives one target and one drafter.  Knows nothing of the backends behind them."""
 
-    def __init__(self, target: Target, drafter: Drafter, num_draft_tokens: int = 4):
+    def __init__(
+        self,
+        target: Target,
+        drafter: Drafter,
+        num_draft_tokens: int = 4,
+        verifier_factory: Callable[[SamplingParams], tuple[Verifier, Sampler | None]] = make_verifier,
+    ):
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         self.target, self.drafter, self.k = target, drafter, num_draft_tokens
+        self.verifier_factory = verifier_factory
         self.stats = Stats()
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -103,7 +110,7 @@ class SpeculativeDecoder:
         """Yield lists of newly accepted token ids as they are accepted (EOS is not yielded)."""
         sampling = sampling or SamplingParams()
         self.check_length(len(prompt), max_new_tokens)
-        verifier, sampler = make_verifier(sampling)
+        verifier, sampler = self.verifier_factory(sampling)
         t, d = self.target, self.drafter
         k_max = 0 if isinstance(d, NoDrafter) else self.k
         s = self.stats = Stats(

@@ -1,0 +1,112 @@
+"""The command line: output formats and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from specrun.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("specrun: error:")
+    assert fragment in err, err
+
+
+def test_generate_json_on_tiny_model(tiny_models):
+    r = invoke("generate", "Hello there", "--target", str(tiny_models["llama"]), "-n", "12", "--json", "--drafter", "ngram")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert set(obj) == {"text", "token_ids", "stats"}
+    st = obj["stats"]
+    for key in ("target_calls", "drafted", "accepted", "acceptance_length", "tokens_per_second", "backend", "device", "precision"):
+        assert key in st
+    assert st["backend"] == "torch_cuda" and st["device"] == "cpu" and st["precision"] == "f32"
+    assert 1 <= len(obj["token_ids"]) <= 12
+    assert st["acceptance_length"] >= 1.0
+
+
+def test_generate_streams_text_then_summary(tiny_models):
+    r = invoke("generate", "Hello", "--target", str(tiny_models["qwen2"]), "-n", "8", "--drafter", "none")
+    assert r.exit_code == 0, r.output
+    assert "acceptance length 1.00 tokens/call" in r.stderr
+    assert "torch_cuda/cpu/f32 drafter=none" in r.stderr
+
+
+def test_seeded_sampling_via_cli_is_reproducible(tiny_models):
+    args = ("generate", "Hi", "--target", str(tiny_models["llama"]), "-n", "10", "--json", "-t", "0.9", "--top-p", "0.9", "--seed", "4")
+    a, b = invoke(*args), invoke(*args)
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_stop_string_cuts_text(tiny_models):
+    base = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "-n", "20", "--json", "--raw")
+    text = json.loads(base.stdout)["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    if not stop.strip():
+        pytest.skip("degenerate random text")
+    r = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "-n", "20", "--json", "--raw", "--stop", stop)
+    obj = json.loads(r.stdout)
+    assert obj["text"] == text[: text.find(stop)]
+    assert obj["stats"]["stop_reason"] == "stop_string"
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--backend", "nope"], "unknown backend 'nope'; known backends:"),
+        (["--device", "cuda"], "device 'cuda' is not present for backend 'torch_cuda'; present: cpu"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["-k", "0"], "--num-draft-tokens must be >= 1"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["-n", "600"], "exceeds the model's context limit of 512"),
+        (["--drafter", "model"], "needs --draft PATH"),
+        (["--precision", "int3"], "cannot run precision 'int3'"),
+    ],
+)
+def test_bad_input_is_one_line(args, fragment, tiny_models):
+    r = invoke("generate", "Hello", "--target", str(tiny_models["llama"]), *args)
+    assert_one_line_error(r, fragment)
+
+
+def test_empty_prompt(tiny_models):
+    assert_one_line_error(invoke("generate", "   ", "--target", str(tiny_models["llama"])), "prompt is empty")
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(invoke("generate", "Hi", "--target", str(tmp_path / "nowhere")), "not found: give a local transformers model folder")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("generate", "Hi", "--target", str(tmp_path / "empty")), "has no config.json")
+
+
+def test_draft_with_other_vocabulary(tmp_path, tiny_models):
+    from .conftest import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", "llama", vocab_size=1000)
+    r = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "--drafter", "model", "--draft", str(other))
+    assert_one_line_error(r, "draft model's vocabulary (1000 tokens) differs from the target's (49152)")
+
+
+def test_model_drafter_on_cli(tiny_models, tiny_draft):
+    r = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "--drafter", "model", "--draft", str(tiny_draft), "-n", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["stats"]["drafted"] > 0
+
+
+def test_backends_lists_torch():
+    r = invoke("backends", "--json")
+    rows = {b["name"]: b for b in json.loads(r.stdout)["backends"]}
+    assert rows["torch_cuda"]["available"] and "cpu" in rows["torch_cuda"]["devices"]
+    assert rows["torch_cuda"]["precisions"]["cpu"][0] == "f32"

