@@ -128,6 +128,7 @@ class SpeculativeDecoder:
         out = t.forward(list(prompt), all_logits=False)
         first = verifier.verify(out.logits[-1:], Draft([]))
         tokens = list(prompt) + first
+        d.accepted(tokens, 0, out.hidden_states)
         s.prefill_seconds = time.perf_counter() - t0
         if first[0] in eos:
             s.stop_reason = "eos"
@@ -153,7 +154,7 @@ class SpeculativeDecoder:
                 n = len(accepted) - 1
                 t.rollback(base + 1 + n)
                 tokens.extend(accepted)
-                d.accepted(tokens, n)
+                d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[: n + 1])
                 s.target_calls += 1
                 s.drafted += len(draft)
                 s.accepted += n

@@ -97,5 +97,5 @@ class ModelDrafter(Drafter):
             self.model.rollback(n)
             del self.cached[n:]
 
-    def accepted(self, tokens: Sequence[int], n_accepted: int) -> None:
+    def accepted(self, tokens: Sequence[int], n_accepted: int, hidden_states: np.ndarray | None = None) -> None:
         self._sync(tokens)

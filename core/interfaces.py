@@ -56,7 +56,7 @@ class Target(abc.ABC):
     def forward(self, tokens: Sequence[int], *, all_logits: bool = True) -> StepOutput:
         """Run ``tokens`` (positions ``length .. length+T-1``) on top of the cache, causally,
         and append them to the cache.  With ``all_logits=False`` only the last position's logits
-        (and hidden states) are returned (prefill of long prompts)."""
+        are returned (prefill of long prompts); hidden states are always returned for every position."""
 
     @property
     @abc.abstractmethod
@@ -75,6 +75,8 @@ class Drafter(abc.ABC):
     """Proposes the next tokens of a sequence."""
 
     name: str = "drafter"
+    #: target layers whose input hidden states this drafter reads (EAGLE-3); () = none
+    aux_hidden_layers: tuple[int, ...] = ()
 
     def start(self, prompt: Sequence[int], capacity: int) -> None:  # noqa: B027 - optional hook
         """A new request begins with ``prompt``."""
@@ -84,8 +86,14 @@ class Drafter(abc.ABC):
         """Propose up to ``k`` tokens continuing ``tokens`` (the whole sequence so far).
         ``rng`` is given when sampling; the drafter then returns the distributions it drew from."""
 
-    def accepted(self, tokens: Sequence[int], n_accepted: int) -> None:  # noqa: B027 - optional hook
-        """The verifier accepted ``n_accepted`` of the last draft; ``tokens`` is the sequence now."""
+    def accepted(  # noqa: B027 - optional hook
+        self, tokens: Sequence[int], n_accepted: int, hidden_states: np.ndarray | None = None
+    ) -> None:
+        """The verifier accepted ``n_accepted`` of the last draft; ``tokens`` is the sequence now
+        (accepted tokens and the bonus token included).  Also called after the prefill (n_accepted=0).
+        ``hidden_states`` (when the drafter asked for ``aux_hidden_layers``) are the target's, for
+        the positions that just became final: row i belongs to position ``len(tokens) - 1 - len(rows) + i``
+        and is paired with the token after it."""
 
 
 @attrs.frozen

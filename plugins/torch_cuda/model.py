@@ -218,9 +218,8 @@ class LlamaModel(nn.Module):
             if i in aux_layers:
                 aux.append(x)
             x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask)
-        if last_only:
+        if last_only:  # logits of the last position only; hidden states stay complete
             x = x[:, -1:]
-            aux = [a[:, -1:] for a in aux]
         logits = self.lm_head(self.model.norm(x))[0]
         hidden = torch.cat(aux, dim=-1)[0] if aux else None
         return logits, hidden
