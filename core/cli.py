@@ -124,3 +124,8 @@ def backends(as_json):
             click.echo(f"conflict: {c}")
     if os.environ.get("SPECRUN_PLUGINS"):
         click.echo(f"(plugins restricted by SPECRUN_PLUGINS={os.environ['SPECRUN_PLUGINS']})", err=True)
+
+
+from .bench import bench_command  # noqa: E402 - registered after the group is defined
+
+main.add_command(bench_command, "bench")

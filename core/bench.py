@@ -1,0 +1,632 @@
+"""``specrun bench``: plain decoding and speculative configurations side by side on real prompts.
+
+One target is loaded per backend; the drafters are swapped in front of it.  For every prompt the
+configurations run back to back, in an order that alternates from one round to the next, so that
+machine noise hits plain and speculative decoding alike; speed-ups are ratios of such pairs.
+transformers ``generate`` (plain and with prompt lookup) runs in the same schedule as an outside
+baseline.  Outputs: ``report.md``, ``results.json`` (every raw measurement) and two PNG plots."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+import click
+
+from . import bench_report as report
+from .bench_data import DATASETS, Prompt, load_prompts
+from .errors import SpecrunError
+from .interfaces import Draft, Drafter, Target
+from .plugins import Registry, load_registry
+
+OUTPUT_FILES = ("report.md", "results.json", report.ACCEPTANCE_PNG, report.TOKENS_PNG)
+BASELINE = "transformers"
+VERSION_PACKAGES = ("specrun", "torch", "transformers", "onnxruntime", "openvino", "numpy", "tokenizers")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@attrs.define
+class BenchSettings:
+    backends: list[str]
+    drafters: list[str]
+    dataset: str = "mt-bench"
+    limit: int | None = 10
+    max_new_tokens: int = 128
+    num_draft_tokens: int = 4
+    draft: str | None = None
+    target: str | None = None
+    devices: dict[str, str] = attrs.field(factory=dict)
+    precisions: dict[str, str | None] = attrs.field(factory=dict)
+    threads: int | None = None
+    warmup: int = 1
+    repeats: int = 1
+    baseline: bool = True
+    raw: bool = False
+    humaneval_raw: bool = False
+    out: Path = Path("bench-out")
+    force: bool = False
+    command: str = "specrun bench"
+
+
+def split_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise SpecrunError(f"--{what} needs at least one name")
+    return list(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def per_backend(value: str | None, backends: Sequence[str], what: str, default: str | None) -> dict[str, str | None]:
+    """``f32`` (every backend) or ``onnx_cpu=f32,openvino=bf16`` (per backend), or both mixed."""
+    out: dict[str, str | None] = {b: default for b in backends}
+    if value is None:
+        return out
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            b, v = (x.strip() for x in part.split("=", 1))
+            if b not in backends:
+                raise SpecrunError(f"--{what} names backend '{b}', which is not in --backend ({', '.join(backends)})")
+            out[b] = v
+        else:
+            for b in backends:
+                out[b] = part
+    return out
+
+
+def check_outputs(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SpecrunError(f"--out {out} is a file; give a folder")
+    if force:
+        return
+    existing = [f for f in ("results.json", "report.md") if (out / f).exists()]
+    if existing:
+        raise SpecrunError(f"{out / existing[0]} exists; use --force or another --out")
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def machine_facts() -> dict:
+    facts: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "memory_gib": None,
+        "cpu_flags": [],
+        "gpu": None,
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and val.strip():
+                    facts["cpu"] = val.strip()
+                elif key == "flags":
+                    flags = set(val.split())
+                    facts["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "fma"})
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    facts["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            facts["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        facts["torch_threads"] = torch.get_num_threads()
+    except Exception:  # facts are best effort
+        pass
+    return facts
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# --------------------------------------------------------------------------- running one configuration
+
+
+class RecordingDrafter(Drafter):
+    """Wraps a drafter to record how many draft tokens each target call accepted."""
+
+    def __init__(self, inner: Drafter):
+        self.inner = inner
+        self.name = inner.name
+        self.aux_hidden_layers = inner.aux_hidden_layers
+        self.accepted_per_call: list[int] = []
+
+    def start(self, prompt, capacity):
+        self.accepted_per_call = []
+        self.inner.start(prompt, capacity)
+
+    def propose(self, tokens, k, rng) -> Draft:
+        return self.inner.propose(tokens, k, rng)
+
+    def accepted(self, tokens, n_accepted, hidden_states=None):
+        self.accepted_per_call.append(n_accepted)  # also called after the prefill: runs keep the last calls only
+        self.inner.accepted(tokens, n_accepted, hidden_states)
+
+
+@attrs.define
+class Config:
+    """One measured configuration: ``run(ids, max_new_tokens)`` returns a measurement dict."""
+
+    system: str
+    name: str
+    run: Callable[[list[int], int], dict]
+
+
+def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int]) -> Callable[[list[int], int], dict]:
+    from .decode import SpeculativeDecoder
+    from .drafters import NoDrafter
+
+    plain = isinstance(drafter, NoDrafter)
+    rec = None if plain else RecordingDrafter(drafter)
+    decoder = SpeculativeDecoder(target, drafter if rec is None else rec, k)
+
+    def run(ids: list[int], max_new_tokens: int) -> dict:
+        out: list[int] = []
+        t0 = time.perf_counter()
+        for chunk in decoder.generate(ids, max_new_tokens, None, eos):
+            out.extend(chunk)
+        total = time.perf_counter() - t0
+        st = decoder.stats
+        if rec is None:
+            hist = [st.target_calls]
+        else:
+            hist = [0] * (k + 1)
+            calls = rec.accepted_per_call
+            for n in calls[len(calls) - st.target_calls :] if st.target_calls else []:
+                hist[min(n, k)] += 1
+        return {
+            "precision": st.precision,
+            "new_tokens": st.new_tokens,
+            "decode_tokens": st.decode_tokens,
+            "target_calls": st.target_calls,
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "drafted_per_position": list(st.drafted_per_position),
+            "accepted_per_position": list(st.accepted_per_position),
+            "tokens_per_call": hist,
+            "acceptance_length": st.acceptance_length,
+            "tokens_per_second": st.tokens_per_second,
+            "time_to_first_token": st.time_to_first_token,
+            "prefill_seconds": st.prefill_seconds,
+            "decode_seconds": st.decode_seconds,
+            "draft_seconds": st.draft_seconds,
+            "total_seconds": total,
+            "stop_reason": st.stop_reason,
+            "token_ids": out,
+        }
+
+    return run
+
+
+class TransformersBaseline:
+    """transformers ``generate`` on the same prompts: greedy, fp32, plain and with prompt lookup."""
+
+    configs = ("generate", "prompt_lookup")
+
+    def __init__(self, model_dir: Path, num_draft_tokens: int, eos: Sequence[int]):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        except Exception as exc:  # transformers raises many types here
+            raise SpecrunError(f"the transformers baseline cannot load {model_dir}: {str(exc).splitlines()[0]}; "
+                               "use --no-baseline") from None
+        self.k, self.eos = num_draft_tokens, list(eos)
+        self.calls = 0
+        self.model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def runner(self, name: str) -> Callable[[list[int], int], dict]:
+        return lambda ids, n: self.run(name, ids, n)
+
+    def run(self, name: str, ids: list[int], max_new_tokens: int) -> dict:
+        import torch
+
+        times: list[float] = []
+
+        class Streamer:
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate hands the prompt over first
+                    self.first = False
+                    return
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        kwargs = {"prompt_lookup_num_tokens": self.k} if name == "prompt_lookup" else {}
+        inp = torch.tensor([ids], dtype=torch.long)
+        self.calls = 0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            seq = self.model.generate(
+                input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None, eos_token_id=self.eos or None,
+                pad_token_id=self.eos[0] if self.eos else None, streamer=Streamer(), **kwargs,
+            )
+        end = time.perf_counter()
+        new = seq[0, len(ids):].tolist()
+        stop = "length"
+        for i, tok in enumerate(new):
+            if tok in self.eos:
+                new, stop = new[:i], "eos"
+                break
+        first = times[0] if times else end
+        decode_seconds = end - first
+        decode_tokens = max(len(new) - 1, 0)
+        calls = max(self.calls - 1, 0)
+        return {
+            "precision": "f32",
+            "new_tokens": len(new),
+            "decode_tokens": decode_tokens,
+            "target_calls": calls,
+            "drafted": None,
+            "accepted": None,
+            "drafted_per_position": None,
+            "accepted_per_position": None,
+            "tokens_per_call": None,
+            "acceptance_length": decode_tokens / calls if calls else 0.0,
+            "tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 and decode_tokens else 0.0,
+            "time_to_first_token": first - t0,
+            "prefill_seconds": first - t0,
+            "decode_seconds": decode_seconds,
+            "draft_seconds": None,
+            "total_seconds": end - t0,
+            "stop_reason": stop,
+            "token_ids": new,
+        }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_plot(path: Path, plot: Callable[[dict, object], None], results: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        plot(results, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    """results.json, report.md and the two plots, each written atomically."""
+    report.pair_with_plain(results)
+    results["summary"] = report.summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(results, indent=1))
+    _atomic_plot(out / report.ACCEPTANCE_PNG, report.plot_acceptance, results)
+    _atomic_plot(out / report.TOKENS_PNG, report.plot_tokens_per_second, results)
+    _atomic_write(out / "report.md", report.render_markdown(results))
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SpecrunError("specrun bench draws its plots with matplotlib: pip install 'specrun[bench]'") from None
+
+
+def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Measure, write the outputs to ``s.out`` and return the results.  On Ctrl-C the partial results
+    are written (marked partial) and KeyboardInterrupt propagates."""
+    from .drafters import NgramDrafter, NoDrafter
+    from .models import resolve_model
+    from .pipeline import DRAFTERS, Pipeline
+
+    log = log or (lambda msg: click.echo(msg, err=True))
+    # --- everything that can be checked before loading a model
+    check_outputs(s.out, s.force)
+    for d in s.drafters:
+        if d not in DRAFTERS:
+            raise SpecrunError(f"unknown drafter '{d}'; choose from: {', '.join(DRAFTERS)}")
+    if "model" in s.drafters and not s.draft:
+        raise SpecrunError("the 'model' drafter needs --draft PATH (a small model sharing the target's tokenizer)")
+    for name, v in (("--max-new-tokens", s.max_new_tokens), ("--num-draft-tokens", s.num_draft_tokens),
+                    ("--repeats", s.repeats)):
+        if v < 1:
+            raise SpecrunError(f"{name} must be >= 1, got {v}")
+    if s.warmup < 0:
+        raise SpecrunError(f"--warmup must be >= 0, got {s.warmup}")
+    if BASELINE in s.backends:
+        raise SpecrunError(f"'{BASELINE}' is the outside baseline, not a backend; it runs unless --no-baseline")
+    _require_matplotlib()
+    prompts = load_prompts(s.dataset, s.limit, humaneval_raw=s.humaneval_raw)
+    registry = registry or load_registry()
+    for b in s.backends:
+        registry.get(b)  # unknown or unavailable: one clear line, before any model is loaded
+    drafters = ["none"] + [d for d in s.drafters if d != "none"]  # plain decoding always runs
+    model_dir = resolve_model(s.target)
+    options = {"threads": s.threads} if s.threads else None
+
+    # --- load one target per backend and build the configurations
+    configs: list[Config] = []
+    systems: list[dict] = []
+    pipes: list[Pipeline] = []
+    for b in s.backends:
+        device = s.devices.get(b) or "cpu"
+        log(f"specrun bench: loading {model_dir.name} on {b}/{device} ...")
+        pipe = Pipeline.load(s.target, backend=b, device=device, precision=s.precisions.get(b), registry=registry,
+                             drafter="model" if "model" in drafters else "none", draft=s.draft,
+                             num_draft_tokens=s.num_draft_tokens, options=options)
+        pipes.append(pipe)
+        names: list[str] = []
+        for d in drafters:
+            if d == "none":
+                dr: Drafter = NoDrafter()
+                tgt = pipe.target
+            elif d == "ngram":
+                dr, tgt = NgramDrafter(), pipe.target
+            elif d == "model":
+                dr, tgt = pipe.drafter, pipe.target
+            else:  # eagle3 and later drafters: their own pipeline (the target may need hidden states)
+                try:
+                    other = Pipeline.load(s.target, backend=b, device=device, precision=s.precisions.get(b),
+                                          registry=registry, drafter=d, draft=s.draft,
+                                          num_draft_tokens=s.num_draft_tokens, options=options)
+                except SpecrunError as exc:
+                    raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
+                pipes.append(other)
+                dr, tgt = other.drafter, other.target
+            configs.append(Config(b, d, specrun_runner(tgt, dr, s.num_draft_tokens, pipe.eos_token_ids)))
+            names.append(d)
+        systems.append({"name": b, "kind": "specrun", "device": pipe.target.device, "precision": pipe.target.precision,
+                        "configs": names, "plain": "none"})
+    first = pipes[0]
+    if s.baseline:
+        log("specrun bench: loading the transformers baseline (fp32) ...")
+        hf = TransformersBaseline(model_dir, s.num_draft_tokens, first.eos_token_ids)
+        for c in hf.configs:
+            configs.append(Config(BASELINE, c, hf.runner(c)))
+        systems.append({"name": BASELINE, "kind": "baseline", "device": "cpu", "precision": "f32",
+                        "configs": list(hf.configs), "plain": "generate"})
+
+    # --- prompts to token ids (the chat template applied as `generate` applies it)
+    limit = min(p.target.info.context_length for p in pipes)
+    encoded: list[tuple[Prompt, list[int]]] = []
+    skipped = []
+    for p in prompts:
+        ids = first.encode(p.text, raw=p.raw or s.raw)
+        if len(ids) + s.max_new_tokens + s.num_draft_tokens + 1 > limit:
+            skipped.append({"id": p.id, "prompt_tokens": len(ids),
+                            "reason": f"{len(ids)} prompt tokens + {s.max_new_tokens} new exceed the context of {limit}"})
+            continue
+        encoded.append((p, ids))
+    if not encoded:
+        raise SpecrunError(f"every prompt is too long for the model's context of {limit} tokens; lower --max-new-tokens")
+    for sk in skipped:
+        log(f"specrun bench: skipping prompt {sk['id']}: {sk['reason']}")
+
+    results: dict = {
+        "schema": report.SCHEMA,
+        "partial": False,
+        "stopped_by": None,
+        "command": s.command,
+        "started_at": _now(),
+        "finished_at": None,
+        "elapsed_seconds": None,
+        "machine": machine_facts(),
+        "versions": versions(),
+        "settings": {
+            "dataset": s.dataset, "limit": s.limit, "max_new_tokens": s.max_new_tokens,
+            "num_draft_tokens": s.num_draft_tokens, "warmup": s.warmup, "repeats": s.repeats,
+            "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
+            "model_dir": str(model_dir), "draft": s.draft, "threads": s.threads, "baseline": s.baseline,
+            "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
+            "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
+        },
+        "systems": systems,
+        "prompts": [{"index": i, "id": p.id, "category": p.category, "prompt_tokens": len(ids), "text": p.text}
+                    for i, (p, ids) in enumerate(encoded)],
+        "skipped_prompts": skipped,
+        "planned_runs": len(encoded) * s.repeats * len(configs),
+        "measurements": [],
+    }
+
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    total = len(configs) * s.warmup + results["planned_runs"]
+    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True)
+    try:
+        # warm-up: every configuration on the first prompt, not recorded
+        for w in range(s.warmup):
+            for c in configs:
+                bar.set_postfix_str(f"warm-up {w + 1}: {c.system}/{c.name}", refresh=False)
+                c.run(encoded[0][1], s.max_new_tokens)
+                bar.update()
+        rnd = 0
+        for pi, (p, ids) in enumerate(encoded):
+            for r in range(s.repeats):
+                order = configs if rnd % 2 == 0 else configs[::-1]
+                rnd += 1
+                for pos, c in enumerate(order):
+                    bar.set_postfix_str(f"prompt {pi + 1}/{len(encoded)}: {c.system}/{c.name}", refresh=False)
+                    m = c.run(ids, s.max_new_tokens)
+                    results["measurements"].append({
+                        "system": c.system, "config": c.name, "prompt": pi, "prompt_id": p.id,
+                        "category": p.category, "repeat": r, "order": pos, **m,
+                    })
+                    bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        _finish(results, t_start, partial="interrupted (Ctrl-C)")
+        write_outputs(results, s.out)
+        log(f"specrun bench: interrupted; the partial report ({len(results['measurements'])} runs) is in {s.out}")
+        raise
+    except Exception as exc:
+        bar.close()
+        if results["measurements"]:
+            _finish(results, t_start, partial=f"error: {type(exc).__name__}: {exc}".splitlines()[0])
+            write_outputs(results, s.out)
+            log(f"specrun bench: stopped by an error; the partial report is in {s.out}")
+        raise
+    finally:
+        bar.close()
+        for pipe in pipes:
+            pipe.target.close()
+            inner = getattr(pipe.drafter, "model", None)
+            if isinstance(inner, Target):
+                inner.close()
+    _finish(results, t_start, partial=None)
+    write_outputs(results, s.out)
+    return results
+
+
+def _finish(results: dict, t_start: float, partial: str | None) -> None:
+    results["finished_at"] = _now()
+    results["elapsed_seconds"] = time.perf_counter() - t_start
+    results["partial"] = partial is not None
+    results["stopped_by"] = partial
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed, reconstructed from the parameters that were not left at their defaults."""
+    from click.core import ParameterSource
+
+    parts = ["specrun", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if param.secondary_opts and not value:
+                parts.append(max(param.secondary_opts, key=len))
+            elif value:
+                parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    import shlex
+
+    return " ".join(shlex.quote(p) if i > 1 else p for i, p in enumerate(parts))
+
+
+@click.command("bench")
+@click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Backends, comma-separated.")
+@click.option("--drafter", default="none,ngram", show_default=True,
+              help="Drafters, comma-separated: none, ngram, model, eagle3 (plain decoding always runs).")
+@click.option("--dataset", default="mt-bench", show_default=True,
+              help=f"{', '.join(DATASETS)}, or a FILE.jsonl with one {{\"prompt\": ...}} a line.")
+@click.option("--limit", type=int, default=10, show_default=True, help="Number of prompts (0 = all).")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens per target call.")
+@click.option("--draft", default=None, help="Draft model folder (for --drafter model).")
+@click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
+@click.option("--device", "-d", default=None, help="Device for every backend, or backend=device pairs [default: cpu].")
+@click.option("--precision", default=None, help="Precision for every backend (f32 ...), or backend=precision pairs.")
+@click.option("--threads", type=int, default=None, help="CPU threads for the backends.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also run transformers generate (plain and prompt lookup) on the same prompts.")
+@click.option("--raw", is_flag=True, help="Do not apply the chat template.")
+@click.option("--humaneval-raw", is_flag=True, help="HumanEval: the code prompt as it is, not a chat request.")
+@click.option("--out", "-o", default="bench-out", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, results.json and the plots.")
+@click.option("--force", is_flag=True, help="Overwrite an earlier report in --out.")
+@click.option("--readme", "readme", default=None, type=click.Path(path_type=Path),
+              help="Print the README's performance section from a results.json, and measure nothing.")
+@click.pass_context
+def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
+                  precision, threads, warmup, repeats, baseline, raw, humaneval_raw, out, force, readme):
+    """Measure plain and speculative decoding side by side on real prompts.
+
+    Writes report.md (tables), results.json (every measurement, machine facts, versions) and
+    PNG plots to --out.  Ctrl-C writes what was measured so far."""
+    if readme is not None:
+        click.echo(render_readme(readme), nl=False)
+        return
+    backends = split_list(backend, "backend")
+    settings = BenchSettings(
+        backends=backends, drafters=split_list(drafter, "drafter"), dataset=dataset, limit=limit or None,
+        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, draft=draft, target=target,
+        devices={b: d or "cpu" for b, d in per_backend(device, backends, "device", "cpu").items()},
+        precisions=per_backend(precision, backends, "precision", None), threads=threads, warmup=warmup,
+        repeats=repeats, baseline=baseline, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
+        command=_command_line(ctx),
+    )
+    results = run_bench(settings)
+    click.echo(f"specrun bench: wrote {', '.join(str(out / f) for f in OUTPUT_FILES)}", err=True)
+    click.echo(report.render_markdown(results).split("## Plots")[0].rstrip())
+
+
+def render_readme(path: Path) -> str:
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecrunError(f"{path} not found; give the results.json of a bench run") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecrunError(f"cannot read {path}: {exc}") from None
+    if not isinstance(results, dict) or results.get("schema") != report.SCHEMA:
+        raise SpecrunError(f"{path} is not a results.json written by specrun bench")
+    return report.render_readme_section(results)
