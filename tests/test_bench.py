@@ -1,0 +1,314 @@
+"""specrun bench: datasets, a small end-to-end run on a tiny model (checking the report's content,
+never its speed), the README section, Ctrl-C, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from specrun.bench_data import load_prompts
+from specrun.cli import main
+from specrun.errors import SpecrunError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROMPTS = [
+    {"prompt": "Repeat after me: the cat sat on the mat. The cat sat on the mat.", "category": "copy"},
+    {"turns": ["Write a haiku about the sea.", "Now another one."], "category": "writing"},
+    {"text": "List three colors.", "id": "colors"},
+]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith("specrun: error:"), result.stderr
+    assert fragment in err, err
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_models, tiny_draft):
+    """One small bench: 3 prompts, 8 new tokens, plain + ngram + model drafter, transformers baseline."""
+    root = tmp_path_factory.mktemp("bench")
+    data = write_jsonl(root / "prompts.jsonl", PROMPTS)
+    out = root / "out"
+    r = invoke("bench", "--backend", "torch_cuda", "--drafter", "none,ngram,model", "--draft", tiny_draft,
+               "--target", tiny_models["llama"], "--dataset", data, "--max-new-tokens", 8, "--out", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r, out, json.loads((out / "results.json").read_text())
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_mt_bench_has_80_first_turns_with_categories():
+    prompts = load_prompts("mt-bench")
+    assert len(prompts) == 80
+    assert all(p.text.strip() and p.category for p in prompts)
+    assert {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"} <= {
+        p.category for p in prompts
+    }
+    assert len(load_prompts("mt-bench", 10)) == 10
+
+
+def test_sharegpt_returns_limit_prompts():
+    prompts = load_prompts("sharegpt", 7)
+    assert len(prompts) == 7
+    assert all(p.text.strip() for p in prompts)
+    assert len({p.id for p in prompts}) == 7
+
+
+def test_humaneval_chat_and_raw():
+    chat = load_prompts("humaneval", 3)
+    raw = load_prompts("humaneval", 3, humaneval_raw=True)
+    assert len(load_prompts("humaneval")) == 164
+    assert raw[0].raw and raw[0].text.startswith("from typing import List")
+    assert not chat[0].raw and raw[0].text in chat[0].text
+
+
+def test_jsonl_fields(tmp_path):
+    prompts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)))
+    assert [p.text for p in prompts] == [PROMPTS[0]["prompt"], "Write a haiku about the sea.", "List three colors."]
+    assert prompts[0].category == "copy" and prompts[2].id == "colors" and prompts[1].id == "2"
+
+
+@pytest.mark.parametrize(
+    "lines,fragment",
+    [
+        (['{"prompt": "a"}', '{"prompt": "b"', '{"prompt": "c"}'], "line 2: not valid JSON"),
+        (['{"prompt": "a"}', '{"prompt": "b"}', "", '{"prompt": "c"}'], "line 3: empty line"),
+        (['{"prompt": "a"}', '["a list"]'], "line 2: expected a JSON object"),
+        (['{"question": "a"}'], "line 1: no \"prompt\", \"turns\" or \"text\" field"),
+        (['{"prompt": "a"}', '{"prompt": "   "}'], "line 2: the prompt must be a non-empty string"),
+    ],
+)
+def test_bad_jsonl_names_the_line(tmp_path, lines, fragment):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecrunError, match="bad.jsonl") as err:
+        load_prompts(str(path))
+    assert fragment in str(err.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(SpecrunError, match="unknown dataset 'mtbench'; choose one of: mt-bench, humaneval, sharegpt"):
+        load_prompts("mtbench")
+    with pytest.raises(SpecrunError, match="not found"):
+        load_prompts("missing.jsonl")
+
+
+# --------------------------------------------------------------------------- a small run
+
+
+def test_bench_writes_three_outputs(bench_run):
+    _, out, _ = bench_run
+    for name in ("report.md", "results.json"):
+        assert (out / name).stat().st_size > 0
+    for name in ("acceptance_by_position.png", "tokens_per_second.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_results_hold_every_raw_measurement(bench_run):
+    _, _, res = bench_run
+    assert res["schema"] == "specrun-bench/1" and res["partial"] is False
+    assert [s["name"] for s in res["systems"]] == ["torch_cuda", "transformers"]
+    assert res["systems"][0]["configs"] == ["none", "ngram", "model"]
+    assert res["systems"][0]["precision"] == "f32"
+    assert res["systems"][1]["configs"] == ["generate", "prompt_lookup"]
+    assert len(res["prompts"]) == 3 and res["prompts"][0]["prompt_tokens"] > 10
+    runs = {(m["system"], m["config"], m["prompt"]) for m in res["measurements"]}
+    assert len(res["measurements"]) == res["planned_runs"] == 3 * 5
+    assert runs == {(s["name"], c, p) for s in res["systems"] for c in s["configs"] for p in range(3)}
+    for m in res["measurements"]:
+        assert 1 <= m["new_tokens"] <= 8 and len(m["token_ids"]) == m["new_tokens"]
+        assert m["time_to_first_token"] > 0 and m["total_seconds"] > 0
+        if m["config"] not in ("none", "generate"):
+            assert "speedup_vs_plain" in m and m["identical_to_plain"] is not None
+    for m in res["measurements"]:
+        if m["system"] == "torch_cuda" and m["config"] != "none":
+            assert len(m["drafted_per_position"]) == 4 and sum(m["tokens_per_call"]) == m["target_calls"]
+    assert res["machine"]["logical_cpus"] >= 1 and res["machine"]["cpu"]
+    assert res["versions"]["torch"] and res["versions"]["transformers"]
+    assert res["settings"]["max_new_tokens"] == 8 and res["settings"]["num_draft_tokens"] == 4
+
+
+def test_summary_has_speedup_and_greedy_identity(bench_run):
+    _, _, res = bench_run
+    summary = res["summary"]
+    for drafter in ("ngram", "model"):
+        sm = summary["torch_cuda"][drafter]
+        assert sm["greedy_identical"] == {"identical": 3, "compared": 3}  # greedy speculation is lossless
+        assert sm["all_identical"] is True
+        assert sm["speedup_vs_plain"] is not None and sm["speedup_vs_plain"]["n"] >= 1
+        assert sm["acceptance_length"]["mean"] >= 1.0
+        assert len(sm["acceptance_rate_per_position"]) == 4
+    plain = summary["torch_cuda"]["none"]
+    assert plain["acceptance_length"]["mean"] == 1.0 and plain["speedup_vs_plain"] is None
+    assert summary["transformers"]["prompt_lookup"]["greedy_identical"]["compared"] == 3
+    assert summary["torch_cuda"]["none"]["tokens_per_second"]["median"] > 0
+
+
+def test_markdown_report_tables(bench_run):
+    r, out, res = bench_run
+    md = (out / "report.md").read_text()
+    assert md.startswith("# specrun bench:")
+    assert f"`{res['command']}`" in md and "specrun bench --backend torch_cuda --drafter none,ngram,model" in md
+    assert res["machine"]["cpu"] in md
+    assert "## `torch_cuda` (cpu, f32)" in md
+    assert "| drafter | acceptance length | acceptance rate by draft position | tokens/s |" in md
+    assert "| none (plain) |" in md and "| ngram |" in md and "| model |" in md
+    assert "| 3/3 |" in md  # greedy identical
+    assert "## Outside baseline: transformers `generate`" in md
+    assert "`generate(prompt_lookup_num_tokens=4)`" in md
+    assert "![acceptance rate by draft position](acceptance_by_position.png)" in md
+    assert "Acceptance length by category" in md  # the JSONL gave categories
+    assert "| torch_cuda | ngram |" in md  # speed-up table
+    assert "| ngram |" in r.stdout  # the tables are printed too
+
+
+def test_readme_section_from_results(bench_run):
+    _, out, res = bench_run
+    r = invoke("bench", "--readme", out / "results.json")
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    assert text.startswith("## Performance")
+    assert res["machine"]["cpu"] in text and res["command"] in text
+    assert "| `torch_cuda` | f32 | ngram |" in text and "| transformers `generate` | f32 | none |" in text
+
+
+def test_refuses_to_overwrite_without_force(bench_run, tiny_models):
+    _, out, _ = bench_run
+    before = (out / "results.json").read_text()
+    r = invoke("bench", "--target", tiny_models["llama"], "--dataset", "mt-bench", "--out", out)
+    assert_one_line_error(r, "results.json exists; use --force or another --out")
+    assert (out / "results.json").read_text() == before
+
+
+def test_force_overwrites(tmp_path, tiny_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("old")
+    args = ["bench", "--target", tiny_models["llama"], "--dataset", "mt-bench", "--limit", 1, "-n", 4,
+            "--no-baseline", "--warmup", 0, "--out", out]
+    assert_one_line_error(invoke(*args), "report.md exists")
+    r = invoke(*args, "--force")
+    assert r.exit_code == 0, (r.output, r.exception)
+    res = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in res["systems"]] == ["torch_cuda"]
+    assert res["prompts"][0]["category"] == "writing"
+    assert (out / "report.md").read_text() != "old"
+
+
+def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_models, monkeypatch):
+    import specrun.bench as bench
+
+    real = bench.specrun_runner
+    calls = {"n": 0}
+
+    def interrupting_runner(*args, **kwargs):
+        run = real(*args, **kwargs)
+
+        def wrapped(ids, n):
+            calls["n"] += 1
+            if calls["n"] == 5:  # warm-up (2 runs) + 2 measured runs, then Ctrl-C
+                raise KeyboardInterrupt
+            return run(ids, n)
+
+        return wrapped
+
+    monkeypatch.setattr(bench, "specrun_runner", interrupting_runner)
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    r = invoke("bench", "--target", tiny_models["llama"], "--dataset", data, "-n", 6, "--no-baseline", "--out", out)
+    assert r.exit_code == 130
+    assert "partial report" in r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["partial"] is True and res["stopped_by"].startswith("interrupted")
+    assert len(res["measurements"]) == 2 < res["planned_runs"]
+    assert "**Partial run**" in (out / "report.md").read_text()
+    assert (out / "tokens_per_second.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_dataset_on_cli(tmp_path):
+    assert_one_line_error(invoke("bench", "--dataset", "mtbench", "--out", tmp_path / "o"), "unknown dataset 'mtbench'")
+
+
+def test_malformed_jsonl_on_cli(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    assert_one_line_error(invoke("bench", "--dataset", data, "--out", tmp_path / "o"), f"{data} line 2: not valid JSON")
+
+
+def test_unknown_backend_on_cli(tmp_path):
+    r = invoke("bench", "--backend", "torch_cuda,nope", "--dataset", "mt-bench", "--out", tmp_path / "o")
+    assert_one_line_error(r, "unknown backend 'nope'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unavailable_backend_on_cli(tmp_path, monkeypatch):
+    import specrun.bench as bench
+    from specrun.interfaces import Availability, Backend
+    from specrun.plugins import Registry, register_backend_for_tests
+
+    class Missing(Backend):
+        name = "ghost"
+
+        def availability(self):
+            return Availability(False, "no ghost runtime installed", "pip install ghost-runtime")
+
+        def devices(self):
+            return []
+
+        def precisions(self, device):
+            return ["f32"]
+
+        def load_target(self, model_dir, **kwargs):
+            raise AssertionError("an unavailable backend must not be loaded")
+
+    reg = Registry()
+    register_backend_for_tests(reg, Missing())
+    monkeypatch.setattr(bench, "load_registry", lambda: reg)
+    r = invoke("bench", "--backend", "ghost", "--out", tmp_path / "o")
+    assert_one_line_error(r, "backend 'ghost' is not available: no ghost runtime installed; pip install ghost-runtime")
+
+
+def test_eagle3_is_a_clear_error(tmp_path, tiny_models):
+    r = invoke("bench", "--target", tiny_models["llama"], "--drafter", "eagle3", "--limit", 1, "--no-baseline",
+               "--out", tmp_path / "o")
+    assert_one_line_error(r, "drafter 'eagle3' on backend 'torch_cuda'")
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--drafter", "ngram,medusa"], "unknown drafter 'medusa'"),
+        (["--drafter", "model"], "needs --draft PATH"),
+        (["-k", 0], "--num-draft-tokens must be >= 1"),
+        (["--backend", "transformers"], "is the outside baseline"),
+        (["--precision", "openvino=f32"], "--precision names backend 'openvino'"),
+    ],
+)
+def test_bad_options(tmp_path, args, fragment):
+    assert_one_line_error(invoke("bench", *args, "--out", tmp_path / "o"), fragment)
+
+
+def test_readme_needs_a_results_file(tmp_path):
+    assert_one_line_error(invoke("bench", "--readme", tmp_path / "none.json"), "not found")
+    (tmp_path / "x.json").write_text("{}")
+    assert_one_line_error(invoke("bench", "--readme", tmp_path / "x.json"), "not a results.json")
