@@ -124,6 +124,10 @@ class Backend(abc.ABC):
     def precisions(self, device: str) -> list[str]:
         """Precisions this backend can run on ``device``; the first is the default."""
 
+    def versions(self) -> dict[str, str]:
+        """Versions of the runtime libraries behind this backend (for reports)."""
+        return {}
+
     def capabilities(self) -> set[str]:
         """Optional features: ``hidden_states``, ``tree_attention``, ``weights:int8`` ..."""
         return set()
@@ -139,6 +143,14 @@ class Backend(abc.ABC):
         options: dict | None = None,
     ) -> Target:
         """Build a target for the transformers-format model folder ``model_dir``."""
+
+    def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None):
+        """Build an EAGLE-3 draft head (``specrun.eagle3.DraftHead``, numpy in / numpy out) from a
+        SpecForge-format folder; ``target_dir`` supplies the embedding and the shape checks.
+        Optional: backends without it cannot run EAGLE-3 heads."""
+        from .errors import SpecrunError
+
+        raise SpecrunError(f"backend '{self.name}' cannot run EAGLE-3 heads; use --draft-backend torch_cuda")
 
     def check_device(self, device: str) -> str:
         """Return the canonical device name or raise a one-line error naming the present ones."""

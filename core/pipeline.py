@@ -98,7 +98,18 @@ class Pipeline:
         be = registry.get(backend)
         model_dir = resolve_model(target)
         config = ModelConfig.load(model_dir)
-        tgt = be.load_target(str(model_dir), device=device, precision=precision, options=options)
+        aux: tuple[int, ...] = ()
+        if drafter == "eagle3":
+            from .eagle3 import Eagle3Config, check_target_compat
+
+            if not draft:
+                raise SpecrunError("the 'eagle3' drafter needs --draft DIR (an EAGLE-3 head in the SpecForge format)")
+            hconf = Eagle3Config.load(draft)
+            check_target_compat(hconf, config.vocab_size, config.hidden_size, config.num_layers, draft)
+            if "hidden_states" not in be.capabilities():
+                raise SpecrunError(f"backend '{backend}' cannot return hidden states, which the eagle3 drafter needs")
+            aux = tuple(sorted(set(hconf.aux_layers_for(config.num_layers))))
+        tgt = be.load_target(str(model_dir), device=device, precision=precision, aux_hidden_layers=aux, options=options)
         if drafter == "none":
             d: Drafter = NoDrafter()
         elif drafter == "ngram":
@@ -117,7 +128,11 @@ class Pipeline:
             dt = dbe.load_target(str(draft_dir), device=draft_device or device, precision=draft_precision, options=options)
             d = ModelDrafter(dt, config.vocab_size)
         else:
-            raise SpecrunError("the eagle3 drafter is not available in this version yet; use --drafter ngram or model")
+            from .eagle3 import Eagle3Drafter
+
+            hbe = registry.get(draft_backend or backend)
+            head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision)
+            d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size)
         return cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

@@ -87,7 +87,7 @@ class TorchBackend(Backend):
         return ["f32", "bf16"]
 
     def capabilities(self) -> set[str]:
-        return {"hidden_states", "weights:f32", "weights:bf16"}
+        return {"hidden_states", "eagle3", "weights:f32", "weights:bf16"}
 
     def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
         device = self.check_device(device)
@@ -97,5 +97,12 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         model = load_model(model_dir, DTYPES[precision], device)
         return TorchTarget(model, device, precision, aux_hidden_layers)
+
+    def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None):
+        from .eagle3 import load_torch_head
+
+        device = self.check_device(device)
+        precision = self.check_precision(device, precision)
+        return load_torch_head(checkpoint_dir, target_dir, device=device, dtype=DTYPES[precision], precision=precision)
 
 

@@ -1,0 +1,578 @@
+"""EAGLE-3 draft heads: the checkpoint format SpecForge writes and SGLang / vLLM load, the
+backend-facing head interface, and the drafter that runs a head.
+
+Everything here is numpy in / numpy out, so a head can run on one backend and the target on another.
+
+Format (a folder):
+
+* ``config.json``: ``architectures: ["LlamaForCausalLMEagle3"]``, ``model_type: "llama"``,
+  ``num_hidden_layers: 1``, the target's hidden size / heads / KV heads / intermediate size / rope
+  settings, ``vocab_size`` (the target's), ``draft_vocab_size``, optional ``target_hidden_size``,
+  optional ``eagle_config.eagle_aux_hidden_state_layer_ids``.
+* ``model.safetensors`` (H = hidden size, no biases): ``fc.weight`` [H, n_aux*Ht];
+  ``midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`` [H];
+  ``midlayer.self_attn.{q,k,v}_proj.weight`` [*, 2H]; ``midlayer.self_attn.o_proj.weight``;
+  ``midlayer.mlp.{gate,up,down}_proj.weight``; ``norm.weight`` [H]; ``lm_head.weight`` [Vd, H];
+  ``d2t`` int64 [Vd] (target id = i + d2t[i]); ``t2d`` bool [V]; optionally ``embed_tokens.weight``
+  [V, H] (otherwise the target's embedding is used).
+
+One draft step at position t (paired with token t+1)::
+
+    h   = fc(concat(target hidden states of the aux layers at t))   # or the previous step's ``out``
+    x   = concat(input_layernorm(embed(token_{t+1})), hidden_norm(h))  # 2H
+    r   = h + o_proj(attention(q(x), k(x), v(x)))     # causal over the head's own cache, rope at t
+    out = r + mlp(post_attention_layernorm(r))
+    logits = lm_head(norm(out))                        # over the draft vocabulary
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from .errors import SpecrunError
+from .interfaces import Draft, Drafter
+from .sampling import Sampler
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_DRAFT_VOCAB = 32000
+
+
+def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """SGLang / vLLM / EAGLE's default: the inputs of layers 2, L//2 and L-3."""
+    return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors, read and written without pickle (and with bf16, which numpy lacks)
+
+_ST_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+    "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "bf16",
+}
+
+
+def _read_header(f, path: Path) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise SpecrunError(f"cannot read weights {path}: the file is empty or truncated")
+    n = struct.unpack("<Q", raw)[0]
+    if n > 100 * 2**20:
+        raise SpecrunError(f"cannot read weights {path}: not a safetensors file")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SpecrunError(f"cannot read weights {path}: not a safetensors file (bad header)") from None
+    return header, 8 + n
+
+
+def read_safetensors(path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as numpy arrays (floats as float32, bf16 included)."""
+    path = Path(path)
+    wanted = None if names is None else set(names)
+    out: dict[str, np.ndarray] = {}
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header, base = _read_header(f, path)
+            for name, info in header.items():
+                if name == "__metadata__" or (wanted is not None and name not in wanted):
+                    continue
+                dtype = _ST_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise SpecrunError(f"cannot read weights {path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+                b, e = info["data_offsets"]
+                if base + e > size:
+                    raise SpecrunError(f"cannot read weights {path}: the file is truncated (corrupt or partial)")
+                f.seek(base + b)
+                buf = f.read(e - b)
+                if dtype == "bf16":
+                    arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = np.frombuffer(buf, dtype)
+                arr = arr.reshape(info["shape"])
+                if arr.dtype.kind == "f":
+                    arr = arr.astype(np.float32)
+                elif arr.dtype.kind in "iu":
+                    arr = arr.astype(np.int64)
+                else:
+                    arr = arr.copy()
+                out[name] = arr
+    except OSError as exc:
+        raise SpecrunError(f"cannot read weights {path}: {exc}") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SpecrunError(f"cannot read weights {path}: malformed header ({exc})") from None
+    return out
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write atomically (temp file + rename)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_target_embedding(target_dir: str | Path) -> np.ndarray:
+    """The target's token embedding [V, H] (float32), read from its safetensors files."""
+    target_dir = Path(target_dir)
+    index = target_dir / "model.safetensors.index.json"
+    names = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
+    if index.exists():
+        wmap = json.loads(index.read_text())["weight_map"]
+        files = [target_dir / wmap[n] for n in names if n in wmap]
+    else:
+        files = sorted(target_dir.glob("*.safetensors"))
+    for f in files:
+        got = read_safetensors(f, names)
+        for n in names:
+            if n in got:
+                return got[n]
+    raise SpecrunError(f"the target {target_dir} has no embed_tokens weight in its safetensors files")
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@attrs.frozen
+class Eagle3Config:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    aux_layer_ids: tuple[int, ...] | None = None  # None: the default for the target's depth
+    extra: dict = attrs.field(factory=dict, eq=False)  # other config.json keys, kept on save
+
+    @property
+    def num_aux(self) -> int:
+        return 3 if self.aux_layer_ids is None else len(self.aux_layer_ids)
+
+    def aux_layers_for(self, num_target_layers: int) -> tuple[int, ...]:
+        return tuple(self.aux_layer_ids) if self.aux_layer_ids is not None else default_aux_layers(num_target_layers)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config.json") -> Eagle3Config:
+        arch = raw.get("architectures") or []
+        if arch and not any("Eagle3" in a or "eagle3" in a.lower() for a in arch):
+            raise SpecrunError(f"{where} is not an EAGLE-3 head (architectures: {', '.join(arch)}); expected {ARCHITECTURE}")
+        if int(raw.get("num_hidden_layers", 1)) != 1:
+            raise SpecrunError(f"{where}: EAGLE-3 heads have one layer, this one has {raw.get('num_hidden_layers')}")
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            vocab = int(raw["vocab_size"])
+            rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+            rtype = rope.get("rope_type", rope.get("type", "default"))
+            if rtype not in ("default", "llama3"):
+                raise SpecrunError(f"{where}: rope type '{rtype}' is not supported (default and llama3 are)")
+            eagle = raw.get("eagle_config") or {}
+            ids = eagle.get("eagle_aux_hidden_state_layer_ids")
+            known = {
+                "architectures", "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "draft_vocab_size",
+                "target_hidden_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                "max_position_embeddings", "eagle_config", "tie_word_embeddings",
+            }
+            return cls(
+                hidden_size=hidden,
+                num_heads=heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                intermediate_size=int(raw["intermediate_size"]),
+                vocab_size=vocab,
+                draft_vocab_size=int(raw.get("draft_vocab_size") or vocab),
+                target_hidden_size=int(raw.get("target_hidden_size") or hidden),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                rope_scaling=dict(rope) if rtype == "llama3" else None,
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                aux_layer_ids=None if ids is None else tuple(int(i) for i in ids),
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except KeyError as exc:
+            raise SpecrunError(f"{where} lacks {exc}; is this an EAGLE-3 head folder?") from None
+        except (TypeError, ValueError) as exc:
+            raise SpecrunError(f"{where} has a malformed value: {exc}") from None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Eagle3Config:
+        path = Path(folder) / "config.json"
+        if not Path(folder).is_dir():
+            raise SpecrunError(f"EAGLE-3 head folder {folder} does not exist; give the checkpoint folder with --draft")
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecrunError(f"{folder} has no config.json; give an EAGLE-3 (SpecForge format) checkpoint folder") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecrunError(f"cannot read {path}: {exc}") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def for_target(cls, target_raw: dict, *, draft_vocab_size: int | None = None,
+                   aux_layer_ids: Sequence[int] | None = None) -> Eagle3Config:
+        """A head shaped like the target (transformers config dict) — what SpecForge trains."""
+        heads = int(target_raw["num_attention_heads"])
+        hidden = int(target_raw["hidden_size"])
+        vocab = int(target_raw["vocab_size"])
+        rope = target_raw.get("rope_parameters") or target_raw.get("rope_scaling") or {}
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        layers = int(target_raw["num_hidden_layers"])
+        return cls(
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(target_raw.get("num_key_value_heads") or heads),
+            head_dim=int(target_raw.get("head_dim") or hidden // heads),
+            intermediate_size=int(target_raw["intermediate_size"]),
+            vocab_size=vocab,
+            draft_vocab_size=min(draft_vocab_size or DEFAULT_DRAFT_VOCAB, vocab),
+            target_hidden_size=hidden,
+            rms_norm_eps=float(target_raw.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(target_raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=dict(rope) if rtype == "llama3" else None,
+            max_position_embeddings=int(target_raw.get("max_position_embeddings", 2048)),
+            aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids is not None else default_aux_layers(layers),
+        )
+
+    def to_dict(self) -> dict:
+        d = dict(self.extra)
+        d.update(
+            architectures=[ARCHITECTURE],
+            model_type="llama",
+            num_hidden_layers=1,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            hidden_act="silu",
+            vocab_size=self.vocab_size,
+            draft_vocab_size=self.draft_vocab_size,
+            target_hidden_size=self.target_hidden_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            torch_dtype="float32",
+        )
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        if self.aux_layer_ids is not None:
+            d["eagle_config"] = {**d.get("eagle_config", {}), "eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)}
+        return d
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        H, I = self.hidden_size, self.intermediate_size  # noqa: E741
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "fc.weight": (H, self.num_aux * self.target_hidden_size),
+            "midlayer.hidden_norm.weight": (H,),
+            "midlayer.input_layernorm.weight": (H,),
+            "midlayer.post_attention_layernorm.weight": (H,),
+            "midlayer.self_attn.q_proj.weight": (q, 2 * H),
+            "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
+            "midlayer.self_attn.v_proj.weight": (kv, 2 * H),
+            "midlayer.self_attn.o_proj.weight": (H, q),
+            "midlayer.mlp.gate_proj.weight": (I, H),
+            "midlayer.mlp.up_proj.weight": (I, H),
+            "midlayer.mlp.down_proj.weight": (H, I),
+            "norm.weight": (H,),
+            "lm_head.weight": (self.draft_vocab_size, H),
+            "d2t": (self.draft_vocab_size,),
+            "t2d": (self.vocab_size,),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint
+
+
+@attrs.define
+class Eagle3Checkpoint:
+    """A head's config and weights (numpy).  ``embed`` is the token embedding [V, H]: the file's
+    ``embed_tokens.weight`` if it has one, else the target's (``embed_from_target`` says which)."""
+
+    config: Eagle3Config
+    tensors: dict[str, np.ndarray]
+    embed: np.ndarray | None = None
+    embed_from_target: bool = True
+
+    @property
+    def d2t(self) -> np.ndarray:
+        return self.tensors["d2t"]
+
+    @property
+    def t2d(self) -> np.ndarray:
+        return self.tensors["t2d"]
+
+    def draft_to_target_ids(self) -> np.ndarray:
+        """Target token id of each draft-vocabulary entry."""
+        return np.arange(len(self.d2t), dtype=np.int64) + self.d2t
+
+    def validate(self, where: str = "checkpoint") -> None:
+        cfg = self.config
+        missing = [n for n in cfg.expected_shapes() if n not in self.tensors]
+        if missing:
+            raise SpecrunError(f"{where} is not an EAGLE-3 head: missing tensor(s) {', '.join(missing[:4])}")
+        for name, shape in cfg.expected_shapes().items():
+            got = tuple(self.tensors[name].shape)
+            if got != shape:
+                raise SpecrunError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+        emb = self.tensors.get("embed_tokens.weight")
+        if emb is not None and tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise SpecrunError(f"{where}: embed_tokens.weight has shape {list(emb.shape)}, expected {[cfg.vocab_size, cfg.hidden_size]}")
+        d2t, t2d = self.tensors["d2t"], self.tensors["t2d"]
+        if d2t.dtype.kind not in "iu" or t2d.dtype != np.bool_:
+            raise SpecrunError(f"{where}: d2t must be int64 and t2d bool (got {d2t.dtype}, {t2d.dtype})")
+        ids = np.arange(len(d2t)) + d2t
+        if len(ids) and (ids.min() < 0 or ids.max() >= cfg.vocab_size or np.any(np.diff(ids) <= 0)):
+            raise SpecrunError(f"{where}: d2t does not map the draft vocabulary to increasing target ids below {cfg.vocab_size}")
+        if int(t2d.sum()) != len(ids) or not t2d[ids].all():
+            raise SpecrunError(f"{where}: t2d does not mark exactly the target ids that d2t maps to")
+
+    def check_target(self, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:
+        cfg = self.config
+        check_target_compat(cfg, vocab_size, hidden_size, num_layers, where)
+        if self.embed is None and "embed_tokens.weight" not in self.tensors and cfg.hidden_size != hidden_size:
+            raise SpecrunError(f"{where}: the head's hidden size {cfg.hidden_size} differs from the target's {hidden_size} and it has no embedding of its own")
+
+    @classmethod
+    def load(cls, folder: str | Path, target_dir: str | Path | None = None) -> Eagle3Checkpoint:
+        """Read and validate a head; with ``target_dir``, check it against the target and take
+        the embedding from the target when the head has none."""
+        folder = Path(folder)
+        cfg = Eagle3Config.load(folder)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise SpecrunError(f"{folder} has no model.safetensors (pickled .bin/.pt weights are not loaded)")
+        tensors: dict[str, np.ndarray] = {}
+        for f in files:
+            tensors.update(read_safetensors(f))
+        tensors = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in tensors.items()}
+        ck = cls(cfg, tensors)
+        ck.validate(str(folder))
+        if "embed_tokens.weight" in tensors:
+            ck.embed, ck.embed_from_target = tensors["embed_tokens.weight"], False
+        if target_dir is not None:
+            from .models import ModelConfig
+
+            tc = ModelConfig.load(target_dir)
+            ck.check_target(tc.vocab_size, tc.hidden_size, tc.num_layers, str(folder))
+            if ck.embed is None:
+                ck.embed = read_target_embedding(target_dir)
+                if ck.embed.shape != (cfg.vocab_size, cfg.hidden_size):
+                    raise SpecrunError(f"the target's embedding has shape {list(ck.embed.shape)}, the head needs {[cfg.vocab_size, cfg.hidden_size]}")
+        return ck
+
+    def save(self, folder: str | Path, *, include_embed: bool = False) -> Path:
+        """Write config.json + model.safetensors (float32; d2t int64, t2d bool), atomically per file."""
+        self.validate("head to save")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v for k, v in self.tensors.items() if k != "embed_tokens.weight"}
+        tensors = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in tensors.items()}
+        tensors["d2t"] = self.tensors["d2t"].astype(np.int64)
+        tensors["t2d"] = self.tensors["t2d"].astype(np.bool_)
+        if include_embed:
+            emb = self.tensors.get("embed_tokens.weight", self.embed)
+            if emb is None:
+                raise SpecrunError("cannot include the embedding: the head has none loaded")
+            tensors["embed_tokens.weight"] = emb.astype(np.float32)
+        write_safetensors(folder / WEIGHTS_FILE, tensors)
+        _write_text_atomic(folder / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return folder
+
+
+def check_target_compat(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:
+    if cfg.vocab_size != vocab_size:
+        raise SpecrunError(
+            f"{where}: the head's vocabulary ({cfg.vocab_size} tokens) differs from the target's ({vocab_size}); it was trained for another model"
+        )
+    if cfg.target_hidden_size != hidden_size:
+        raise SpecrunError(f"{where}: the head reads target hidden states of width {cfg.target_hidden_size}, the target's are {hidden_size}")
+    bad = [i for i in cfg.aux_layers_for(num_layers) if not 0 <= i < num_layers]
+    if bad:
+        raise SpecrunError(f"{where}: aux hidden-state layer(s) {bad} do not exist in a target of {num_layers} layers")
+
+
+def vocab_map(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """d2t, t2d from token counts [V]: keep the most frequent ``draft_vocab_size`` ids (ties by
+    lower id), sorted ascending; ``d2t[i] = used[i] - i``; ``t2d[j] = j in used``."""
+    counts = np.asarray(counts)
+    n = min(draft_vocab_size, len(counts))
+    order = np.lexsort((np.arange(len(counts)), -counts))  # by count desc, then id asc
+    used = np.sort(order[:n]).astype(np.int64)
+    d2t = used - np.arange(n, dtype=np.int64)
+    t2d = np.zeros(len(counts), dtype=np.bool_)
+    t2d[used] = True
+    return d2t, t2d
+
+
+# --------------------------------------------------------------------------------------------
+# the backend-facing head
+
+
+@attrs.frozen
+class HeadOutput:
+    logits: np.ndarray  # [T, draft_vocab] float32
+    hidden: np.ndarray  # [T, H] float32: each step's ``out`` (fed back for the next draft step)
+
+
+class DraftHead(abc.ABC):
+    """An EAGLE-3 head run by a backend, with its own KV cache over positions (like a Target).
+    Cache entry i is at rope position i unless explicit ``positions`` are given."""
+
+    config: Eagle3Config
+    d2t: np.ndarray  # [draft_vocab] int64: target id of draft entry i is i + d2t[i]
+    backend: str
+    device: str
+    precision: str
+
+    @abc.abstractmethod
+    def reset(self, capacity: int) -> None:
+        """Empty the cache and make room for ``capacity`` entries."""
+
+    @property
+    @abc.abstractmethod
+    def length(self) -> int:
+        """Entries in the cache."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        tokens: Sequence[int],
+        hidden: np.ndarray,
+        *,
+        from_target: bool = True,
+        positions: Sequence[int] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> HeadOutput:
+        """Run T draft steps and append them to the cache.  ``tokens`` [T] are target ids;
+        ``hidden`` is [T, n_aux*Ht] target hidden states (``from_target``) or [T, H] outputs of
+        earlier steps.  ``positions`` (rope) default to ``length .. length+T-1``; ``mask`` bool
+        [T, length+T] says which cache entries / new entries each step sees (default: causal)."""
+
+    @abc.abstractmethod
+    def rollback(self, length: int) -> None:
+        """Keep the first ``length`` entries (cheap)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+def load_head(backend, checkpoint_dir: str | Path, target_dir: str | Path, *, device: str = "cpu",
+              precision: str | None = None) -> DraftHead:
+    """Ask ``backend`` for a head; a backend without EAGLE-3 support raises a one-line error."""
+    return backend.load_eagle3_head(str(checkpoint_dir), str(target_dir), device=device, precision=precision)
+
+
+# --------------------------------------------------------------------------------------------
+# the drafter
+
+
+class Eagle3Drafter(Drafter):
+    """Chain drafting with an EAGLE-3 head: top-1 (or a sample) per step, up to k steps.
+
+    The head's cache holds one entry per final position t (token t+1, target hidden at t); the
+    entries of a draft (fed with the head's own outputs) are speculative and are rolled back
+    when the target's verification arrives."""
+
+    name = "eagle3"
+
+    def __init__(self, head: DraftHead, *, num_target_layers: int, target_vocab_size: int | None = None):
+        cfg = head.config
+        if target_vocab_size is not None and target_vocab_size != cfg.vocab_size:
+            raise SpecrunError(f"the head's vocabulary ({cfg.vocab_size} tokens) differs from the target's ({target_vocab_size})")
+        self.head = head
+        self.config = cfg
+        wanted = cfg.aux_layers_for(num_target_layers)
+        self.aux_hidden_layers = tuple(sorted(set(wanted)))
+        # the target returns the unique layers in layer order; the head wants ``wanted``'s order
+        self._perm = np.array([self.aux_hidden_layers.index(i) for i in wanted])
+        self._identity = list(self._perm) == list(range(len(self.aux_hidden_layers)))
+        self.d2t_ids = np.arange(len(head.d2t), dtype=np.int64) + np.asarray(head.d2t, dtype=np.int64)
+        self.final = 0  # head cache entries that are final
+        self.logits: np.ndarray | None = None  # draft logits after the last final entry
+        self.hidden: np.ndarray | None = None
+
+    def target_hidden(self, rows: np.ndarray) -> np.ndarray:
+        """Target hidden states (unique layers, layer order) -> the head's fc input order."""
+        if self._identity:
+            return rows
+        T = rows.shape[0]
+        n = len(self.aux_hidden_layers)
+        return rows.reshape(T, n, -1)[:, self._perm].reshape(T, -1)
+
+    def start(self, prompt: Sequence[int], capacity: int) -> None:
+        self.head.reset(capacity + 1)
+        self.final = 0
+        self.logits = self.hidden = None
+
+    def accepted(self, tokens: Sequence[int], n_accepted: int, hidden_states: np.ndarray | None = None) -> None:
+        if hidden_states is None:
+            raise SpecrunError("the target backend returned no hidden states; the eagle3 drafter needs a backend with the 'hidden_states' capability")
+        m = len(hidden_states)
+        first = len(tokens) - 1 - m
+        if first != self.final:
+            raise SpecrunError(f"eagle3 drafter out of step: {self.final} final positions, the target reports rows from {first}")
+        self.head.rollback(self.final)
+        out = self.head.forward(list(tokens[first + 1 :]), self.target_hidden(np.asarray(hidden_states, np.float32)))
+        self.final = len(tokens) - 1
+        self.logits, self.hidden = out.logits[-1], out.hidden[-1]
+
+    def _choose(self, logits: np.ndarray, sampler: Sampler | None) -> tuple[int, np.ndarray | None]:
+        if sampler is None:
+            return int(self.d2t_ids[int(np.argmax(logits))]), None
+        full = np.full(self.config.vocab_size, -np.inf, dtype=np.float64)
+        full[self.d2t_ids] = logits
+        p = sampler.probs(full)
+        return sampler.sample(p), p
+
+    def propose(self, tokens: Sequence[int], k: int, sampler: Sampler | None) -> Draft:
+        if self.logits is None or k <= 0:
+            return Draft([])
+        self.head.rollback(self.final)
+        logits, hidden = self.logits, self.hidden
+        proposal: list[int] = []
+        probs: list[np.ndarray] = []
+        for i in range(k):
+            tok, p = self._choose(logits, sampler)
+            proposal.append(tok)
+            if p is not None:
+                probs.append(p)
+            if i + 1 < k:
+                out = self.head.forward([tok], hidden[None], from_target=False)
+                logits, hidden = out.logits[-1], out.hidden[-1]
+        return Draft(proposal, np.stack(probs) if probs else None)

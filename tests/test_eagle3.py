@@ -1,0 +1,340 @@
+"""EAGLE-3 heads: the SpecForge checkpoint format, the torch head against a straightforward
+implementation of the equations, and greedy / sampling losslessness of the eagle3 drafter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specrun.decode import SpeculativeDecoder
+from specrun.eagle3 import DraftHead, Eagle3Checkpoint, Eagle3Drafter, HeadOutput, vocab_map
+from specrun.errors import SpecrunError
+
+from .test_lossless import PROMPTS, plain_greedy
+
+H, HEADS, KV, HD, INTER, V = 64, 4, 2, 16, 128, 49152
+
+
+def make_head(folder: Path, *, draft_vocab: int = 3000, aux_ids=(0, 1, 2), seed: int = 0, bf16: bool = False,
+              with_embed: bool = False, vocab: int = V, layers_in: int = 3, scale: float = 0.3) -> Path:
+    """A random-weight head written exactly as SpecForge does (names, shapes, dtypes)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * scale
+
+    used = torch.sort(torch.randperm(vocab, generator=g)[:draft_vocab]).values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[used] = True
+    tensors = {
+        "fc.weight": w(H, layers_in * H),
+        "midlayer.hidden_norm.weight": 1 + w(H) / 3,
+        "midlayer.input_layernorm.weight": 1 + w(H) / 3,
+        "midlayer.post_attention_layernorm.weight": 1 + w(H) / 3,
+        "midlayer.self_attn.q_proj.weight": w(HEADS * HD, 2 * H),
+        "midlayer.self_attn.k_proj.weight": w(KV * HD, 2 * H),
+        "midlayer.self_attn.v_proj.weight": w(KV * HD, 2 * H),
+        "midlayer.self_attn.o_proj.weight": w(H, HEADS * HD),
+        "midlayer.mlp.gate_proj.weight": w(INTER, H),
+        "midlayer.mlp.up_proj.weight": w(INTER, H),
+        "midlayer.mlp.down_proj.weight": w(H, INTER),
+        "norm.weight": 1 + w(H) / 3,
+        "lm_head.weight": w(draft_vocab, H),
+    }
+    if with_embed:
+        tensors["embed_tokens.weight"] = w(vocab, H)
+    if bf16:
+        tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    tensors["d2t"] = (used - torch.arange(draft_vocab)).to(torch.int64)
+    tensors["t2d"] = t2d
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": H, "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": INTER,
+        "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "vocab_size": vocab, "draft_vocab_size": draft_vocab, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if aux_ids is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_ids)}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory) -> Path:
+    return make_head(tmp_path_factory.mktemp("head") / "h")
+
+
+@pytest.fixture(scope="module")
+def target(tiny_models, torch_backend):
+    return torch_backend.load_target(str(tiny_models["llama"]), device="cpu", aux_hidden_layers=(0, 1, 2))
+
+
+# ------------------------------------------------------------------------------------ format
+
+
+def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
+    src = make_head(tmp_path / "bf16", bf16=True, seed=3)
+    a = Eagle3Checkpoint.load(src, tiny_models["llama"])
+    # bf16 values are read exactly (as torch converts them)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(src / "model.safetensors"))
+    assert np.array_equal(a.tensors["fc.weight"], raw["fc.weight"].float().numpy())
+    a.save(tmp_path / "copy")
+    b = Eagle3Checkpoint.load(tmp_path / "copy", tiny_models["llama"])
+    assert set(a.tensors) == set(b.tensors)
+    for name, t in a.tensors.items():
+        assert t.dtype == b.tensors[name].dtype and np.array_equal(t, b.tensors[name]), name
+    assert b.tensors["d2t"].dtype == np.int64 and b.tensors["t2d"].dtype == np.bool_
+    assert a.config == b.config
+    cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 3000
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    # no embedding saved: it comes from the target
+    assert a.embed_from_target and np.array_equal(a.embed, b.embed)
+    b.save(tmp_path / "copy2")
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (tmp_path / "copy2" / "model.safetensors").read_bytes()
+
+
+def test_own_embedding_is_used(tmp_path, tiny_models):
+    ck = Eagle3Checkpoint.load(make_head(tmp_path / "e", with_embed=True), tiny_models["llama"])
+    assert not ck.embed_from_target and np.array_equal(ck.embed, ck.tensors["embed_tokens.weight"])
+
+
+def test_wrong_shapes_and_vocab_are_refused(tmp_path, tiny_models, torch_backend):
+    from safetensors.torch import load_file, save_file
+
+    good = make_head(tmp_path / "good")
+    bad = make_head(tmp_path / "bad")
+    t = load_file(str(bad / "model.safetensors"))
+    t["midlayer.self_attn.q_proj.weight"] = torch.zeros(HEADS * HD, H)  # input width H instead of 2H
+    save_file(t, str(bad / "model.safetensors"))
+    with pytest.raises(SpecrunError, match=r"q_proj.weight has shape \[64, 64\], the config implies \[64, 128\]"):
+        torch_backend.load_eagle3_head(str(bad), str(tiny_models["llama"]), device="cpu")
+    t.pop("midlayer.self_attn.q_proj.weight")
+    save_file(t, str(bad / "model.safetensors"))
+    with pytest.raises(SpecrunError, match="missing tensor"):
+        Eagle3Checkpoint.load(bad)
+    other = make_head(tmp_path / "v", vocab=1000, draft_vocab=100)
+    with pytest.raises(SpecrunError, match=r"vocabulary \(1000 tokens\) differs from the target's \(49152\)"):
+        Eagle3Checkpoint.load(other, tiny_models["llama"])
+    deep = make_head(tmp_path / "deep", aux_ids=(0, 1, 7))
+    with pytest.raises(SpecrunError, match=r"layer\(s\) \[7\] do not exist"):
+        Eagle3Checkpoint.load(deep, tiny_models["llama"])
+    cfg = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SpecrunError, match="not an EAGLE-3 head"):
+        Eagle3Checkpoint.load(good)
+    (good / "model.safetensors").write_bytes(b"\x00" * 3)
+    (good / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecrunError, match="truncated"):
+        Eagle3Checkpoint.load(good)
+    with pytest.raises(SpecrunError, match="does not exist"):
+        Eagle3Checkpoint.load(tmp_path / "nowhere")
+
+
+def test_vocab_map_rule():
+    counts = np.array([5, 0, 9, 9, 1, 7])
+    d2t, t2d = vocab_map(counts, 3)
+    used = np.arange(3) + d2t
+    assert used.tolist() == [2, 3, 5]  # the three most frequent, ascending
+    assert t2d.tolist() == [False, False, True, True, False, True]
+
+
+# ------------------------------------------------------------------------------------ forward parity
+
+
+def reference_head(ck: Eagle3Checkpoint, tokens, hiddens, from_target) -> tuple[np.ndarray, np.ndarray]:
+    """The NOTES equations, written out plainly: full causal attention over the whole chain."""
+    W = {k: torch.from_numpy(v).double() for k, v in ck.tensors.items() if k not in ("d2t", "t2d")}
+    emb = torch.from_numpy(ck.embed).double()
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+
+    def rope(x, pos):  # x [T, heads, hd]
+        inv = 1.0 / (10000.0 ** (torch.arange(0, HD, 2, dtype=torch.float64) / HD))
+        ang = pos[:, None].double() * inv[None]
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+        x1, x2 = x[..., : HD // 2], x[..., HD // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    T = len(tokens)
+    logits, outs, keys, vals = [], [], [], []
+    prev = None
+    for t in range(T):
+        if from_target[t]:
+            h = W["fc.weight"] @ torch.from_numpy(hiddens[t]).double()
+        else:
+            h = prev
+        x = torch.cat([rms(emb[tokens[t]], W["midlayer.input_layernorm.weight"]), rms(h, W["midlayer.hidden_norm.weight"])])
+        pos = torch.tensor([t])
+        q = rope((W["midlayer.self_attn.q_proj.weight"] @ x).view(1, HEADS, HD), pos)[0]
+        keys.append(rope((W["midlayer.self_attn.k_proj.weight"] @ x).view(1, KV, HD), pos)[0])
+        vals.append((W["midlayer.self_attn.v_proj.weight"] @ x).view(KV, HD))
+        K, Vv = torch.stack(keys), torch.stack(vals)  # [t+1, KV, HD]
+        heads = []
+        for hh in range(HEADS):
+            g = hh // (HEADS // KV)
+            w = torch.softmax(K[:, g] @ q[hh] / math.sqrt(HD), 0)
+            heads.append(w @ Vv[:, g])
+        r = h + W["midlayer.self_attn.o_proj.weight"] @ torch.cat(heads)
+        y = rms(r, W["midlayer.post_attention_layernorm.weight"])
+        mlp = W["midlayer.mlp.down_proj.weight"] @ (
+            torch.nn.functional.silu(W["midlayer.mlp.gate_proj.weight"] @ y) * (W["midlayer.mlp.up_proj.weight"] @ y)
+        )
+        out = r + mlp
+        logits.append(W["lm_head.weight"] @ rms(out, W["norm.weight"]))
+        outs.append(out)
+        prev = out
+    return torch.stack(logits).numpy(), torch.stack(outs).numpy()
+
+
+def test_head_forward_matches_reference(head_dir, tiny_models, torch_backend):
+    head = torch_backend.load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu")
+    ck = Eagle3Checkpoint.load(head_dir, tiny_models["llama"])
+    rng = np.random.default_rng(0)
+    n_real, n_draft = 9, 3
+    tokens = [int(t) for t in rng.integers(0, V, n_real + n_draft)]
+    hid = rng.normal(size=(n_real, 3 * H)).astype(np.float32)
+    head.reset(4)  # also exercises growth
+    a = head.forward(tokens[:5], hid[:5])
+    b = head.forward(tokens[5:n_real], hid[5:n_real])
+    logits, outs = [a.logits, b.logits], [a.hidden, b.hidden]
+    prev = b.hidden[-1]
+    for t in tokens[n_real:]:
+        o = head.forward([t], prev[None], from_target=False)
+        logits.append(o.logits)
+        outs.append(o.hidden)
+        prev = o.hidden[-1]
+    hiddens = list(hid) + [None] * n_draft
+    ref_l, ref_o = reference_head(ck, tokens, hiddens, [True] * n_real + [False] * n_draft)
+    assert np.abs(np.concatenate(logits) - ref_l).max() < 1e-3 * max(1.0, np.abs(ref_l).max())
+    assert np.abs(np.concatenate(outs) - ref_o).max() < 1e-3 * max(1.0, np.abs(ref_o).max())
+    # rollback then redo equals the first pass
+    head.rollback(5)
+    again = head.forward(tokens[5:n_real], hid[5:n_real])
+    assert np.abs(again.logits - b.logits).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------ greedy losslessness
+
+
+def run(target, drafter, prompt, k, n=40):
+    dec = SpeculativeDecoder(target, drafter, k)
+    out = [t for chunk in dec.generate(prompt, n) for t in chunk]
+    return out, dec.stats
+
+
+@pytest.mark.parametrize(
+    "aux_ids,prompts,ks",
+    [((0, 1, 2), PROMPTS[:2], (1, 3, 5)), (None, PROMPTS[2:], (2, 4))],  # None: default (2, L//2, L-3) = (2, 1, 0) here
+)
+def test_eagle3_greedy_is_lossless(tmp_path, aux_ids, prompts, ks, tiny_models, torch_backend):
+    folder = tiny_models["llama"]
+    hd = make_head(tmp_path / "h", aux_ids=aux_ids, seed=5)
+    head = torch_backend.load_eagle3_head(str(hd), str(folder), device="cpu")
+    drafter = Eagle3Drafter(head, num_target_layers=3, target_vocab_size=V)
+    assert drafter.aux_hidden_layers == (0, 1, 2)
+    target = torch_backend.load_target(str(folder), device="cpu", aux_hidden_layers=drafter.aux_hidden_layers)
+    for prompt in prompts:
+        ref = plain_greedy(target, prompt, 30)
+        for k in ks:
+            out, stats = run(target, drafter, prompt, k, 30)
+            assert out == ref, f"k={k} diverged"
+            assert stats.drafted > 0 and stats.drafter == "eagle3"
+
+
+class ScriptedHead(DraftHead):
+    """A numpy head that knows the target's greedy continuation for some steps (then errs):
+    exercises acceptance of long prefixes, the cache bookkeeping and the d2t mapping."""
+
+    def __init__(self, real: DraftHead, truth: dict[tuple, int]):
+        self.real, self.truth = real, truth
+        self.config, self.d2t = real.config, real.d2t
+        self.backend = self.device = self.precision = "x"
+        self.seq: list[int] = []
+
+    def reset(self, capacity):
+        self.real.reset(capacity)
+        self.seq = []
+
+    @property
+    def length(self):
+        return self.real.length
+
+    def rollback(self, length):
+        self.real.rollback(length)
+        del self.seq[length:]
+
+    def forward(self, tokens, hidden, *, from_target=True, positions=None, mask=None):
+        out = self.real.forward(tokens, hidden, from_target=from_target)
+        self.seq.extend(tokens)
+        logits = out.logits.copy()
+        ids = np.arange(len(self.d2t)) + self.d2t
+        for i in range(len(tokens)):
+            nxt = self.truth.get(tuple(self.seq[: len(self.seq) - len(tokens) + i + 1]))
+            if nxt is not None and len(self.seq) % 5 != 0 and nxt in set(ids.tolist()):
+                logits[i, int(np.searchsorted(ids, nxt))] = 1e4
+        return HeadOutput(logits, out.hidden)
+
+
+def test_eagle3_lossless_with_partial_acceptance(tmp_path, tiny_models, torch_backend, target):
+    hd = make_head(tmp_path / "h", seed=2, draft_vocab=40000)
+    real = torch_backend.load_eagle3_head(str(hd), str(tiny_models["llama"]), device="cpu")
+    prompt = PROMPTS[0]
+    ref = plain_greedy(target, prompt, 40)
+    # the head sees (token t+1) at entry t: the prefix ending with token t+1 -> greedy token t+2
+    full = prompt + ref
+    truth = {tuple(full[1 : i + 1]): full[i + 1] for i in range(len(prompt), len(full) - 1)}
+    drafter = Eagle3Drafter(ScriptedHead(real, truth), num_target_layers=3)
+    out, stats = run(target, drafter, prompt, 4, 40)
+    assert out == ref
+    assert 0 < stats.accepted < stats.drafted
+    assert stats.acceptance_length > 1.5
+
+
+# ------------------------------------------------------------------------------------ pipeline and CLI
+
+
+def test_cli_generate_with_eagle3(head_dir, tiny_models):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    args = ["generate", "Hello there", "--target", str(tiny_models["llama"]), "-n", "16", "--json"]
+    plain = CliRunner().invoke(main, [*args, "--drafter", "none"])
+    spec = CliRunner().invoke(main, [*args, "--drafter", "eagle3", "--draft", str(head_dir), "-k", "3"])
+    assert spec.exit_code == 0, spec.output
+    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert b["token_ids"] == a["token_ids"]
+    assert b["stats"]["drafter"] == "eagle3" and b["stats"]["drafted"] > 0
+    missing = CliRunner().invoke(main, [*args, "--drafter", "eagle3"])
+    assert missing.exit_code == 2 and "needs --draft DIR" in missing.stderr
+    nowhere = CliRunner().invoke(main, [*args, "--drafter", "eagle3", "--draft", str(head_dir) + "-missing"])
+    assert nowhere.exit_code == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.output
+
+
+def test_backend_without_eagle3_support_is_a_clear_error(head_dir, tiny_models):
+    from specrun.interfaces import Backend
+
+    class Bare(Backend):
+        name = "bare"
+
+        def availability(self): ...
+        def devices(self): return ["cpu"]
+        def precisions(self, device): return ["f32"]
+        def load_target(self, *a, **k): ...
+
+    with pytest.raises(SpecrunError, match="backend 'bare' cannot run EAGLE-3 heads"):
+        Bare().load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu")
