@@ -338,3 +338,64 @@ def test_backend_without_eagle3_support_is_a_clear_error(head_dir, tiny_models):
 
     with pytest.raises(SpecrunError, match="backend 'bare' cannot run EAGLE-3 heads"):
         Bare().load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu")
+
+
+# ------------------------------------------------------------------------------------ sampling losslessness
+
+
+class ToyHead(DraftHead):
+    """Draft logits depend on the entry's token only (a bigram table); the draft vocabulary
+    misses target token 1, so the drafter must put zero probability there."""
+
+    def __init__(self, table: np.ndarray):
+        from specrun.eagle3 import Eagle3Config
+
+        self.config = Eagle3Config(hidden_size=1, num_heads=1, num_kv_heads=1, head_dim=1, intermediate_size=1,
+                                   vocab_size=4, draft_vocab_size=3, target_hidden_size=1, aux_layer_ids=(0, 1, 2))
+        self.ids = np.array([0, 2, 3])
+        self.d2t = self.ids - np.arange(3)
+        self.table = table
+        self.backend = self.device = self.precision = "toy"
+        self.n = 0
+
+    def reset(self, capacity):
+        self.n = 0
+
+    @property
+    def length(self):
+        return self.n
+
+    def rollback(self, length):
+        assert 0 <= length <= self.n
+        self.n = length
+
+    def forward(self, tokens, hidden, *, from_target=True, positions=None, mask=None):
+        self.n += len(tokens)
+        return HeadOutput(self.table[np.asarray(tokens)][:, self.ids], np.zeros((len(tokens), 1), np.float32))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_eagle3_sampling_matches_target_distribution(temperature, top_p):
+    from specrun.interfaces import StepOutput
+    from specrun.sampling import SamplingParams
+
+    from .test_sampling import DRAFT, PROMPT, TARGET, BigramTarget, chi_square_pvalue, exact_joint
+
+    class HiddenBigram(BigramTarget):
+        def forward(self, tokens, *, all_logits=True):
+            out = super().forward(tokens, all_logits=all_logits)
+            return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+
+    n = 2000
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    target = HiddenBigram(TARGET)
+    counts: dict = {}
+    drafted = 0
+    for seed in range(n):
+        drafter = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4)
+        dec = SpeculativeDecoder(target, drafter, 3)
+        seq = tuple(t for c in dec.generate(PROMPT, 4, SamplingParams(temperature, 0, top_p, seed)) for t in c)
+        counts[seq] = counts.get(seq, 0) + 1
+        drafted += dec.stats.accepted
+    assert drafted > 0
+    assert chi_square_pvalue(counts, exact_joint(params), n) > 1e-3
