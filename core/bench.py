@@ -46,12 +46,13 @@ class BenchSettings:
     num_draft_tokens: int = 4
     draft: str | None = None
     target: str | None = None
-    devices: dict[str, str] = attrs.field(factory=dict)
+    devices: dict[str, str | None] = attrs.field(factory=dict)  # None: the backend's CPU device
     precisions: dict[str, str | None] = attrs.field(factory=dict)
     threads: int | None = None
     warmup: int = 1
     repeats: int = 1
     baseline: bool = True
+    baseline_device: str = "cpu"
     raw: bool = False
     humaneval_raw: bool = False
     out: Path = Path("bench-out")
@@ -83,6 +84,15 @@ def per_backend(value: str | None, backends: Sequence[str], what: str, default: 
             for b in backends:
                 out[b] = part
     return out
+
+
+def default_device(backend) -> str:
+    """The backend's CPU device (``cpu``, ``CPU`` ...) when it has one, else its first device."""
+    try:
+        present = backend.devices()
+    except Exception:  # a plugin bug: let load_target report it
+        return "cpu"
+    return next((d for d in present if d.lower() == "cpu"), present[0] if present else "cpu")
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -235,7 +245,7 @@ class TransformersBaseline:
 
     configs = ("generate", "prompt_lookup")
 
-    def __init__(self, model_dir: Path, num_draft_tokens: int, eos: Sequence[int]):
+    def __init__(self, model_dir: Path, num_draft_tokens: int, eos: Sequence[int], device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -243,10 +253,11 @@ class TransformersBaseline:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        except Exception as exc:  # transformers raises many types here
-            raise SpecrunError(f"the transformers baseline cannot load {model_dir}: {str(exc).splitlines()[0]}; "
-                               "use --no-baseline") from None
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+        except Exception as exc:  # transformers and torch raise many types here
+            raise SpecrunError(f"the transformers baseline cannot load {model_dir} on {device}: "
+                               f"{str(exc).splitlines()[0]}; use --no-baseline") from None
+        self.device = device
         self.k, self.eos = num_draft_tokens, list(eos)
         self.calls = 0
         self.model.register_forward_pre_hook(self._count)
@@ -275,7 +286,7 @@ class TransformersBaseline:
                 pass
 
         kwargs = {"prompt_lookup_num_tokens": self.k} if name == "prompt_lookup" else {}
-        inp = torch.tensor([ids], dtype=torch.long)
+        inp = torch.tensor([ids], dtype=torch.long, device=self.device)
         self.calls = 0
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -399,8 +410,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     _require_matplotlib()
     prompts = load_prompts(s.dataset, s.limit, humaneval_raw=s.humaneval_raw)
     registry = registry or load_registry()
-    for b in s.backends:
-        registry.get(b)  # unknown or unavailable: one clear line, before any model is loaded
+    backend_objs = {b: registry.get(b) for b in s.backends}  # unknown or unavailable: one clear line, before loading
     drafters = ["none"] + [d for d in s.drafters if d != "none"]  # plain decoding always runs
     model_dir = resolve_model(s.target)
     options = {"threads": s.threads} if s.threads else None
@@ -410,7 +420,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     systems: list[dict] = []
     pipes: list[Pipeline] = []
     for b in s.backends:
-        device = s.devices.get(b) or "cpu"
+        device = s.devices.get(b) or default_device(backend_objs[b])
         log(f"specrun bench: loading {model_dir.name} on {b}/{device} ...")
         pipe = Pipeline.load(s.target, backend=b, device=device, precision=s.precisions.get(b), registry=registry,
                              drafter="model" if "model" in drafters else "none", draft=s.draft,
@@ -441,10 +451,10 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     first = pipes[0]
     if s.baseline:
         log("specrun bench: loading the transformers baseline (fp32) ...")
-        hf = TransformersBaseline(model_dir, s.num_draft_tokens, first.eos_token_ids)
+        hf = TransformersBaseline(model_dir, s.num_draft_tokens, first.eos_token_ids, s.baseline_device)
         for c in hf.configs:
             configs.append(Config(BASELINE, c, hf.runner(c)))
-        systems.append({"name": BASELINE, "kind": "baseline", "device": "cpu", "precision": "f32",
+        systems.append({"name": BASELINE, "kind": "baseline", "device": s.baseline_device, "precision": "f32",
                         "configs": list(hf.configs), "plain": "generate"})
 
     # --- prompts to token ids (the chat template applied as `generate` applies it)
@@ -478,6 +488,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "num_draft_tokens": s.num_draft_tokens, "warmup": s.warmup, "repeats": s.repeats,
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
             "model_dir": str(model_dir), "draft": s.draft, "threads": s.threads, "baseline": s.baseline,
+            "baseline_device": s.baseline_device,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -589,6 +600,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also run transformers generate (plain and prompt lookup) on the same prompts.")
+@click.option("--baseline-device", default="cpu", show_default=True, help="torch device of the transformers baseline.")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--humaneval-raw", is_flag=True, help="HumanEval: the code prompt as it is, not a chat request.")
 @click.option("--out", "-o", default="bench-out", show_default=True, type=click.Path(path_type=Path),
@@ -598,7 +610,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Print the README's performance section from a results.json, and measure nothing.")
 @click.pass_context
 def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
-                  precision, threads, warmup, repeats, baseline, raw, humaneval_raw, out, force, readme):
+                  precision, threads, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
     """Measure plain and speculative decoding side by side on real prompts.
 
     Writes report.md (tables), results.json (every measurement, machine facts, versions) and
@@ -610,9 +622,9 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
     settings = BenchSettings(
         backends=backends, drafters=split_list(drafter, "drafter"), dataset=dataset, limit=limit or None,
         max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, draft=draft, target=target,
-        devices={b: d or "cpu" for b, d in per_backend(device, backends, "device", "cpu").items()},
+        devices=per_backend(device, backends, "device", None),
         precisions=per_backend(precision, backends, "precision", None), threads=threads, warmup=warmup,
-        repeats=repeats, baseline=baseline, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
+        repeats=repeats, baseline=baseline, baseline_device=baseline_device, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
         command=_command_line(ctx),
     )
     results = run_bench(settings)
