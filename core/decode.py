@@ -9,7 +9,7 @@ import attrs
 
 from .drafters import NoDrafter
 from .errors import SpecrunError
-from .interfaces import Draft, Drafter, Target
+from .interfaces import Draft, Drafter, DraftTree, Target
 from .sampling import Sampler, SamplingParams
 from .verify import GreedyVerifier, SpeculativeSamplingVerifier, Verifier
 
@@ -159,6 +159,120 @@ class SpeculativeDecoder:
                 s.drafted += len(draft)
                 s.accepted += n
                 for i in range(len(draft)):
+                    s.drafted_per_position[i] += 1
+                    s.accepted_per_position[i] += i < n
+                new = accepted[:remaining]
+                stop = next((i for i, tok in enumerate(new) if tok in eos), None)
+                if stop is not None:
+                    new = new[:stop]
+                s.new_tokens += len(new)
+                s.decode_tokens += len(new)
+                if new:
+                    yield new
+                if stop is not None:
+                    s.stop_reason = "eos"
+                    return
+        finally:
+            s.decode_seconds = time.perf_counter() - t_dec
+            if not s.stop_reason:
+                s.stop_reason = "stopped"
+
+
+def verify_tree_greedy(logits, tree: DraftTree) -> tuple[list[int], list[int]]:
+    """Longest root-to-node path whose tokens are the target's argmax at each step, plus the bonus
+    token.  ``logits[i]`` belongs to node i (0 = the root).  Returns (tokens, path of node indices)."""
+    import numpy as np
+
+    children: dict[int, dict[int, int]] = {}
+    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents, strict=True), start=1):
+        children.setdefault(p, {})[tok] = i
+    cur, out, path = 0, [], [0]
+    while True:
+        best = int(np.argmax(logits[cur]))
+        out.append(best)
+        nxt = children.get(cur, {}).get(best)
+        if nxt is None:
+            return out, path
+        path.append(nxt)
+        cur = nxt
+
+
+class TreeSpeculativeDecoder(SpeculativeDecoder):
+    """EAGLE-2/3 dynamic trees for greedy decoding: the drafter proposes a token tree (at most
+    ``depth`` levels, ``max_nodes`` nodes), the target verifies it in ONE call with a tree attention
+    mask (``Target.forward_tree``), the longest matching path is accepted and only its cache
+    entries are kept (``Target.keep``).  Output is the target's own greedy sequence.  Sampling
+    (temperature > 0) uses the chain loop of the base class with ``depth`` draft tokens."""
+
+    def __init__(self, target: Target, drafter: Drafter, depth: int = 5, max_nodes: int = 16):
+        super().__init__(target, drafter, depth)
+        if max_nodes < 1:
+            raise SpecrunError(f"the tree needs at least one node, got {max_nodes}")
+        self.max_nodes = max_nodes
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> Iterator[list[int]]:
+        sampling = sampling or SamplingParams()
+        if not sampling.greedy:
+            yield from super().generate(prompt, max_new_tokens, sampling, eos_token_ids)
+            return
+        self.check_length(len(prompt), max_new_tokens)
+        t, d = self.target, self.drafter
+        depth_max = self.k
+        s = self.stats = Stats(
+            backend=t.backend, device=t.device, precision=t.precision, drafter=f"{d.name}-tree",
+            num_draft_tokens=depth_max, prompt_tokens=len(prompt),
+            drafted_per_position=[0] * depth_max, accepted_per_position=[0] * depth_max,
+        )
+        limit = t.info.context_length
+        capacity = min(len(prompt) + max_new_tokens + self.max_nodes + 1, limit)
+        eos = set(eos_token_ids)
+        verifier = GreedyVerifier()
+
+        t0 = time.perf_counter()
+        t.reset(capacity)
+        d.start(prompt, capacity)
+        out = t.forward(list(prompt), all_logits=False)
+        first = verifier.verify(out.logits[-1:], Draft([]))
+        tokens = list(prompt) + first
+        d.accepted(tokens, 0, out.hidden_states)
+        s.prefill_seconds = time.perf_counter() - t0
+        if first[0] in eos:
+            s.stop_reason = "eos"
+            return
+        s.new_tokens = 1
+        yield first
+
+        t_dec = time.perf_counter()
+        try:
+            while True:
+                remaining = max_new_tokens - s.new_tokens
+                if remaining <= 0:
+                    s.stop_reason = "length"
+                    return
+                depth = min(depth_max, remaining - 1)
+                nodes = min(self.max_nodes, limit - len(tokens))
+                td = time.perf_counter()
+                tree = d.propose_tree(tokens, depth, nodes) if depth > 0 and nodes > 0 else None
+                s.draft_seconds += time.perf_counter() - td
+                if tree is None or len(tree) == 0:
+                    tree = DraftTree([], [])
+                out = t.forward_tree([tokens[-1], *tree.tokens], [-1, *tree.parents])
+                accepted, path = verify_tree_greedy(out.logits, tree)
+                t.keep(path)
+                n = len(accepted) - 1
+                tokens.extend(accepted)
+                d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[path])
+                s.target_calls += 1
+                s.drafted += len(tree)
+                s.accepted += n
+                levels = max(tree.depths, default=0)
+                for i in range(levels):
                     s.drafted_per_position[i] += 1
                     s.accepted_per_position[i] += i < n
                 new = accepted[:remaining]

@@ -39,7 +39,7 @@ import attrs
 import numpy as np
 
 from .errors import SpecrunError
-from .interfaces import Draft, Drafter
+from .interfaces import Draft, Drafter, DraftTree
 from .sampling import Sampler
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -511,12 +511,14 @@ class Eagle3Drafter(Drafter):
 
     name = "eagle3"
 
-    def __init__(self, head: DraftHead, *, num_target_layers: int, target_vocab_size: int | None = None):
+    def __init__(self, head: DraftHead, *, num_target_layers: int, target_vocab_size: int | None = None,
+                 tree_topk: int = 4):
         cfg = head.config
         if target_vocab_size is not None and target_vocab_size != cfg.vocab_size:
             raise SpecrunError(f"the head's vocabulary ({cfg.vocab_size} tokens) differs from the target's ({target_vocab_size})")
         self.head = head
         self.config = cfg
+        self.tree_topk = tree_topk
         wanted = cfg.aux_layers_for(num_target_layers)
         self.aux_hidden_layers = tuple(sorted(set(wanted)))
         # the target returns the unique layers in layer order; the head wants ``wanted``'s order
@@ -576,3 +578,62 @@ class Eagle3Drafter(Drafter):
                 out = self.head.forward([tok], hidden[None], from_target=False)
                 logits, hidden = out.logits[-1], out.hidden[-1]
         return Draft(proposal, np.stack(probs) if probs else None)
+
+    def propose_tree(self, tokens: Sequence[int], depth: int, max_nodes: int) -> DraftTree | None:
+        """EAGLE-2 dynamic tree: the root's top-k children; then, level by level, the k frontier
+        nodes with the best cumulative log-probability are expanded (one head call per level, with
+        a tree mask) into their top-k children; finally the ``max_nodes`` best nodes are kept
+        (ordered by score, then depth, so every kept node's parent is kept too)."""
+        if self.logits is None or depth <= 0 or max_nodes <= 0:
+            return None
+        F = self.final
+        self.head.rollback(F)
+        K = max(1, self.tree_topk)
+        tok: list[int] = []  # target ids of nodes 1..; index 0 = the root
+        parent: list[int] = [-1]
+        score: list[float] = [0.0]
+        level: list[int] = [0]
+        slot: dict[int, int] = {}  # node -> head cache entry (expanded nodes)
+        outs: dict[int, np.ndarray] = {0: self.hidden}
+        tok.append(-1)
+
+        def add_children(node: int, logits: np.ndarray) -> list[int]:
+            lp = logits.astype(np.float64) - logits.max()
+            lp = lp - np.log(np.exp(lp).sum())
+            best = np.argpartition(-lp, min(K, len(lp) - 1))[:K] if K < len(lp) else np.arange(len(lp))
+            best = best[np.argsort(-lp[best], kind="stable")]
+            made = []
+            for b in best:
+                tok.append(int(self.d2t_ids[b]))
+                parent.append(node)
+                score.append(score[node] + float(lp[b]))
+                level.append(level[node] + 1)
+                made.append(len(tok) - 1)
+            return made
+
+        frontier = add_children(0, self.logits)
+        for dpt in range(1, depth):
+            expand = sorted(frontier, key=lambda i: -score[i])[:K]
+            base = self.head.length
+            T = len(expand)
+            mask = np.zeros((T, base + T), dtype=np.bool_)
+            mask[:, :F] = True
+            for j, node in enumerate(expand):
+                mask[j, base + j] = True
+                a = parent[node]
+                while a > 0:
+                    mask[j, slot[a]] = True
+                    a = parent[a]
+            hidden = np.stack([outs[parent[node]] for node in expand])
+            out = self.head.forward([tok[n] for n in expand], hidden, from_target=False,
+                                    positions=[F + dpt - 1] * T, mask=mask)
+            frontier = []
+            for j, node in enumerate(expand):
+                slot[node] = base + j
+                outs[node] = out.hidden[j]
+                frontier += add_children(node, out.logits[j])
+        self.head.rollback(F)
+        ranked = sorted(range(1, len(tok)), key=lambda i: (-score[i], level[i], i))[:max_nodes]
+        ranked.sort(key=lambda i: (level[i], -score[i], i))
+        index = {0: 0} | {node: j + 1 for j, node in enumerate(ranked)}
+        return DraftTree([tok[n] for n in ranked], [index[parent[n]] for n in ranked])

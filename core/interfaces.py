@@ -70,6 +70,42 @@ class Target(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
+    # optional: token-tree verification (backends with the ``tree_attention`` capability)
+    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> StepOutput:
+        """Run a token tree on top of the cache in ONE call.  ``parents[0] == -1`` (node 0 follows
+        the cache), ``parents[i] < i`` otherwise; node i sits at position ``length + depth(i)`` and
+        attends to the cache, its ancestors and itself.  Returns logits (and hidden states) for every
+        node; the nodes are appended to the cache until ``keep``."""
+        from .errors import SpecrunError
+
+        raise SpecrunError(f"backend '{self.backend}' cannot verify token trees (no tree_attention capability)")
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """After ``forward_tree``: keep the cache entries of the nodes ``indices`` (a root-to-node
+        path: 0 first, increasing) right after the earlier cache, and drop the other nodes."""
+        from .errors import SpecrunError
+
+        raise SpecrunError(f"backend '{self.backend}' cannot verify token trees (no tree_attention capability)")
+
+
+@attrs.frozen
+class DraftTree:
+    """A token tree proposed after the pending token (the root, node 0, not listed): node i+1 has
+    token ``tokens[i]`` and parent ``parents[i]`` (0 = the root; parents come before children)."""
+
+    tokens: list[int]
+    parents: list[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depths(self) -> list[int]:
+        d = [0]
+        for p in self.parents:
+            d.append(d[p] + 1)
+        return d[1:]
+
 
 class Drafter(abc.ABC):
     """Proposes the next tokens of a sequence."""
@@ -85,6 +121,11 @@ class Drafter(abc.ABC):
     def propose(self, tokens: Sequence[int], k: int, rng: np.random.Generator | None) -> Draft:
         """Propose up to ``k`` tokens continuing ``tokens`` (the whole sequence so far).
         ``rng`` is given when sampling; the drafter then returns the distributions it drew from."""
+
+    def propose_tree(self, tokens: Sequence[int], depth: int, max_nodes: int) -> DraftTree | None:
+        """Optional (greedy tree decoding): a token tree of at most ``depth`` levels and ``max_nodes``
+        nodes continuing ``tokens``; None = this drafter drafts chains only."""
+        return None
 
     def accepted(  # noqa: B027 - optional hook
         self, tokens: Sequence[int], n_accepted: int, hidden_states: np.ndarray | None = None

@@ -89,7 +89,10 @@ class Pipeline:
         num_draft_tokens: int = 4,
         options: dict | None = None,
         registry: Registry | None = None,
+        tree: tuple[int, int, int] | None = None,
     ) -> Pipeline:
+        """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting for greedy
+        decoding (eagle3 drafter, a target backend with ``tree_attention``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         if drafter not in DRAFTERS:
@@ -133,7 +136,21 @@ class Pipeline:
             hbe = registry.get(draft_backend or backend)
             head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision)
             d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size)
-        return cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
+        pipe = cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
+        if tree is not None:
+            from .decode import TreeSpeculativeDecoder
+            from .eagle3 import Eagle3Drafter
+
+            depth, topk, nodes = tree
+            if not isinstance(d, Eagle3Drafter):
+                raise SpecrunError("tree drafting needs --drafter eagle3")
+            if "tree_attention" not in be.capabilities():
+                raise SpecrunError(f"backend '{backend}' cannot verify token trees (no tree_attention capability)")
+            if min(depth, topk, nodes) < 1:
+                raise SpecrunError(f"tree depth, top-k and node count must be >= 1, got {depth}, {topk}, {nodes}")
+            d.tree_topk = topk
+            pipe.decoder = TreeSpeculativeDecoder(tgt, d, depth, nodes)
+        return pipe
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
         if not prompt.strip():

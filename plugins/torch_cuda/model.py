@@ -178,6 +178,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def tree_mask(
+    positions: torch.Tensor, parents: list[int], start: int, window: int | None
+) -> torch.Tensor:
+    """bool [T, start+T] for a token tree placed after ``start`` cached tokens: node i sees the
+    cache (slot j is at position j) and its ancestors (and itself); ``parents[i] < i`` or -1."""
+    T = len(parents)
+    anc = torch.zeros(T, T, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] = anc[p]
+        anc[i, i] = True
+    anc = anc.to(positions.device)
+    mask = torch.cat([torch.ones(T, start, dtype=torch.bool, device=positions.device), anc], dim=1)
+    if window is not None:
+        key_pos = torch.cat([torch.arange(start, device=positions.device), positions])
+        mask &= key_pos[None, :] > positions[:, None] - window
+    return mask
+
+
 def attention_mask(positions: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
     """bool [T, n_keys]: key j is visible from query i if j <= pos_i (and within the window)."""
     keys = torch.arange(n_keys, device=positions.device)
@@ -205,14 +224,17 @@ class LlamaModel(nn.Module):
         v_cache: torch.Tensor,
         aux_layers: tuple[int, ...] = (),
         last_only: bool = False,
+        positions: torch.Tensor | None = None,  # [T] rope positions (token trees); default start..start+T-1
+        mask: torch.Tensor | None = None,  # bool [T, start+T] (token trees); default causal
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.spec
         T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+            need_mask = T > 1 or (s.sliding_window is not None and start + T > s.sliding_window)
+            mask = attention_mask(positions, start + T, s.sliding_window) if need_mask else None
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
-        need_mask = T > 1 or (s.sliding_window is not None and start + T > s.sliding_window)
-        mask = attention_mask(positions, start + T, s.sliding_window) if need_mask else None
         aux = []
         for i, layer in enumerate(self.model.layers):
             if i in aux_layers:
