@@ -8,6 +8,7 @@ baseline.  Outputs: ``report.md``, ``results.json`` (every raw measurement) and 
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import importlib.metadata as md
 import json
@@ -44,7 +45,7 @@ class BenchSettings:
     limit: int | None = 10
     max_new_tokens: int = 128
     num_draft_tokens: int = 4
-    draft: str | None = None
+    drafts: dict[str, str] = attrs.field(factory=dict)  # drafter name -> draft model / head folder
     target: str | None = None
     devices: dict[str, str | None] = attrs.field(factory=dict)  # None: the backend's CPU device
     precisions: dict[str, str | None] = attrs.field(factory=dict)
@@ -93,6 +94,27 @@ def default_device(backend) -> str:
     except Exception:  # a plugin bug: let load_target report it
         return "cpu"
     return next((d for d in present if d.lower() == "cpu"), present[0] if present else "cpu")
+
+
+def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
+    """``DIR`` (for whichever of model / eagle3 is asked for) or ``model=DIR,eagle3=DIR``."""
+    from .pipeline import DRAFTERS
+
+    if not value:
+        return {}
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    keyed = [p.split("=", 1) for p in parts if p.split("=", 1)[0] in DRAFTERS and "=" in p]
+    if keyed and len(keyed) == len(parts):
+        return {k: v for k, v in keyed}
+    if keyed:
+        raise SpecrunError("--draft takes one folder, or drafter=folder pairs (model=DIR,eagle3=DIR), not a mix")
+    needing = [d for d in drafters if d not in ("none", "ngram")]
+    if len(needing) > 1:
+        raise SpecrunError(f"--draft gives one folder but {' and '.join(needing)} each need one: "
+                           f"--draft {needing[0]}=DIR,{needing[1]}=DIR")
+    if not needing:
+        raise SpecrunError("--draft is only used by the model and eagle3 drafters; add one to --drafter")
+    return {needing[0]: value}
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -180,6 +202,10 @@ class RecordingDrafter(Drafter):
     def propose(self, tokens, k, rng) -> Draft:
         return self.inner.propose(tokens, k, rng)
 
+    def propose_tree(self, tokens, depth, max_nodes):
+        fn = getattr(self.inner, "propose_tree", None)
+        return fn(tokens, depth, max_nodes) if fn is not None else None
+
     def accepted(self, tokens, n_accepted, hidden_states=None):
         self.accepted_per_call.append(n_accepted)  # also called after the prefill: runs keep the last calls only
         self.inner.accepted(tokens, n_accepted, hidden_states)
@@ -194,13 +220,20 @@ class Config:
     run: Callable[[list[int], int], dict]
 
 
-def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int]) -> Callable[[list[int], int], dict]:
+def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int], template=None
+                   ) -> Callable[[list[int], int], dict]:
+    """A runner for one configuration.  ``template``: a decoder whose kind and settings to reuse
+    (a pipeline's own decoder, e.g. a tree decoder for eagle3); default: the chain loop."""
     from .decode import SpeculativeDecoder
     from .drafters import NoDrafter
 
     plain = isinstance(drafter, NoDrafter)
     rec = None if plain else RecordingDrafter(drafter)
-    decoder = SpeculativeDecoder(target, drafter if rec is None else rec, k)
+    if template is not None:
+        decoder = copy.copy(template)
+        decoder.target, decoder.drafter = target, drafter if rec is None else rec
+    else:
+        decoder = SpeculativeDecoder(target, drafter if rec is None else rec, k)
 
     def run(ids: list[int], max_new_tokens: int) -> dict:
         out: list[int] = []
@@ -397,8 +430,11 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     for d in s.drafters:
         if d not in DRAFTERS:
             raise SpecrunError(f"unknown drafter '{d}'; choose from: {', '.join(DRAFTERS)}")
-    if "model" in s.drafters and not s.draft:
+    if "model" in s.drafters and not s.drafts.get("model"):
         raise SpecrunError("the 'model' drafter needs --draft PATH (a small model sharing the target's tokenizer)")
+    for d in s.drafts:
+        if d not in s.drafters:
+            raise SpecrunError(f"--draft names drafter '{d}', which is not in --drafter ({', '.join(s.drafters)})")
     for name, v in (("--max-new-tokens", s.max_new_tokens), ("--num-draft-tokens", s.num_draft_tokens),
                     ("--repeats", s.repeats)):
         if v < 1:
@@ -421,34 +457,33 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     pipes: list[Pipeline] = []
     for b in s.backends:
         device = s.devices.get(b) or default_device(backend_objs[b])
-        log(f"specrun bench: loading {model_dir.name} on {b}/{device} ...")
-        pipe = Pipeline.load(s.target, backend=b, device=device, precision=s.precisions.get(b), registry=registry,
-                             drafter="model" if "model" in drafters else "none", draft=s.draft,
-                             num_draft_tokens=s.num_draft_tokens, options=options)
-        pipes.append(pipe)
-        names: list[str] = []
+        common = dict(backend=b, device=device, precision=s.precisions.get(b), registry=registry,
+                      num_draft_tokens=s.num_draft_tokens, options=options)
+        # drafters with their own pipeline first (eagle3: the target returns hidden states): they fail fast
+        own: dict[str, Pipeline] = {}
         for d in drafters:
-            if d == "none":
-                dr: Drafter = NoDrafter()
-                tgt = pipe.target
-            elif d == "ngram":
-                dr, tgt = NgramDrafter(), pipe.target
-            elif d == "model":
-                dr, tgt = pipe.drafter, pipe.target
-            else:  # eagle3 and later drafters: their own pipeline (the target may need hidden states)
+            if d not in ("none", "ngram", "model"):
+                log(f"specrun bench: loading {model_dir.name} with the {d} drafter on {b}/{device} ...")
                 try:
-                    other = Pipeline.load(s.target, backend=b, device=device, precision=s.precisions.get(b),
-                                          registry=registry, drafter=d, draft=s.draft,
-                                          num_draft_tokens=s.num_draft_tokens, options=options)
+                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), **common)
                 except SpecrunError as exc:
                     raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
-                pipes.append(other)
-                dr, tgt = other.drafter, other.target
-            configs.append(Config(b, d, specrun_runner(tgt, dr, s.num_draft_tokens, pipe.eos_token_ids)))
-            names.append(d)
+                pipes.append(own[d])
+        log(f"specrun bench: loading {model_dir.name} on {b}/{device} ...")
+        pipe = Pipeline.load(s.target, drafter="model" if "model" in drafters else "none",
+                             draft=s.drafts.get("model"), **common)
+        pipes.append(pipe)
+        for d in drafters:
+            if d in own:
+                o = own[d]
+                runner = specrun_runner(o.target, o.drafter, s.num_draft_tokens, pipe.eos_token_ids, template=o.decoder)
+            else:
+                dr = {"none": NoDrafter, "ngram": NgramDrafter}[d]() if d != "model" else pipe.drafter
+                runner = specrun_runner(pipe.target, dr, s.num_draft_tokens, pipe.eos_token_ids)
+            configs.append(Config(b, d, runner))
         systems.append({"name": b, "kind": "specrun", "device": pipe.target.device, "precision": pipe.target.precision,
-                        "configs": names, "plain": "none"})
-    first = pipes[0]
+                        "configs": list(drafters), "plain": "none"})
+    first = pipes[0]  # every pipeline holds the same target model, hence the same tokenizer and EOS ids
     if s.baseline:
         log("specrun bench: loading the transformers baseline (fp32) ...")
         hf = TransformersBaseline(model_dir, s.num_draft_tokens, first.eos_token_ids, s.baseline_device)
@@ -487,7 +522,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "dataset": s.dataset, "limit": s.limit, "max_new_tokens": s.max_new_tokens,
             "num_draft_tokens": s.num_draft_tokens, "warmup": s.warmup, "repeats": s.repeats,
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
-            "model_dir": str(model_dir), "draft": s.draft, "threads": s.threads, "baseline": s.baseline,
+            "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
             "baseline_device": s.baseline_device,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
@@ -591,7 +626,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--limit", type=int, default=10, show_default=True, help="Number of prompts (0 = all).")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens per target call.")
-@click.option("--draft", default=None, help="Draft model folder (for --drafter model).")
+@click.option("--draft", default=None,
+              help="Draft folder: a small model (--drafter model) or an EAGLE-3 head (eagle3); both: model=DIR,eagle3=DIR.")
 @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
 @click.option("--device", "-d", default=None, help="Device for every backend, or backend=device pairs [default: cpu].")
 @click.option("--precision", default=None, help="Precision for every backend (f32 ...), or backend=precision pairs.")
@@ -619,9 +655,11 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         click.echo(render_readme(readme), nl=False)
         return
     backends = split_list(backend, "backend")
+    drafters = split_list(drafter, "drafter")
     settings = BenchSettings(
-        backends=backends, drafters=split_list(drafter, "drafter"), dataset=dataset, limit=limit or None,
-        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, draft=draft, target=target,
+        backends=backends, drafters=drafters, dataset=dataset, limit=limit or None,
+        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, target=target,
+        drafts=draft_paths(draft, drafters),
         devices=per_backend(device, backends, "device", None),
         precisions=per_backend(precision, backends, "precision", None), threads=threads, warmup=warmup,
         repeats=repeats, baseline=baseline, baseline_device=baseline_device, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,

@@ -242,6 +242,48 @@ def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_models, monkeypatch):
     assert (out / "tokens_per_second.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_eagle3_head_beside_ngram(tmp_path, tiny_models):
+    try:
+        from .test_eagle3 import make_head
+    except ImportError:  # pragma: no cover - the EAGLE-3 tests provide the random head
+        pytest.skip("no EAGLE-3 head builder")
+    head = make_head(tmp_path / "head")
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "out"
+    r = invoke("bench", "--target", tiny_models["llama"], "--drafter", "ngram,eagle3", "--draft", f"eagle3={head}",
+               "-k", 3, "--dataset", data, "-n", 8, "--no-baseline", "--warmup", 0, "--out", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    res = json.loads((out / "results.json").read_text())
+    assert res["systems"][0]["configs"] == ["none", "ngram", "eagle3"]
+    eagle = res["summary"]["torch_cuda"]["eagle3"]
+    assert eagle["greedy_identical"] == {"identical": 2, "compared": 2}
+    assert sum(m["drafted"] for m in res["measurements"] if m["config"] == "eagle3") > 0
+    assert res["settings"]["drafts"] == {"eagle3": str(head)}
+
+
+def test_draft_paths():
+    from specrun.bench import draft_paths
+
+    assert draft_paths(None, ["none", "ngram"]) == {}
+    assert draft_paths("d", ["ngram", "model"]) == {"model": "d"}
+    assert draft_paths("h", ["eagle3"]) == {"eagle3": "h"}
+    assert draft_paths("model=d,eagle3=h", ["model", "eagle3"]) == {"model": "d", "eagle3": "h"}
+    with pytest.raises(SpecrunError, match="each need one"):
+        draft_paths("d", ["model", "eagle3"])
+    with pytest.raises(SpecrunError, match="only used by the model and eagle3 drafters"):
+        draft_paths("d", ["none", "ngram"])
+
+
+def test_per_backend_values():
+    from specrun.bench import per_backend
+
+    assert per_backend(None, ["a", "b"], "precision", None) == {"a": None, "b": None}
+    assert per_backend("f32", ["a", "b"], "precision", None) == {"a": "f32", "b": "f32"}
+    assert per_backend("f32,b=bf16", ["a", "b"], "precision", None) == {"a": "f32", "b": "bf16"}
+    with pytest.raises(SpecrunError, match="names backend 'c'"):
+        per_backend("c=f32", ["a", "b"], "precision", None)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -299,6 +341,7 @@ def test_eagle3_is_a_clear_error(tmp_path, tiny_models):
     [
         (["--drafter", "ngram,medusa"], "unknown drafter 'medusa'"),
         (["--drafter", "model"], "needs --draft PATH"),
+        (["--drafter", "ngram", "--draft", "x"], "--draft is only used by the model and eagle3 drafters"),
         (["-k", 0], "--num-draft-tokens must be >= 1"),
         (["--backend", "transformers"], "is the outside baseline"),
         (["--precision", "openvino=f32"], "--precision names backend 'openvino'"),
