@@ -50,6 +50,7 @@ class BenchSettings:
     devices: dict[str, str | None] = attrs.field(factory=dict)  # None: the backend's CPU device
     precisions: dict[str, str | None] = attrs.field(factory=dict)
     threads: int | None = None
+    tree: tuple[int, int, int] | None = None  # eagle3 dynamic tree: depth, top-k, nodes
     warmup: int = 1
     repeats: int = 1
     baseline: bool = True
@@ -115,6 +116,16 @@ def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
     if not needing:
         raise SpecrunError("--draft is only used by the model and eagle3 drafters; add one to --drafter")
     return {needing[0]: value}
+
+
+def parse_tree(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        depth, topk, nodes = (int(x) for x in value.split(","))
+    except ValueError:
+        raise SpecrunError(f"--tree takes DEPTH,TOPK,NODES (three integers, e.g. 5,4,16), got '{value}'") from None
+    return depth, topk, nodes
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -245,10 +256,11 @@ def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int],
         if rec is None:
             hist = [st.target_calls]
         else:
-            hist = [0] * (k + 1)
+            kk = max(decoder.k, k)  # a tree decoder drafts up to its depth
+            hist = [0] * (kk + 1)
             calls = rec.accepted_per_call
             for n in calls[len(calls) - st.target_calls :] if st.target_calls else []:
-                hist[min(n, k)] += 1
+                hist[min(n, kk)] += 1
         return {
             "precision": st.precision,
             "new_tokens": st.new_tokens,
@@ -439,6 +451,8 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                     ("--repeats", s.repeats)):
         if v < 1:
             raise SpecrunError(f"{name} must be >= 1, got {v}")
+    if s.tree is not None and "eagle3" not in s.drafters:
+        raise SpecrunError("--tree applies to the eagle3 drafter; add it to --drafter")
     if s.warmup < 0:
         raise SpecrunError(f"--warmup must be >= 0, got {s.warmup}")
     if BASELINE in s.backends:
@@ -465,7 +479,8 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             if d not in ("none", "ngram", "model"):
                 log(f"specrun bench: loading {model_dir.name} with the {d} drafter on {b}/{device} ...")
                 try:
-                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), **common)
+                    tree = {"tree": s.tree} if d == "eagle3" and s.tree else {}
+                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), **common, **tree)
                 except SpecrunError as exc:
                     raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
                 pipes.append(own[d])
@@ -523,7 +538,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "num_draft_tokens": s.num_draft_tokens, "warmup": s.warmup, "repeats": s.repeats,
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
-            "baseline_device": s.baseline_device,
+            "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -632,6 +647,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--device", "-d", default=None, help="Device for every backend, or backend=device pairs [default: cpu].")
 @click.option("--precision", default=None, help="Precision for every backend (f32 ...), or backend=precision pairs.")
 @click.option("--threads", type=int, default=None, help="CPU threads for the backends.")
+@click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
+              help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
@@ -646,7 +663,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Print the README's performance section from a results.json, and measure nothing.")
 @click.pass_context
 def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
-                  precision, threads, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
+                  precision, threads, tree, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
     """Measure plain and speculative decoding side by side on real prompts.
 
     Writes report.md (tables), results.json (every measurement, machine facts, versions) and
@@ -661,7 +678,7 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, target=target,
         drafts=draft_paths(draft, drafters),
         devices=per_backend(device, backends, "device", None),
-        precisions=per_backend(precision, backends, "precision", None), threads=threads, warmup=warmup,
+        precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), warmup=warmup,
         repeats=repeats, baseline=baseline, baseline_device=baseline_device, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
         command=_command_line(ctx),
     )

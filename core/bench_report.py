@@ -240,9 +240,12 @@ def _dataset_line(results: dict) -> str:
     st = results["settings"]
     n = len(results["prompts"])
     templ = "chat template applied" if st.get("chat_template", True) else "raw prompts"
+    tree = st.get("tree")
+    tree = f" (eagle3: dynamic tree, depth {tree[0]}, top-{tree[1]}, {tree[2]} nodes)" if tree else ""
     return (
         f"{st['dataset']}, {n} prompt{'s' * (n != 1)}, up to {st['max_new_tokens']} new tokens, greedy, "
-        f"k = {st['num_draft_tokens']} draft tokens, {st['warmup']} warm-up round(s), {st['repeats']} repeat(s), {templ}"
+        f"k = {st['num_draft_tokens']} draft tokens{tree}, {st['warmup']} warm-up round(s), {st['repeats']} repeat(s), "
+        f"{templ}"
     )
 
 
@@ -299,7 +302,7 @@ def render_markdown(results: dict) -> str:
             )
         spec = [c for c in s["configs"] if c != s["plain"]]
         if spec:
-            k = st["num_draft_tokens"]
+            k = max([st["num_draft_tokens"]] + [len(summary[s["name"]][c].get("tokens_per_call") or []) - 1 for c in spec])
             head = " | ".join(f"{i}" for i in range(1, k + 2))
             lines += [
                 "",
@@ -442,7 +445,8 @@ def plot_acceptance(results: dict, path) -> None:
     from matplotlib.figure import Figure
 
     summary = results.get("summary") or summarize(results)
-    k = results["settings"]["num_draft_tokens"]
+    k = max([results["settings"]["num_draft_tokens"]] + [
+        len(sm.get("acceptance_rate_per_position") or []) for per in summary.values() for sm in per.values()])
     fig = Figure(figsize=(7, 4.2), dpi=120, layout="constrained")
     ax = fig.subplots()
     markers, styles = "osD^v<>p*h", ("-", "--", ":", "-.")

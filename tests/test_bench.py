@@ -242,7 +242,8 @@ def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_models, monkeypatch):
     assert (out / "tokens_per_second.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_eagle3_head_beside_ngram(tmp_path, tiny_models):
+@pytest.mark.parametrize("tree", [None, "3,2,8"])
+def test_eagle3_head_beside_ngram(tmp_path, tiny_models, tree):
     try:
         from .test_eagle3 import make_head
     except ImportError:  # pragma: no cover - the EAGLE-3 tests provide the random head
@@ -251,10 +252,15 @@ def test_eagle3_head_beside_ngram(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
     out = tmp_path / "out"
     r = invoke("bench", "--target", tiny_models["llama"], "--drafter", "ngram,eagle3", "--draft", f"eagle3={head}",
-               "-k", 3, "--dataset", data, "-n", 8, "--no-baseline", "--warmup", 0, "--out", out)
+               "-k", 3, "--dataset", data, "-n", 8, "--no-baseline", "--warmup", 0, "--out", out,
+               *(["--tree", tree] if tree else []))
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "results.json").read_text())
     assert res["systems"][0]["configs"] == ["none", "ngram", "eagle3"]
+    assert res["settings"]["tree"] == ([3, 2, 8] if tree else None)
+    if tree:
+        assert {m["stop_reason"] for m in res["measurements"]} <= {"length", "eos"}
+        assert "dynamic tree, depth 3, top-2, 8 nodes" in (out / "report.md").read_text()
     eagle = res["summary"]["torch_cuda"]["eagle3"]
     assert eagle["greedy_identical"] == {"identical": 2, "compared": 2}
     assert sum(m["drafted"] for m in res["measurements"] if m["config"] == "eagle3") > 0
@@ -345,6 +351,8 @@ def test_eagle3_is_a_clear_error(tmp_path, tiny_models):
         (["-k", 0], "--num-draft-tokens must be >= 1"),
         (["--backend", "transformers"], "is the outside baseline"),
         (["--precision", "openvino=f32"], "--precision names backend 'openvino'"),
+        (["--tree", "3,2"], "--tree takes DEPTH,TOPK,NODES"),
+        (["--tree", "3,2,8"], "--tree applies to the eagle3 drafter"),
     ],
 )
 def test_bad_options(tmp_path, args, fragment):
