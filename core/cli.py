@@ -129,3 +129,14 @@ def backends(as_json):
 from .bench import bench_command  # noqa: E402 - registered after the group is defined
 
 main.add_command(bench_command, "bench")
+
+
+def _add_kit_commands() -> None:
+    """Commands that live with their kit (the conformance suite ships as its own package)."""
+    from specrun_conformance.cli import conformance_command
+
+    main.add_command(conformance_command)
+
+
+_add_kit_commands()
+

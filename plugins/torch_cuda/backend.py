@@ -124,6 +124,9 @@ class TorchBackend(Backend):
             return ["bf16", "f16", "f32"]
         return ["f32", "bf16"]
 
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
+
     def capabilities(self) -> set[str]:
         return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:bf16"}
 

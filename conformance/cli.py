@@ -1,0 +1,66 @@
+"""`specrun conformance`: run the suite against one backend (or all) and write the reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from specrun.errors import SpecrunError
+
+
+@click.command("conformance")
+@click.option("--backend", "-b", required=True, help="Backend name, or 'all' for every available backend.")
+@click.option("--device", "-d", default="cpu", show_default=True)
+@click.option("--precision", default=None, help="Precision to check; 'all' = every precision of the device [default: the backend's].")
+@click.option("--target", "-m", default=None, help="Model for the 'default' entry [default: smollm2-135m-instruct].")
+@click.option("--models", default=",".join(("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "default")),
+              show_default=True, help="Comma-separated: tiny-<arch> and/or default.")
+@click.option("--check", "checks", multiple=True, help="Run only these check ids/names (the count guard then expects fewer).")
+@click.option("--expected-failures", type=click.Path(path_type=Path), default=None, help="Extra expected-failure list (TOML).")
+@click.option("--tolerances", type=click.Path(path_type=Path), default=None, help="Extra tolerance overrides (TOML).")
+@click.option("--report", type=click.Path(path_type=Path), default=Path("reports/conformance"), show_default=True)
+def conformance_command(backend, device, precision, target, models, checks, expected_failures, tolerances, report):
+    """Check a backend for numerical parity and losslessness against the reference (torch_cuda, CPU, fp32)."""
+    from specrun.plugins import load_registry
+
+    from .reports import markdown, write_reports
+    from .suite import run_suite
+
+    registry = load_registry()
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    if backend == "all":
+        names = [n for n in registry.names() if registry.entries[n].availability().available]
+        skipped = [n for n in registry.names() if n not in names]
+        for n in skipped:
+            click.echo(f"conformance: skipping unavailable backend {n}: {registry.entries[n].availability().reason}", err=True)
+    else:
+        names = [backend]
+        registry.get(backend)  # one clear line if unknown / unavailable
+    runs = []
+    for name in names:
+        be = registry.get(name)
+        dev = be.check_device(device) if backend != "all" else (device if device in be.devices() else be.devices()[0])
+        precisions = be.precisions(dev) if precision == "all" else [precision]
+        for prec in precisions:
+            label = f"{name} {dev} {prec or be.precisions(dev)[0]}"
+            click.echo(f"conformance: {label} ...", err=True)
+            run = run_suite(name, device=dev, precision=prec, models=model_list, target=target, registry=registry,
+                            expected_failures=expected_failures, tolerances=tolerances, only=list(checks) or None,
+                            progress=lambda msg, label=label: click.echo(f"  {label}: {msg}", err=True))
+            runs.append(run)
+            s = run.summary()
+            click.echo(f"conformance: {label}: {'PASS' if run.ok else 'FAIL'} "
+                       + ", ".join(f"{v} {k}" for k, v in s.items() if v), err=True)
+            for r in run.results:
+                if r.status in ("failed", "error", "xpass"):
+                    click.echo(f"  {r.status.upper()}: {r.message}", err=True)
+            for p in run.problems:
+                click.echo(f"  RUN PROBLEM: {p}", err=True)
+    if not runs:
+        raise SpecrunError("no available backend to check")
+    paths = write_reports(runs, report)
+    click.echo(markdown(runs).split("\n## ")[0])
+    click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
+    if not all(r.ok for r in runs):
+        raise SystemExit(1)

@@ -1,0 +1,741 @@
+"""The conformance checks and the runner.
+
+Every check has a stable id (C01..C11).  A run is one backend on one device at one precision; it
+produces one CheckResult per (check, model).  The reference is torch_cuda on CPU in fp32."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from specrun.decode import SpeculativeDecoder
+from specrun.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specrun.errors import SpecrunError
+from specrun.interfaces import Backend, Draft, Drafter, Target
+from specrun.plugins import Registry, load_registry
+from specrun.sampling import Sampler, SamplingParams
+
+from .models import ARCHS, tiny_model
+
+HERE = Path(__file__).parent
+REFERENCE = ("torch_cuda", "cpu", "f32")
+SAMPLING_ALPHA = 1e-3  # false-alarm rate of the sampling test (C09) for a correct backend
+STATUSES = ("passed", "failed", "xfail", "xpass", "not_applicable", "error")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@attrs.frozen
+class Tolerance:
+    logits_atol: float
+    self_atol: float
+    hidden_rtol: float
+    near_tie: float
+    source: str  # "f32" or "override openvino/bf16: <reason>"
+
+
+def load_tolerances(backend: str, precision: str, extra: Path | None = None) -> Tolerance:
+    data = tomllib.loads((HERE / "tolerances.toml").read_text())
+    if extra is not None:
+        more = tomllib.loads(Path(extra).read_text())
+        for k, v in more.get("overrides", {}).items():
+            data.setdefault("overrides", {}).setdefault(k, {}).update(v)
+    base_precision = precision if precision in data else "f32"
+    values = dict(data[base_precision])
+    source = base_precision
+    override = data.get("overrides", {}).get(backend, {}).get(precision)
+    if override:
+        if not override.get("reason"):
+            raise SpecrunError(f"tolerance override for {backend}/{precision} has no reason; every override needs one")
+        values.update({k: v for k, v in override.items() if k != "reason"})
+        source = f"{base_precision}, override for {backend}: {override['reason']}"
+    return Tolerance(source=source, **{k: float(values[k]) for k in ("logits_atol", "self_atol", "hidden_rtol", "near_tie")})
+
+
+@attrs.frozen
+class ExpectedFailure:
+    backend: str
+    check: str
+    reason: str
+    precision: str = "*"
+    model: str = "*"
+    device: str = "*"
+
+    def matches(self, backend: str, device: str, precision: str, check: Check, model: str) -> bool:
+        return (
+            fnmatch.fnmatch(backend, self.backend)
+            and fnmatch.fnmatch(device, self.device)
+            and fnmatch.fnmatch(precision, self.precision)
+            and (self.check in ("*", check.id, check.name))
+            and fnmatch.fnmatch(model, self.model)
+        )
+
+
+def load_expected_failures(extra: Path | None = None) -> list[ExpectedFailure]:
+    entries = []
+    for path in [HERE / "expected_failures.toml", *([Path(extra)] if extra else [])]:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SpecrunError(f"cannot read expected-failure list {path}: {exc}") from None
+        for i, e in enumerate(data.get("xfail", [])):
+            if not e.get("reason"):
+                raise SpecrunError(f"{path}: xfail entry {i + 1} has no reason; every entry needs one")
+            try:
+                entries.append(ExpectedFailure(**e))
+            except TypeError as exc:
+                raise SpecrunError(f"{path}: xfail entry {i + 1}: {exc}") from None
+    return entries
+
+
+@attrs.define
+class CheckResult:
+    check: str
+    name: str
+    model: str
+    status: str
+    message: str = ""
+    max_abs: float | None = None
+    max_rel: float | None = None
+    tolerance: float | None = None
+    worst_position: list[int] | None = None
+    shapes: str = ""
+    seconds: float = 0.0
+    details: dict = attrs.field(factory=dict)
+
+
+class CheckFailed(AssertionError):
+    def __init__(self, message: str, **fields):
+        super().__init__(message)
+        self.fields = fields
+
+
+class NotApplicable(Exception):
+    pass
+
+
+@attrs.frozen
+class Check:
+    id: str
+    name: str
+    description: str
+    fn: Callable[[Context], dict]
+    needs: frozenset[str] = frozenset()
+    models: str = "all"  # "all" | "first": run on every model, or only on the first (a tiny one)
+
+
+# ----------------------------------------------------------------------------- context
+
+
+class Context:
+    """Everything one check needs for one (backend, device, precision, model)."""
+
+    def __init__(self, run: Run, model: str, model_dir: Path):
+        self.run, self.model, self.model_dir = run, model, model_dir
+        self.tol = run.tolerance
+        self._targets: dict[tuple, Target] = {}
+        rng = np.random.default_rng(1234)
+        from specrun.models import ModelConfig
+
+        self.config = ModelConfig.load(model_dir)
+        self.vocab = self.config.vocab_size
+        self.prompt = [int(t) for t in rng.integers(3, min(self.vocab, 30000), 24)]
+        self.text_prompt = self._text_prompt()
+
+    def _text_prompt(self) -> list[int]:
+        """A real chat prompt for models with a tokenizer; random ids otherwise."""
+        if not (self.model_dir / "tokenizer.json").exists():
+            return self.prompt
+        from specrun.pipeline import load_tokenizer
+
+        tok = load_tokenizer(self.model_dir)
+        msgs = [{"role": "user", "content": "Rewrite with one word changed: the quick brown fox jumps over the lazy dog."}]
+        if getattr(tok, "chat_template", None):
+            return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+        return tok.encode(msgs[0]["content"])
+
+    def label(self) -> str:
+        r = self.run
+        return f"[{r.backend_name} {r.device} {r.precision}] model={self.model}"
+
+    def aux_layers(self) -> tuple[int, ...]:
+        n = self.config.num_layers
+        return tuple(sorted({0, n // 2, n - 1}))
+
+    def target(self, *, reference: bool = False, aux: bool = False, model_dir: Path | None = None, role: str = "target") -> Target:
+        """A loaded target (cached per role: a drafter needs its own instance even of the same model)."""
+        model_dir = model_dir or self.model_dir
+        key = (reference, aux, str(model_dir), role)
+        if key not in self._targets:
+            layers = self.aux_layers() if aux else ()
+            if reference:
+                be, dev, prec = self.run.reference_backend, REFERENCE[1], REFERENCE[2]
+            else:
+                be, dev, prec = self.run.backend, self.run.device, self.run.precision
+            self._targets[key] = be.load_target(str(model_dir), device=dev, precision=prec, aux_hidden_layers=layers)
+        return self._targets[key]
+
+    def draft_model_dir(self) -> Path:
+        """A different model with the same vocabulary (the tiny llama; the tiny qwen2 for the tiny llama)."""
+        return tiny_model("qwen2" if self.model == "tiny-llama" else "llama")
+
+    def close(self) -> None:
+        for t in self._targets.values():
+            t.close()
+        self._targets.clear()
+
+
+def compare(got: np.ndarray, ref: np.ndarray, atol: float, what: str, ctx: Context, rel_scale: bool = False) -> dict:
+    if got.shape != ref.shape:
+        raise CheckFailed(f"{what}: shape {got.shape} differs from the reference's {ref.shape}", shapes=f"{got.shape} vs {ref.shape}")
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    max_abs = float(diff[worst])
+    scale = float(np.abs(ref).max()) or 1.0
+    max_rel = max_abs / scale
+    measured = max_rel if rel_scale else max_abs
+    fields = dict(max_abs=max_abs, max_rel=max_rel, tolerance=atol, worst_position=[int(i) for i in worst], shapes=str(tuple(got.shape)))
+    if not measured <= atol:
+        kind = "relative error (to max |ref|)" if rel_scale else "max abs error"
+        raise CheckFailed(
+            f"{what}: {kind} {measured:.3g} > tolerance {atol:.3g} at position {tuple(int(i) for i in worst)} "
+            f"(got {float(got[worst]):.5g}, reference {float(ref[worst]):.5g}), shape {got.shape}",
+            **fields,
+        )
+    return fields
+
+
+def greedy_trace(target: Target, prompt: Sequence[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Plain greedy decoding one token at a time, keeping every step's logits."""
+    target.reset(len(prompt) + n + 1)
+    logits = target.forward(list(prompt), all_logits=False).logits[-1]
+    toks, all_logits = [], []
+    for _ in range(n):
+        all_logits.append(logits)
+        tok = int(np.argmax(logits))
+        toks.append(tok)
+        logits = target.forward([tok]).logits[0]
+    return toks, all_logits
+
+
+def decode(target: Target, drafter: Drafter, prompt: Sequence[int], n: int, k: int = 4, sampling=None) -> tuple[list[int], object]:
+    dec = SpeculativeDecoder(target, drafter, k)
+    out = [t for chunk in dec.generate(list(prompt), n, sampling) for t in chunk]
+    return out, dec.stats
+
+
+def top2_margin(logits: np.ndarray) -> float:
+    a, b = np.partition(logits, -2)[-2:]
+    return float(abs(b - a))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def c01_prefill(ctx: Context) -> dict:
+    got = _fresh(ctx.target(), ctx.prompt)
+    ref = _fresh(ctx.target(reference=True), ctx.prompt)
+    return compare(got, ref, ctx.tol.logits_atol, "prefill logits vs reference", ctx)
+
+
+def _fresh(target: Target, tokens: Sequence[int]) -> np.ndarray:
+    target.reset(len(tokens) + 8)
+    return target.forward(list(tokens)).logits
+
+
+def c02_incremental(ctx: Context) -> dict:
+    t = ctx.target()
+    t.reset(len(ctx.prompt) + 8)
+    got = np.stack([t.forward([tok]).logits[0] for tok in ctx.prompt])
+    ref = _fresh(ctx.target(reference=True), ctx.prompt)
+    return compare(got, ref, ctx.tol.logits_atol, "one-token-at-a-time logits vs reference prefill", ctx)
+
+
+def c03_block(ctx: Context) -> dict:
+    t, k = ctx.target(), 5
+    t.reset(len(ctx.prompt) + 8)
+    t.forward(ctx.prompt[:12])
+    block = t.forward(ctx.prompt[12 : 12 + k]).logits
+    t.rollback(12)
+    steps = np.stack([t.forward([tok]).logits[0] for tok in ctx.prompt[12 : 12 + k]])
+    if t.length != 12 + k:
+        raise CheckFailed(f"cache length is {t.length} after 12 + {k} tokens")
+    return compare(block, steps, ctx.tol.self_atol, f"block of {k} tokens vs {k} single steps (same backend)", ctx)
+
+
+def c04_rollback(ctx: Context) -> dict:
+    t = ctx.target()
+    p = ctx.prompt
+    t.reset(len(p) + 16)
+    t.forward(p[:12])
+    t.forward([(x * 7 + 3) % ctx.vocab for x in p[12:17]])  # a draft that gets rejected
+    t.rollback(12)
+    if t.length != 12:
+        raise CheckFailed(f"length is {t.length} after rollback(12)")
+    cont = t.forward(p[12:18]).logits
+    t.forward([5, 6])
+    t.rollback(13)  # roll back into the middle of an accepted block
+    cont2 = t.forward(p[13:18]).logits
+    fresh = _fresh(t, p[:18])[12:]
+    fields = compare(cont, fresh, ctx.tol.self_atol, "rollback then continue vs a fresh run on the prefix", ctx)
+    compare(cont2, fresh[1:], ctx.tol.self_atol, "second rollback (mid-block) then continue vs a fresh run", ctx)
+    return fields
+
+
+def c05_hidden(ctx: Context) -> dict:
+    got = ctx.target(aux=True)
+    ref = ctx.target(reference=True, aux=True)
+    got.reset(32)
+    ref.reset(32)
+    g = got.forward(ctx.prompt[:16]).hidden_states
+    r = ref.forward(ctx.prompt[:16]).hidden_states
+    if g is None:
+        raise CheckFailed(f"backend declared hidden_states but returned none for layers {ctx.aux_layers()}")
+    fields = compare(g, r, ctx.tol.hidden_rtol, f"hidden states (inputs of layers {ctx.aux_layers()})", ctx, rel_scale=True)
+    g2 = got.forward(ctx.prompt[16:18], all_logits=False).hidden_states
+    r2 = ref.forward(ctx.prompt[16:18], all_logits=False).hidden_states
+    compare(g2, r2, ctx.tol.hidden_rtol, "hidden states with all_logits=False (must cover every position)", ctx, rel_scale=True)
+    return fields
+
+
+class RecordingDrafter(Drafter):
+    def __init__(self, inner: Drafter):
+        self.inner, self.name, self.proposals = inner, inner.name, []
+
+    def start(self, prompt, capacity):
+        self.inner.start(prompt, capacity)
+
+    def propose(self, tokens, k, sampler):
+        d = self.inner.propose(tokens, k, sampler)
+        self.proposals.append((len(tokens), list(d.tokens)))
+        return d
+
+    def accepted(self, tokens, n, hidden_states=None):
+        self.inner.accepted(tokens, n, hidden_states)
+
+
+def c06_drafter(ctx: Context) -> dict:
+    """The model-backed drafter on this backend proposes what it proposes on the reference (with the
+    reference as target, so both see the same accepted sequence)."""
+    ref_target = ctx.target(reference=True)
+    draft_dir = ctx.model_dir
+    runs = []
+    for reference in (False, True):
+        drafter = RecordingDrafter(ModelDrafter(ctx.target(reference=reference, model_dir=draft_dir, role="draft"), ctx.vocab))
+        out, _ = decode(ref_target, drafter, ctx.text_prompt, 24, k=3)
+        runs.append((out, drafter.proposals))
+    (out_b, props_b), (out_r, props_r) = runs
+    if out_b != out_r:
+        raise CheckFailed("the reference target's greedy output changed with the drafter's backend (the drafter broke losslessness)")
+    # where proposals differ, the drafter (the same model) must sit at a near-tie on the reference
+    ref_draft = ctx.target(reference=True, model_dir=draft_dir, role="draft")
+    ties = []
+    for (pos_b, pb), (pos_r, pr) in zip(props_b, props_r, strict=True):
+        if pb == pr:
+            continue
+        i = next(j for j in range(min(len(pb), len(pr))) if pb[j] != pr[j])
+        seq = out_r[: pos_r - len(ctx.text_prompt)]
+        ctx_tokens = list(ctx.text_prompt) + seq + pr[:i]
+        logits = _fresh(ref_draft, ctx_tokens)[-1]
+        margin = top2_margin(logits)
+        if margin >= ctx.tol.near_tie:
+            raise CheckFailed(
+                f"draft proposal differs from the reference at sequence position {pos_r + i}: got token {pb[i]}, "
+                f"reference {pr[i]}, reference top-2 margin {margin:.3g} >= near-tie tolerance {ctx.tol.near_tie:.3g}",
+                worst_position=[pos_r + i], tolerance=ctx.tol.near_tie,
+            )
+        ties.append({"position": pos_r + i, "margin": margin})
+    return {"details": {"proposals": len(props_r), "near_ties": ties}}
+
+
+class PerturbedOracle(Drafter):
+    """Proposes the true continuation with every third token wrong: exercises partial acceptance."""
+
+    name = "perturbed-oracle"
+
+    def __init__(self, truth: list[int], prompt_len: int, vocab: int):
+        self.truth, self.p, self.vocab = truth, prompt_len, vocab
+
+    def propose(self, tokens, k, sampler):
+        pos = len(tokens) - self.p
+        prop = list(self.truth[pos : pos + k])
+        for i in range(len(prop)):
+            if (pos + i) % 3 == 2:
+                prop[i] = (prop[i] + 1) % self.vocab
+        return Draft(prop)
+
+
+def c07_greedy_lossless(ctx: Context) -> dict:
+    t = ctx.target()
+    n = 32
+    plain, _ = decode(t, NoDrafter(), ctx.text_prompt, n)
+    draft_target = ctx.target(model_dir=ctx.draft_model_dir(), role="draft")
+    drafters = {
+        "ngram": NgramDrafter(),
+        "model": ModelDrafter(draft_target, ctx.vocab),
+        "perturbed-oracle": PerturbedOracle(plain, len(ctx.text_prompt), ctx.vocab),
+    }
+    stats = {}
+    for name, k in (("ngram", 4), ("model", 3), ("perturbed-oracle", 1), ("perturbed-oracle", 4)):
+        out, st = decode(t, drafters[name], ctx.text_prompt, n, k=k)
+        if out != plain:
+            i = next((j for j in range(min(len(out), len(plain))) if out[j] != plain[j]), min(len(out), len(plain)))
+            raise CheckFailed(
+                f"speculative output with the {name} drafter (k={k}) differs from plain greedy at new token {i}: "
+                f"{out[i:i + 3]} vs {plain[i:i + 3]}",
+                worst_position=[i],
+            )
+        stats[f"{name}-k{k}"] = {"acceptance_length": st.acceptance_length, "accepted": st.accepted, "drafted": st.drafted}
+    if stats["perturbed-oracle-k4"]["accepted"] == 0 or stats["perturbed-oracle-k4"]["accepted"] == stats["perturbed-oracle-k4"]["drafted"]:
+        raise CheckFailed("the perturbed oracle should be partly accepted; acceptance bookkeeping is wrong")
+    return {"details": stats}
+
+
+def c08_cross_greedy(ctx: Context) -> dict:
+    n = 32
+    got, _ = greedy_trace(ctx.target(), ctx.text_prompt, n)
+    ref, ref_logits = greedy_trace(ctx.target(reference=True), ctx.text_prompt, n)
+    if got == ref:
+        return {"details": {"identical_tokens": n, "divergences": []}}
+    i = next(j for j in range(n) if got[j] != ref[j])
+    margin = top2_margin(ref_logits[i])
+    top2 = set(np.argsort(ref_logits[i])[-2:].tolist())
+    div = {"position": i, "got": got[i], "reference": ref[i], "reference_margin": margin}
+    if margin < ctx.tol.near_tie and got[i] in top2:
+        return {"details": {"identical_tokens": i, "divergences": [div]}, "worst_position": [i], "tolerance": ctx.tol.near_tie}
+    raise CheckFailed(
+        f"greedy output diverges from the reference at new token {i} (got {got[i]}, reference {ref[i]}) where the "
+        f"reference's top-2 margin {margin:.3g} is not a near-tie (tolerance {ctx.tol.near_tie:.3g})",
+        worst_position=[i], tolerance=ctx.tol.near_tie, details={"divergences": [div]},
+    )
+
+
+class _SkewedSampler:
+    """Draws with the request's generator from q = (p + reversed p) / 2 on p's support: a draft
+    distribution that differs from the target's and is accepted part of the time."""
+
+    def __init__(self, inner: Sampler):
+        self.inner = inner
+
+    def probs(self, logits):
+        p = self.inner.probs(logits)
+        inv = np.where(p > 0, 1.0 / np.where(p > 0, p, 1.0), 0.0)
+        return 0.5 * p + 0.5 * inv / inv.sum()
+
+    def sample(self, probs):
+        return self.inner.sample(probs)
+
+
+class SkewedModelDrafter(ModelDrafter):
+    """The target's own model, with its preferences partly reversed when sampling."""
+
+    def propose(self, tokens, k, sampler):
+        return super().propose(tokens, k, _SkewedSampler(sampler) if sampler else None)
+
+
+def c09_sampling(ctx: Context) -> dict:
+    """Chi-square test of the joint distribution of 3 sampled tokens against the exact target
+    distribution computed from this backend's own logits (top-k 3 keeps the support small)."""
+    from scipy import stats as sps
+
+    t = ctx.target()
+    params = SamplingParams(temperature=1.0, top_k=3)
+    proc = Sampler(params)
+    prompt = ctx.prompt[:8]
+    n_new, n_runs = 3, 1000
+
+    def dist(prefix):
+        return proc.probs(_fresh(t, list(prompt) + list(prefix))[-1])
+
+    expected: dict[tuple, float] = {}
+    p1 = dist(())
+    for a in np.flatnonzero(p1):
+        p2 = dist((a,))
+        for b in np.flatnonzero(p2):
+            p3 = dist((a, b))
+            for c in np.flatnonzero(p3):
+                expected[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
+    drafter = SkewedModelDrafter(ctx.target(role="draft"), ctx.vocab)
+    counts: dict[tuple, int] = {}
+    accepted = drafted = 0
+    for seed in range(n_runs):
+        out, st = decode(t, drafter, prompt, n_new, k=2, sampling=SamplingParams(1.0, 3, 1.0, seed))
+        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+        accepted, drafted = accepted + st.accepted, drafted + st.drafted
+    impossible = [s for s in counts if s not in expected]
+    if impossible:
+        raise CheckFailed(f"sampled sequences outside the target's top-k support: {impossible[:3]}")
+    seqs = sorted(expected)
+    obs = np.array([counts.get(s, 0) for s in seqs], float)
+    exp = np.array([expected[s] for s in seqs]) * n_runs
+    rare = exp < 5
+    if rare.any():
+        obs, exp = np.append(obs[~rare], obs[rare].sum()), np.append(exp[~rare], exp[rare].sum())
+    pvalue = float(sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+    details = {"p_value": pvalue, "alpha": SAMPLING_ALPHA, "runs": n_runs, "cells": len(obs), "acceptance_rate": accepted / max(drafted, 1)}
+    if pvalue < SAMPLING_ALPHA:
+        raise CheckFailed(
+            f"speculative sampling does not reproduce the target distribution: chi-square p = {pvalue:.2e} < alpha "
+            f"{SAMPLING_ALPHA} over {n_runs} seeded runs ({len(obs)} cells)",
+            details=details,
+        )
+    return {"details": details}
+
+
+def c10_errors(ctx: Context) -> dict:
+    be = ctx.run.backend
+    checked = []
+    # an absent device
+    absent = [d for d in be.known_devices() if d not in be.devices()] or ["no-such-device-xyz"]
+    for dev in absent[:1] + ["no-such-device-xyz"]:
+        try:
+            be.load_target(str(ctx.model_dir), device=dev, precision=ctx.run.precision)
+        except SpecrunError as exc:
+            checked.append(f"device {dev}: {exc}")
+        except Exception as exc:
+            raise CheckFailed(f"asking for device '{dev}' raised {type(exc).__name__} instead of a SpecrunError: {exc}") from None
+        else:
+            raise CheckFailed(f"asking for absent device '{dev}' did not fail")
+    # an over-long prompt
+    t = ctx.target()
+    limit = t.info.context_length
+    try:
+        list(SpeculativeDecoder(t, NoDrafter(), 2).generate([3] * limit, 8))
+    except SpecrunError as exc:
+        checked.append(f"over-long prompt: {exc}")
+    else:
+        raise CheckFailed(f"a prompt of {limit} tokens + 8 new tokens with a {limit}-token context did not fail")
+    t.reset(8)
+    try:
+        t.forward([3] * (limit + 1))
+    except SpecrunError as exc:
+        checked.append(f"over-long forward: {exc}")
+    except Exception as exc:
+        raise CheckFailed(f"a forward past the context limit raised {type(exc).__name__} instead of a SpecrunError") from None
+    else:
+        raise CheckFailed(f"a forward of {limit + 1} tokens past the context limit did not fail")
+    # mismatched vocabularies
+    other = tiny_model("llama-v1000")
+    try:
+        ModelDrafter(ctx.target(model_dir=other), ctx.vocab)
+    except SpecrunError as exc:
+        checked.append(f"vocabulary: {exc}")
+    else:
+        raise CheckFailed("a draft model with another vocabulary was accepted")
+    return {"details": {"errors": checked}}
+
+
+def c11_determinism(ctx: Context) -> dict:
+    t = ctx.target()
+    a, _ = decode(t, NgramDrafter(), ctx.text_prompt, 16)
+    b, _ = decode(t, NgramDrafter(), ctx.text_prompt, 16)
+    if a != b:
+        raise CheckFailed("two greedy runs gave different outputs")
+    drafter = ModelDrafter(ctx.target(model_dir=ctx.draft_model_dir(), role="draft"), ctx.vocab)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
+    s1, _ = decode(t, drafter, ctx.text_prompt, 16, sampling=params)
+    s2, _ = decode(t, drafter, ctx.text_prompt, 16, sampling=params)
+    if s1 != s2:
+        raise CheckFailed(f"two sampled runs with seed 42 differ: {s1[:6]} vs {s2[:6]}")
+    return {"details": {"greedy": a[:8], "sampled": s1[:8]}}
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("C01", "prefill-parity", "prefill logits match the reference", c01_prefill),
+    Check("C02", "incremental-parity", "one-token-at-a-time logits match the reference", c02_incremental),
+    Check("C03", "block-equals-steps", "a block of k tokens equals k single steps", c03_block),
+    Check("C04", "rollback", "rollback then continue equals a fresh run on the accepted prefix", c04_rollback),
+    Check("C05", "hidden-states-parity", "hidden states of chosen layers (EAGLE-3 inputs) match", c05_hidden, frozenset({"hidden_states"})),
+    Check("C06", "drafter-parity", "the model-backed drafter proposes what it proposes on the reference", c06_drafter),
+    Check("C07", "greedy-lossless", "speculative greedy output equals plain greedy output", c07_greedy_lossless),
+    Check("C08", "cross-backend-greedy", "greedy output agrees with the reference but at near-ties", c08_cross_greedy),
+    Check("C09", "sampling-lossless", "speculative sampling reproduces the target's distribution", c09_sampling, models="first"),
+    Check("C10", "documented-errors", "absent device, over-long prompt, mismatched vocabularies fail clearly", c10_errors, models="first"),
+    Check("C11", "seeded-determinism", "the same seed gives the same output", c11_determinism, models="first"),
+)
+
+
+# ----------------------------------------------------------------------------- running
+
+#: the stable check ids; a run that plans fewer of them than this is refused (a guard against a
+#: check disappearing silently from the tuple above)
+STABLE_IDS = tuple(f"C{i:02d}" for i in range(1, 12))
+
+
+def model_dirs(names: Sequence[str], target: str | None = None) -> dict[str, Path]:
+    """Resolve model labels: tiny-<arch>, default, or a path given with --target."""
+    from specrun.models import resolve_model
+
+    out: dict[str, Path] = {}
+    for name in names:
+        if name.startswith("tiny-"):
+            arch = name[5:]
+            if arch not in ARCHS:
+                raise SpecrunError(f"unknown tiny model '{name}'; known: {', '.join('tiny-' + a for a in ARCHS)}")
+            out[name] = tiny_model(arch)
+        elif name == "default":
+            out[name] = resolve_model(target)
+        else:
+            raise SpecrunError(f"unknown conformance model '{name}'; use tiny-<arch> or default")
+    return out
+
+
+DEFAULT_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "default")
+
+
+@attrs.define
+class Run:
+    backend_name: str
+    device: str
+    precision: str
+    backend: Backend
+    reference_backend: Backend
+    tolerance: Tolerance
+    package: str = ""
+    package_version: str = ""
+    results: list[CheckResult] = attrs.field(factory=list)
+    expected_count: int = 0
+    problems: list[str] = attrs.field(factory=list)  # run-level failures (count guard, unused xfails)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.status in ("passed", "xfail", "not_applicable") for r in self.results)
+
+    def summary(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.results) for s in STATUSES}
+
+    def as_dict(self) -> dict:
+        import platform
+
+        import specrun
+
+        return {
+            "backend": self.backend_name,
+            "package": self.package,
+            "package_version": self.package_version,
+            "specrun_version": specrun.__version__,
+            "device": self.device,
+            "precision": self.precision,
+            "reference": "/".join(REFERENCE),
+            "runtime_versions": {**_safe_versions(self.backend), "python": platform.python_version()},
+            "capabilities": sorted(self.backend.capabilities()),
+            "tolerance": attrs.asdict(self.tolerance),
+            "expected_checks": self.expected_count,
+            "collected_checks": len(self.results),
+            "ok": self.ok,
+            "problems": self.problems,
+            "summary": self.summary(),
+            "seconds": self.seconds,
+            "results": [attrs.asdict(r) for r in self.results],
+        }
+
+
+def _safe_versions(backend: Backend) -> dict[str, str]:
+    try:
+        return dict(backend.versions())
+    except Exception as exc:  # reporting must not fail on a plugin bug
+        return {"error": str(exc)}
+
+
+def plan(models: Sequence[str]) -> list[tuple[Check, str]]:
+    items = []
+    for check in CHECKS:
+        for i, model in enumerate(models):
+            if check.models == "first" and i > 0:
+                continue
+            items.append((check, model))
+    return items
+
+
+def run_suite(
+    backend_name: str,
+    *,
+    device: str = "cpu",
+    precision: str | None = None,
+    models: Sequence[str] = DEFAULT_MODELS,
+    target: str | None = None,
+    registry: Registry | None = None,
+    expected_failures: Path | None = None,
+    tolerances: Path | None = None,
+    only: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Run:
+    """Run every check for one backend/device/precision and return the results."""
+    registry = registry or load_registry()
+    backend = registry.get(backend_name)
+    reference = registry.get(REFERENCE[0])
+    device = backend.check_device(device)
+    precision = backend.check_precision(device, precision)
+    entry = registry.entries[backend_name]
+    run = Run(backend_name, device, precision, backend, reference, load_tolerances(backend_name, precision, tolerances),
+              package=entry.package, package_version=entry.version)
+    xfails = [x for x in load_expected_failures(expected_failures) if fnmatch.fnmatch(backend_name, x.backend)]
+    used: set[int] = set()
+    dirs = model_dirs(models, target)
+    items = [(c, m) for c, m in plan(models) if not only or c.id in only or c.name in only]
+    run.expected_count = len(items)
+    caps = backend.capabilities()
+    t_run = time.perf_counter()
+    for model, group in itertools.groupby(sorted(items, key=lambda cm: list(models).index(cm[1])), key=lambda cm: cm[1]):
+        ctx = Context(run, model, dirs[model])
+        try:
+            for check, _ in group:
+                if progress:
+                    progress(f"{check.id} {check.name} on {model}")
+                res = _run_one(check, ctx, caps)
+                for i, x in enumerate(xfails):
+                    if x.matches(backend_name, device, precision, check, model):
+                        used.add(i)
+                        if res.status in ("failed", "error"):
+                            res.status, res.message = "xfail", f"expected failure ({x.reason}): {res.message}"
+                        elif res.status == "passed":
+                            res.status = "xpass"
+                            res.message = f"listed as expected to fail ({x.reason}) but passed: remove the entry"
+                run.results.append(res)
+        finally:
+            ctx.close()
+    run.seconds = time.perf_counter() - t_run
+    for i, x in enumerate(xfails):
+        if i not in used and fnmatch.fnmatch(device, x.device) and fnmatch.fnmatch(precision, x.precision):
+            run.problems.append(f"expected-failure entry matches no check that ran: {attrs.asdict(x)}")
+    missing = [c for c in STABLE_IDS if c not in {ch.id for ch in CHECKS}]
+    if missing and not only:
+        run.problems.append(f"the suite lacks checks {', '.join(missing)}: refusing to report success")
+    if len(run.results) < run.expected_count:
+        run.problems.append(f"collected {len(run.results)} checks, expected {run.expected_count}: refusing to report success")
+    return run
+
+
+def _run_one(check: Check, ctx: Context, caps: set[str]) -> CheckResult:
+    res = CheckResult(check.id, check.name, ctx.model, "passed")
+    missing = check.needs - caps
+    if missing:
+        res.status = "not_applicable"
+        res.message = f"not applicable: needs {', '.join(sorted(missing))}"
+        return res
+    t0 = time.perf_counter()
+    try:
+        fields = check.fn(ctx) or {}
+        for k, v in fields.items():
+            setattr(res, k, v)
+    except CheckFailed as exc:
+        res.status = "failed"
+        res.message = f"{check.id} {check.name} {ctx.label()}: {exc}"
+        for k, v in exc.fields.items():
+            setattr(res, k, v)
+    except NotApplicable as exc:
+        res.status, res.message = "not_applicable", f"not applicable: {exc}"
+    except Exception as exc:  # a crash is a failure of its own kind, with the whole story
+        res.status = "error"
+        res.message = f"{check.id} {check.name} {ctx.label()}: raised {type(exc).__name__}: {exc}"
+    res.seconds = time.perf_counter() - t0
+    return res
