@@ -338,7 +338,9 @@ def c06_drafter(ctx: Context) -> dict:
     # where proposals differ, the drafter (the same model) must sit at a near-tie on the reference
     ref_draft = ctx.target(reference=True, model_dir=draft_dir, role="draft")
     ties = []
-    for (pos_b, pb), (pos_r, pr) in zip(props_b, props_r, strict=True):
+    for (pos_b, pb), (pos_r, pr) in zip(props_b, props_r, strict=False):
+        if pos_b != pos_r:  # after a tie-broken proposal the steps fall out of step: stop comparing
+            break
         if pb == pr:
             continue
         i = next(j for j in range(min(len(pb), len(pr))) if pb[j] != pr[j])
