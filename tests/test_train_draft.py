@@ -1,0 +1,146 @@
+"""specrun train-draft: the training-time test against the inference head, the data readers,
+and the four stages end to end on a tiny target (loss goes down, resume reproduces the
+uninterrupted run, the exported head loads back bit-identically and decodes losslessly)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from specrun.eagle3 import Eagle3Checkpoint, Eagle3Drafter, read_safetensors
+from specrun.train_draft import (
+    TrainOptions,
+    _read_records,
+    batch_indices,
+    jsonl_prompts,
+    lr_at,
+    sharegpt_prompts,
+    train,
+)
+
+from .test_eagle3 import make_head
+
+
+def test_ttt_equals_chain_drafting_with_the_inference_head(tmp_path, tiny_models, torch_backend):
+    """Step i of the training-time test at position t == the i-th chain draft step after the final
+    entries 0..t, fed with the real next tokens (what greedy acceptance would feed)."""
+    from specrun_torch_cuda.eagle3 import Eagle3Module
+
+    hd = make_head(tmp_path / "h", seed=9)
+    ck = Eagle3Checkpoint.load(hd, tiny_models["llama"])
+    module = Eagle3Module(ck.config)
+    module.load_checkpoint(ck)
+    head = torch_backend.load_eagle3_head(str(hd), str(tiny_models["llama"]), device="cpu")
+    rng = np.random.default_rng(1)
+    S, steps = 10, 3
+    seq = [int(t) for t in rng.integers(0, 49152, S + 1)]  # ids[t] = token t+1
+    hidden = rng.normal(size=(S, 3 * 64)).astype(np.float32)
+    with torch.no_grad():
+        outs = module.ttt(torch.tensor([seq[1:]]), torch.from_numpy(hidden)[None], torch.ones(1, S, dtype=torch.bool), steps)
+    for t in range(S - steps):
+        head.reset(32)
+        o = head.forward(seq[1 : t + 2], hidden[: t + 1])
+        assert np.abs(o.logits[-1] - outs[0][0, t].numpy()).max() < 1e-3
+        h = o.hidden[-1]
+        for i in range(1, steps):
+            o = head.forward([seq[t + 1 + i]], h[None], from_target=False)
+            h = o.hidden[-1]
+            assert np.abs(o.logits[-1] - outs[i][0, t].numpy()).max() < 1e-3, (t, i)
+
+
+def test_sharegpt_reader_survives_the_truncated_file(tmp_path):
+    conv = [
+        {"id": "a", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "x"}]},
+        {"id": "b", "conversations": [{"from": "gpt", "value": "starts with the model"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "second"}]},
+    ]
+    text = json.dumps(conv)
+    cut = text[: text.rindex('"second"') + 3]  # cut mid-record, as the packaged file is
+    f = tmp_path / "sg.json"
+    f.write_text(cut)
+    assert list(sharegpt_prompts(path=f)) == ["first"]
+    f.write_text(text)
+    assert list(sharegpt_prompts(path=f)) == ["first", "second"]
+    assert list(sharegpt_prompts(1, path=f)) == ["first"]
+
+
+def test_jsonl_prompts_and_bad_lines(tmp_path):
+    from specrun.errors import SpecrunError
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"turns": ["b", "b2"]}\n"c"\n{"messages": [{"role": "user", "content": "d"}]}\n\n')
+    assert list(jsonl_prompts(f)) == ["a", "b", "c", "d"]
+    f.write_text('{"prompt": "a"}\n{"nothing": 1}\n')
+    with pytest.raises(SpecrunError, match="p.jsonl:2: no prompt field"):
+        list(jsonl_prompts(f))
+    with pytest.raises(SpecrunError, match="does not exist"):
+        list(jsonl_prompts(tmp_path / "none.jsonl"))
+
+
+def test_schedule_and_batches_are_functions_of_the_step():
+    assert lr_at(0, 200, 1e-4, 0.015) == pytest.approx(1e-4 / 3)
+    assert lr_at(2, 200, 1e-4, 0.015) == pytest.approx(1e-4)
+    assert lr_at(199, 200, 1e-4, 0.015) < 1e-6
+    assert batch_indices(3, 4, 10, 0) == batch_indices(3, 4, 10, 0)
+    seen = [i for s in range(5) for i in batch_indices(s, 2, 10, 0)]
+    assert sorted(seen) == list(range(10))  # one epoch covers every item once
+
+
+def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    target = str(tiny_models["llama"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "maps", "tea", "jazz")))
+    out = tmp_path / "head"
+    args = ["train-draft", "--target", target, "--out", str(out), "--data", str(prompts), "--num-prompts", "5",
+            "--max-new-tokens", "10", "--gen-batch-size", "5", "--batch-size", "2", "--draft-vocab-size", "200",
+            "--ttt-steps", "2", "--lr", "5e-3", "--save-every", "4", "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--steps", "16"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    summary = json.loads(r.stdout)
+    assert summary["step"] == 16 and 1.0 <= summary["acceptance_length_estimate"] <= 3.0
+    records = _read_records(out / "work" / "data.jsonl")
+    assert sorted(rec["id"] for rec in records) == [0, 1, 2, 3, 4]
+    assert all(len(rec["input_ids"]) > rec["prompt_len"] for rec in records)
+    losses = json.loads((out / "specrun-train.json").read_text())["losses"]
+    assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
+
+    # the head loads back (SpecForge format) and equals the last checkpoint bit for bit
+    ck = Eagle3Checkpoint.load(out, target)
+    assert ck.config.draft_vocab_size == 200 and ck.config.vocab_size == 49152
+    state = read_safetensors(next((out / "work").glob("ckpt-*")) / "state.safetensors")
+    for name, t in ck.tensors.items():
+        if name not in ("d2t", "t2d"):
+            assert np.array_equal(t, state[f"model.{name}"]), name
+    ck.save(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+    # a rerun without --resume is refused; stopping at step 8 and resuming reproduces step 16 exactly
+    again = CliRunner().invoke(main, [*args, "--steps", "16"])
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    part = tmp_path / "part"
+    (part / "work").mkdir(parents=True)
+    for name in ("data.jsonl", "vocab.safetensors"):
+        shutil.copy(out / "work" / name, part / "work" / name)
+    opts = TrainOptions(target=target, out=str(part), batch_size=2, ttt_steps=2, lr=5e-3, save_every=4, quiet=True,
+                        steps=16, stop_at=8)
+    assert len(train(opts, tiny_models["llama"])["losses"]) == 8
+    opts.stop_at, opts.resume = None, True
+    resumed = train(opts, tiny_models["llama"])
+    assert resumed["losses"] == losses  # the first 8 come from the checkpoint, the rest recomputed
+    a = read_safetensors(next((part / "work").glob("ckpt-*")) / "state.safetensors")
+    assert set(a) == set(state) and all(np.array_equal(a[k], state[k]) for k in state)
+
+    # the trained head decodes losslessly through the CLI
+    plain = CliRunner().invoke(main, ["generate", "Say something about cats.", "--target", target, "-n", "12", "--json", "--drafter", "none"])
+    spec = CliRunner().invoke(main, ["generate", "Say something about cats.", "--target", target, "-n", "12", "--json",
+                                     "--drafter", "eagle3", "--draft", str(out), "-k", "2"])
+    assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert Eagle3Drafter  # imported for the reader
