@@ -380,36 +380,38 @@ def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_len
 
 
 def ttt_loss(module, batch, steps: int):
-    """Weighted training-time-test loss; also per-step accuracy and the chain acceptance counts
-    (greedy chain of ``steps`` drafted from each labelled position)."""
+    """Weighted training-time-test loss; also per-step accuracy and the greedy chain acceptance
+    counts (steps accepted when drafting ``steps`` tokens from each labelled position)."""
     torch = __import__("torch")
     ids, hidden, valid, target_p, loss_mask = batch
-    outs = module.ttt(ids, hidden, valid, steps)
     S = ids.shape[1]
+    # step i at position t predicts the token after position t+1+i: its label is row t+1+i
+    masks = []
+    for i in range(steps):
+        m = torch.zeros_like(loss_mask)
+        m[:, : max(0, S - 1 - i)] = loss_mask[:, 1 + i :]
+        masks.append(m)
+    outs = module.ttt(ids, hidden, valid, steps, masks)
     total = 0.0
     accs, losses = [], []
+    chain_ok = chain_len = None
     for i, logits in enumerate(outs):
-        # step i at position t predicts the token after position t+1+i: label row t+1+i
-        lab = torch.zeros_like(target_p)
-        msk = torch.zeros_like(loss_mask)
-        lab[:, : S - 1 - i] = target_p[:, 1 + i :]
-        msk[:, : S - 1 - i] = loss_mask[:, 1 + i :]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        per_pos = -(lab * logp).sum(-1)
-        n = msk.sum().clamp(min=1)
-        loss = (per_pos * msk).sum() / n
+        m = masks[i]
+        lab = target_p[:, 1 + i :][m[:, : max(0, S - 1 - i)]]  # [N_i, Vd]
+        n = max(1, lab.shape[0])
+        loss = -(lab * torch.log_softmax(logits.float(), dim=-1)).sum() / n
         total = total + (LOSS_DECAY**i) * loss
-        hit = (logits.argmax(-1) == lab.argmax(-1)) & msk
-        accs.append((hit.sum() / n).item())
+        hit = torch.zeros_like(m)
+        hit[m] = logits.argmax(-1) == lab.argmax(-1)
+        accs.append(hit.sum().item() / n)
         losses.append(loss.detach().item())
-        # chain acceptance from each position labelled at step 0: leading steps that all hit
         if i == 0:
-            chain_ok, base_mask = hit, msk
+            chain_ok = hit
             chain_len = hit.float()
         else:
             chain_ok = chain_ok & hit
             chain_len = chain_len + chain_ok.float()
-    return total, losses, accs, chain_len[base_mask]
+    return total, losses, accs, chain_len[masks[0]]
 
 
 def _save_checkpoint(wd: Path, module, opt, step: int, losses: list, opts: TrainOptions) -> None:
@@ -559,8 +561,8 @@ class _DDPProxy:
     def __init__(self, ddp_model):
         self.model = ddp_model
 
-    def ttt(self, ids, hidden, valid, steps):
-        return self.model(ids, hidden, valid=valid, ttt_steps=steps)
+    def ttt(self, ids, hidden, valid, steps, select=None):
+        return self.model(ids, hidden, valid=valid, ttt_steps=steps, select=select)
 
 
 # ============================================================================ stage 4: export

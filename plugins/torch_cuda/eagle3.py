@@ -68,25 +68,28 @@ class Eagle3Module(nn.Module):
         return self.lm_head(self.norm(out)), out
 
     def forward(self, ids, hidden, from_target: bool = True, positions=None, k_cache=None, v_cache=None,
-                start: int = 0, mask=None, *, valid=None, ttt_steps: int | None = None):
+                start: int = 0, mask=None, *, valid=None, ttt_steps: int | None = None, select=None):
         """Inference, batch 1: ids [1, T], hidden [1, T, *]; cache [1, kv, capacity, hd].
         With ``ttt_steps``: the training-time test (``ttt``), e.g. through DistributedDataParallel."""
         if ttt_steps is not None:
-            return self.ttt(ids, hidden, valid, ttt_steps)
+            return self.ttt(ids, hidden, valid, ttt_steps, select)
         h, x = self._pre(ids, hidden, from_target)
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
         attn = self.midlayer.self_attn(x, cos, sin, k_cache, v_cache, start, mask)
         return self._post(h, attn)
 
     # ---------------------------------------------------------------- training-time test
-    def ttt(self, ids: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    def ttt(self, ids: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor, steps: int,
+            select: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Unroll ``steps`` draft steps over whole sequences at once (EAGLE-3's training-time test).
 
         ``ids`` [B, S]: token t+1 at position t; ``hidden`` [B, S, n_aux*Ht]: target hidden states
         at t; ``valid`` [B, S] bool (right padding).  Step i at position t reads token t+1+i and the
         previous step's output at t, uses rope position t+i, and attends causally to step 0's
         keys (positions <= t) and to steps 1..i at the same position only.  Returns the logits
-        [B, S, Vd] of each step (step i at t predicts token t+2+i)."""
+        [B, S, Vd] of each step (step i at t predicts token t+2+i); with ``select`` (a bool [B, S]
+        mask per step) only the selected rows [N_i, Vd] — the draft vocabulary projection is most
+        of the cost, and only labelled positions need it."""
         s = self.spec
         B, S = ids.shape
         nh, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim
@@ -123,8 +126,11 @@ class Eagle3Module(nn.Module):
             for j, dv in enumerate(diag_v):
                 o = o + w[..., S + j : S + j + 1] * dv
             attn = att.o_proj(o.transpose(1, 2).reshape(B, S, nh * hd))
-            logits, h = self._post(h, attn)
-            outs.append(logits)
+            m = self.midlayer
+            r = h + attn
+            h = r + m.mlp(m.post_attention_layernorm(r))
+            rows = h if select is None else h[select[i]]
+            outs.append(self.lm_head(self.norm(rows)))
         return outs
 
     def load_checkpoint(self, ck: Eagle3Checkpoint) -> None:
