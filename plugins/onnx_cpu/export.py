@@ -1,0 +1,392 @@
+"""Export a Llama-family model (specrun_torch_cuda's ``LlamaModel``) to ONNX once, and cache it.
+
+The graph (opset 17, float32; ``int8`` = the same graph after onnxruntime's dynamic int8
+quantization of every constant-weight MatMul) computes one block of T >= 1 tokens on top of a
+read-only KV cache of P >= 1 rows:
+
+inputs
+    ``input_ids``     int64 [T]    the block's tokens
+    ``positions``     int64 [T]    their absolute positions (RoPE, the sliding window)
+    ``block_mask``    bool [T, T]  block key j is visible from block query i: lower-triangular for
+                                   a chain of tokens, the ancestor relation for a token tree
+    ``output_index``  int64 [N]    rows of the block to return logits for
+                                   (``0..T-1`` for all, ``[T-1]`` for the last only)
+    ``past_k_{l}_{h}``, ``past_v_{l}_{h}``  float32 [P, D]  for layer l, kv-head h: the cached keys
+                                   (RoPE applied) / values of positions ``0..P-1``.  Past row j is
+                                   visible iff ``j < min(positions)``; bind a single padding row
+                                   when the cache is empty.  Ordered layer, then k/v, then head
+                                   (``past_names``).
+outputs
+    ``logits``        float32 [N, V]
+    ``new_kv``        float32 [L, 2, kv_heads, T, D]  the block's keys and values: the caller
+                                   writes them at rows ``P .. P+T-1`` of its cache
+    ``hidden_states`` float32 [T, len(aux_layers) * H]  only when exported with ``aux_layers``:
+                                   the inputs of those decoder layers, concatenated (EAGLE-3),
+                                   for every row of the block
+
+Files in the cache folder (``export_model`` returns the first): ``model.onnx`` (the graph),
+``model.onnx.data`` (its weights, ONNX external data), ``graph.json`` (``GraphMeta``: shapes and
+names, so a runtime needs neither torch nor the config) and ``specrun-complete.json`` (written
+last: sizes and digests, so a partial or damaged export is detected and rebuilt).  The folder is
+keyed by the weights (names, sizes, mtimes of the safetensors files), the config, the aux layers,
+the precision and ``EXPORT_VERSION``; it is built in a temporary folder and renamed into place,
+under a file lock, so concurrent exports never leave a half-written cache.  Any ONNX consumer can
+run it (OpenVINO: ``openvino.Core().read_model(path)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+from specrun.errors import SpecrunError
+from specrun.models import ModelConfig, cache_dir
+
+EXPORT_VERSION = "1"
+OPSET = 17
+PRECISIONS = ("f32", "int8")
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+META_FILE = "graph.json"
+MARKER_FILE = "specrun-complete.json"
+_SAMPLE = 1 << 16
+
+# Counts real exports in this process (tests use it to prove a cached export is reused).
+export_count = 0
+
+
+@attrs.frozen
+class GraphMeta:
+    """What a runtime needs to drive the exported graph."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    aux_layers: tuple[int, ...] = attrs.field(converter=tuple)
+    precision: str
+    export_version: str = EXPORT_VERSION
+
+    @property
+    def past_names(self) -> list[str]:
+        return past_names(self.num_layers, self.num_kv_heads)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "positions", "block_mask", "output_index", *self.past_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", "new_kv"] + (["hidden_states"] if self.aux_layers else [])
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), indent=1)
+
+    @classmethod
+    def load(cls, folder: Path) -> GraphMeta:
+        return cls(**json.loads((folder / META_FILE).read_text()))
+
+
+def past_names(num_layers: int, num_kv_heads: int) -> list[str]:
+    return [f"past_{kv}_{layer}_{head}" for layer in range(num_layers) for kv in "kv" for head in range(num_kv_heads)]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SpecrunError(f"{model_dir} has no *.safetensors weights")
+    return files
+
+
+def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> str:
+    """Hash of what the export depends on: weights (name, size, mtime), config, options, code version."""
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.load(model_dir)
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": EXPORT_VERSION, "opset": OPSET, "precision": precision, "aux": list(aux_layers)}).encode())
+    h.update(json.dumps(cfg.raw, sort_keys=True).encode())
+    for f in _weight_files(model_dir):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> Path:
+    """The cache folder an export of this model with these options lives in (may not exist)."""
+    model_dir = Path(model_dir)
+    aux = "-aux" + "_".join(map(str, aux_layers)) if aux_layers else ""
+    return cache_dir() / "onnx" / f"{model_dir.name}-{precision}{aux}-{export_key(model_dir, aux_layers, precision)}"
+
+
+def _fingerprint(path: Path) -> dict:
+    """Size and a digest: the whole file if small, else samples at 16 places (a few ms for GBs)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 16 * _SAMPLE:
+            h.update(f.read())
+        else:
+            for i in range(16):
+                f.seek((size - _SAMPLE) * i // 15)
+                h.update(f.read(_SAMPLE))
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def is_complete(folder: Path) -> bool:
+    """True iff the export in ``folder`` finished and its files are intact (sizes and digests)."""
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+        files = marker["files"]
+        if marker.get("export_version") != EXPORT_VERSION or GRAPH_FILE not in files:
+            return False
+        return all((folder / name).is_file() and _fingerprint(folder / name) == fp for name, fp in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> Path | None:
+    """The cached graph file, if a complete export exists (no torch needed)."""
+    folder = export_dir(model_dir, aux_layers, precision)
+    return folder / GRAPH_FILE if is_complete(folder) else None
+
+
+def invalidate(folder: Path) -> None:
+    """Remove a (damaged) export folder: renamed aside first, so no reader sees it half-deleted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (a second exporter waits, then finds the export done)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: temp folder + rename still keep the cache consistent
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Stages:
+    """A tqdm bar over named stages (or nothing, when progress is off)."""
+
+    def __init__(self, names: list[str], desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(names), desc=desc, unit="stage", file=sys.stderr, dynamic_ncols=True)
+
+    def start(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str("done")
+            self.bar.close()
+
+
+def export_model(
+    model_dir: str | Path,
+    aux_layers: Sequence[int] = (),
+    precision: str = "f32",
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Return the path of the cached ONNX graph for this model, exporting it first if needed.
+
+    ``aux_layers``: decoder layers whose inputs the graph also returns (``hidden_states``).
+    ``precision``: ``f32`` or ``int8`` (built from the f32 export).  ``force`` rebuilds.
+    ``progress`` shows a tqdm bar of the stages on stderr.  Torch is imported only to export.
+    """
+    model_dir = Path(model_dir)
+    aux = tuple(sorted({int(a) for a in aux_layers}))
+    if precision not in PRECISIONS:
+        raise SpecrunError(f"cannot export precision '{precision}' to ONNX; supported: {', '.join(PRECISIONS)}")
+    folder = export_dir(model_dir, aux, precision)
+    if not force and is_complete(folder):
+        return folder / GRAPH_FILE
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        if not force and is_complete(folder):  # another process exported it while we waited
+            return folder / GRAPH_FILE
+        if precision == "int8":
+            source = export_model(model_dir, aux, "f32", progress=progress)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            if precision == "f32":
+                _export_f32(model_dir, aux, tmp, progress)
+            else:
+                _quantize_int8(source.parent, tmp, progress)
+            _publish(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    global export_count
+    export_count += 1
+    return folder / GRAPH_FILE
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / MARKER_FILE).write_text(json.dumps({"export_version": EXPORT_VERSION, "files": files}, indent=1))
+    if folder.exists():  # a damaged export (or a forced rebuild): replace it
+        invalidate(folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not is_complete(folder):  # someone else's complete export is as good as ours
+            raise
+
+
+def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool) -> None:
+    stages = _Stages(
+        ["read weights", "trace to ONNX", "write external data", "check with onnxruntime"],
+        f"export {model_dir.name} f32", progress,
+    )
+    if not progress:
+        print(f"specrun: exporting {model_dir.name} to ONNX (once; cached under {out.parent}) ...", file=sys.stderr, flush=True)
+    try:
+        import onnx
+        import torch
+
+        from specrun_torch_cuda.model import load_model
+
+        from .graph import StepGraph
+    except ImportError as exc:
+        raise SpecrunError(f"exporting to ONNX needs torch and onnx ({exc}); pip install 'specrun[onnx]'") from None
+
+    stages.start("read weights")
+    model = load_model(model_dir)
+    s = model.spec
+    if any(a >= s.num_layers for a in aux):
+        raise SpecrunError(f"aux hidden layer {max(aux)} out of range: the model has {s.num_layers} layers (0..{s.num_layers - 1})")
+    graph = StepGraph(model, aux).eval()
+    del model
+    meta = GraphMeta(
+        model_type=s.model_type, vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
+        num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+        context_length=s.context_length, aux_layers=aux, precision="f32",
+    )
+    stages.done()
+
+    stages.start("trace to ONNX")
+    T, P = 3, 5  # distinct sizes so that nothing is specialised to one of them
+    args = (
+        torch.tensor([1, 2, 3][:T], dtype=torch.long),
+        torch.arange(P, P + T),
+        torch.tril(torch.ones(T, T, dtype=torch.bool)),
+        torch.tensor([0, 2]),
+        *(torch.randn(P, s.head_dim) for _ in meta.past_names),
+    )
+    dynamic = {"input_ids": {0: "T"}, "positions": {0: "T"}, "output_index": {0: "N"}, "logits": {0: "N"}, "new_kv": {3: "T"}}
+    dynamic.update({n: {0: "P"} for n in meta.past_names})
+    dynamic["block_mask"] = {0: "T", 1: "T"}
+    if aux:
+        dynamic["hidden_states"] = {0: "T"}
+    raw = out / "raw.onnx"
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, args, str(raw), dynamo=False, opset_version=OPSET, input_names=meta.input_names,
+            output_names=meta.output_names, dynamic_axes=dynamic, do_constant_folding=True,
+        )
+        expected = [t.numpy() for t in graph(*args)]
+    del graph
+    stages.done()
+
+    stages.start("write external data")
+    proto = onnx.load(str(raw))
+    raw.unlink()
+    proto.doc_string = f"specrun {model_dir.name} f32 (export version {EXPORT_VERSION}); inputs/outputs: see specrun_onnx_cpu.export"
+    onnx.save_model(proto, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    del proto
+    (out / META_FILE).write_text(meta.to_json())
+    stages.done()
+
+    stages.start("check with onnxruntime")
+    got = _run_once(out / GRAPH_FILE, meta, [a.numpy() for a in args])
+    for name, e, g in zip(meta.output_names, expected, got, strict=True):
+        err = float(abs(e - g).max() / max(1.0, abs(e).max()))
+        if not err < 1e-3:
+            raise SpecrunError(f"the ONNX export of {model_dir.name} disagrees with PyTorch on '{name}' (relative error {err:.2g})")
+    stages.done()
+    stages.close()
+
+
+def _run_once(path: Path, meta: GraphMeta, inputs: list) -> list:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(meta.output_names, dict(zip(meta.input_names, inputs, strict=True)))
+
+
+def _quantize_int8(source: Path, out: Path, progress: bool) -> None:
+    stages = _Stages(["quantize int8 weights", "check with onnxruntime"], f"export {source.name} int8", progress)
+    if not progress:
+        print("specrun: quantizing the ONNX export to int8 (once) ...", file=sys.stderr, flush=True)
+    import logging
+
+    import numpy as np
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    stages.start("quantize int8 weights")
+    meta = attrs.evolve(GraphMeta.load(source), precision="int8")
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on every run
+    try:
+        quantize_dynamic(
+            str(source / GRAPH_FILE), str(out / GRAPH_FILE), weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul"], use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        logging.getLogger().setLevel(level)
+    (out / META_FILE).write_text(meta.to_json())
+    stages.done()
+
+    stages.start("check with onnxruntime")
+    T = 2
+    inputs = [np.array([1, 2], np.int64), np.arange(T, dtype=np.int64), np.tril(np.ones((T, T), bool)),
+              np.arange(T, dtype=np.int64)]
+    inputs += [np.zeros((1, meta.head_dim), np.float32) for _ in meta.past_names]
+    logits = _run_once(out / GRAPH_FILE, meta, inputs)[0]
+    if not np.isfinite(logits).all():
+        raise SpecrunError("the int8 ONNX export produced non-finite logits")
+    stages.done()
+    stages.close()
