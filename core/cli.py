@@ -144,3 +144,26 @@ _add_kit_commands()
 from .train_draft import train_draft_command  # noqa: E402 - registered after the group is defined
 
 main.add_command(train_draft_command, "train-draft")
+
+
+@main.command("export")
+@click.option("--backend", "-b", default="onnx_cpu", show_default=True, help="Backend whose model format to build.")
+@click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
+@click.option("--precision", default=None, help="Precision to export (e.g. f32, int8); default: the backend's.")
+@click.option("--aux-layers", default="", help="Comma-separated decoder layers whose inputs the graph also returns (EAGLE-3).")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached export exists.")
+def export_command(backend, target, precision, aux_layers, force):
+    """Export a model to a backend's format ahead of time (cached; later loads reuse it)."""
+    from .models import resolve_model
+    from .plugins import load_registry
+
+    be = load_registry().get(backend)
+    export = getattr(be, "export", None)
+    if export is None:
+        raise SpecrunError(f"backend '{backend}' has nothing to export ahead of time; it loads models directly")
+    try:
+        aux = tuple(int(a) for a in aux_layers.split(",") if a.strip())
+    except ValueError:
+        raise SpecrunError(f"--aux-layers takes comma-separated layer numbers, got '{aux_layers}'") from None
+    path = export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
+    click.echo(str(path))
