@@ -226,6 +226,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     todo = []
+    too_long = 0
     for i, p in enumerate(prompts):
         if i in done:
             continue
@@ -234,7 +235,12 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(p)
-        todo.append((i, ids[-opts.max_prompt_tokens :] if len(ids) > opts.max_prompt_tokens else ids))
+        if len(ids) > opts.max_prompt_tokens:  # cutting would break the chat template: skip
+            too_long += 1
+            continue
+        todo.append((i, ids))
+    if too_long:
+        _log(opts, f"data: skipping {too_long} prompts longer than {opts.max_prompt_tokens} tokens")
     if not todo:
         _log(opts, f"data: all {len(prompts)} prompts already in {shard}")
         return shard
@@ -247,7 +253,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     todo.sort(key=lambda t: len(t[1]))  # similar lengths per batch: little padding
     bs = max(1, opts.gen_batch_size)
     t0, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=len(prompts), initial=len(done), desc="data (regenerating answers)", unit="prompt",
+    bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="data (regenerating answers)", unit="prompt",
                disable=opts.quiet, file=sys.stderr)
     with open(shard, "a", encoding="utf-8") as f:
         for b in range(0, len(todo), bs):
@@ -669,6 +675,7 @@ def _command():
     @click.option("--num-prompts", type=int, default=2000, show_default=True)
     @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Answer length when regenerating data.")
     @click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Batch of the data generation.")
+    @click.option("--max-prompt-tokens", type=int, default=512, show_default=True, help="Longer prompts are skipped.")
     @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
     @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per training step.")
     @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per training sequence.")
@@ -683,7 +690,7 @@ def _command():
     @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
-    def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, steps, batch_size, max_length,
+    def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
                     ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
@@ -692,7 +699,7 @@ def _command():
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                            gen_batch_size=gen_batch_size, steps=steps, batch_size=batch_size, max_length=max_length,
+                            gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
                             seed=seed, device=device, resume=resume, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)
