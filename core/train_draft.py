@@ -650,6 +650,8 @@ STAGES = ("data", "vocab", "train", "export")
 def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
     from .models import ModelConfig, resolve_model
 
+    if _world() > 1 and set(stages) != {"train"}:
+        raise SpecrunError("under torchrun run only --stage train (run the data, vocab and export stages in one process)")
     model_dir = resolve_model(opts.target)
     tc = ModelConfig.load(model_dir)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
