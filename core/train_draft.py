@@ -331,14 +331,25 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def _torch_kit():
+    """(load_model, Eagle3Module) from the torch backend, found through the plugin registry (the
+    core never imports a plugin by name)."""
+    from .plugins import load_registry
+
+    backend = load_registry(["torch_cuda"]).get("torch_cuda")
+    kit = getattr(backend, "training_kit", None)
+    if kit is None:
+        raise SpecrunError("the installed torch_cuda backend has no training kit; reinstall specrun")
+    return kit()
+
+
 class TargetRunner:
     """The target's aux hidden states and logits for whole sequences (specrun's torch model)."""
 
     def __init__(self, model_dir: Path, aux: Sequence[int], device: str):
         import torch
 
-        from specrun_torch_cuda.model import load_model
-
+        load_model, _ = _torch_kit()
         self.torch = torch
         self.model = load_model(model_dir, torch.float32, device)
         self.device = device
@@ -478,8 +489,7 @@ def _load_checkpoint(wd: Path, module, opt) -> tuple[int, list]:
 def new_head_module(cfg: Eagle3Config, embed: np.ndarray, seed: int):
     import torch
 
-    from specrun_torch_cuda.eagle3 import Eagle3Module
-
+    _, Eagle3Module = _torch_kit()  # noqa: N806 - a class
     torch.manual_seed(seed)
     module = Eagle3Module(cfg)
     with torch.no_grad():

@@ -139,6 +139,12 @@ class TorchBackend(Backend):
         model = load_model(model_dir, DTYPES[precision], device)
         return TorchTarget(model, device, precision, aux_hidden_layers)
 
+    def training_kit(self):
+        """The torch pieces ``specrun train-draft`` builds on: (load_model, Eagle3Module)."""
+        from .eagle3 import Eagle3Module
+
+        return load_model, Eagle3Module
+
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None):
         from .eagle3 import load_torch_head
 
