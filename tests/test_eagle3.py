@@ -399,3 +399,21 @@ def test_eagle3_sampling_matches_target_distribution(temperature, top_p):
         drafted += dec.stats.accepted
     assert drafted > 0
     assert chi_square_pvalue(counts, exact_joint(params), n) > 1e-3
+
+
+def test_head_on_another_backend_than_the_target(head_dir, tiny_models):
+    """--draft-backend: the head runs on its own backend (numpy crosses the boundary)."""
+    from specrun.pipeline import Pipeline
+    from specrun.plugins import load_registry, register_backend_for_tests
+    from specrun_torch_cuda.backend import TorchBackend
+
+    class OtherTorch(TorchBackend):
+        name = "other_torch"
+
+    reg = load_registry(["torch_cuda"])
+    register_backend_for_tests(reg, OtherTorch())
+    folder = str(tiny_models["llama"])
+    ref = Pipeline.load(folder, drafter="none", registry=reg).generate("Hi", max_new_tokens=10)
+    pipe = Pipeline.load(folder, drafter="eagle3", draft=str(head_dir), draft_backend="other_torch", registry=reg)
+    assert pipe.drafter.head.backend == "other_torch" and pipe.target.backend == "torch_cuda"
+    assert pipe.generate("Hi", max_new_tokens=10).token_ids == ref.token_ids

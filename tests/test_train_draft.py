@@ -143,4 +143,18 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     spec = CliRunner().invoke(main, ["generate", "Say something about cats.", "--target", target, "-n", "12", "--json",
                                      "--drafter", "eagle3", "--draft", str(out), "-k", "2"])
     assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
-    assert Eagle3Drafter  # imported for the reader
+
+    # ... and has learnt its training answers: drafts get accepted there
+    from specrun.decode import SpeculativeDecoder
+    from specrun.train_draft import split_data
+
+    train_recs, _ = split_data(records, 0.05, 0)
+    head = torch_backend.load_eagle3_head(str(out), target, device="cpu")
+    drafter = Eagle3Drafter(head, num_target_layers=3)
+    tgt = torch_backend.load_target(target, device="cpu", aux_hidden_layers=drafter.aux_hidden_layers)
+    rates = []
+    for rec in train_recs:
+        dec = SpeculativeDecoder(tgt, drafter, 2)
+        list(dec.generate(rec["input_ids"][: rec["prompt_len"]], 10))
+        rates.append(dec.stats.acceptance_length)
+    assert np.mean(rates) > 1.3, rates

@@ -150,6 +150,8 @@ class TorchBackend(Backend):
 
         device = self.check_device(device)
         precision = self.check_precision(device, precision)
-        return load_torch_head(checkpoint_dir, target_dir, device=device, dtype=DTYPES[precision], precision=precision)
+        head = load_torch_head(checkpoint_dir, target_dir, device=device, dtype=DTYPES[precision], precision=precision)
+        head.backend = self.name
+        return head
 
 
