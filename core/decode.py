@@ -197,12 +197,42 @@ def verify_tree_greedy(logits, tree: DraftTree) -> tuple[list[int], list[int]]:
         cur = nxt
 
 
+def verify_tree_sampling(logits, tree: DraftTree, sampler: Sampler) -> tuple[list[int], list[int]]:
+    """Lossless tree verification for sampling.  At each node the children are deterministic
+    candidates (the drafter's top-k): candidate c is accepted with probability p(c) under the
+    target's processed distribution p, else p(c) is set to 0 and p renormalised before the next
+    candidate; when none is accepted a token is drawn from what remains.  This is sampling from p,
+    one candidate at a time, so the output is distributed exactly as the target's sampling."""
+    import numpy as np
+
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents, start=1):
+        children.setdefault(p, []).append(i)
+    cur, out, path = 0, [], [0]
+    while True:
+        p = np.array(sampler.probs(logits[cur]), dtype=np.float64)
+        nxt = None
+        for c in children.get(cur, []):
+            tok = tree.tokens[c - 1]
+            total = p.sum()
+            if p[tok] > 0 and sampler.uniform() * total < p[tok]:
+                nxt = c
+                break
+            p[tok] = 0.0
+        if nxt is None:
+            out.append(sampler.sample(p / p.sum()))
+            return out, path
+        out.append(tree.tokens[nxt - 1])
+        path.append(nxt)
+        cur = nxt
+
+
 class TreeSpeculativeDecoder(SpeculativeDecoder):
     """EAGLE-2/3 dynamic trees for greedy decoding: the drafter proposes a token tree (at most
     ``depth`` levels, ``max_nodes`` nodes), the target verifies it in ONE call with a tree attention
     mask (``Target.forward_tree``), the longest matching path is accepted and only its cache
-    entries are kept (``Target.keep``).  Output is the target's own greedy sequence.  Sampling
-    (temperature > 0) uses the chain loop of the base class with ``depth`` draft tokens."""
+    entries are kept (``Target.keep``).  Greedy output is the target's own greedy sequence; with
+    sampling the tree is verified by ``verify_tree_sampling``, which keeps the target's distribution."""
 
     def __init__(self, target: Target, drafter: Drafter, depth: int = 5, max_nodes: int = 16):
         super().__init__(target, drafter, depth)
@@ -218,10 +248,8 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
         eos_token_ids: Sequence[int] = (),
     ) -> Iterator[list[int]]:
         sampling = sampling or SamplingParams()
-        if not sampling.greedy:
-            yield from super().generate(prompt, max_new_tokens, sampling, eos_token_ids)
-            return
         self.check_length(len(prompt), max_new_tokens)
+        verifier, sampler = self.verifier_factory(sampling)
         t, d = self.target, self.drafter
         depth_max = self.k
         s = self.stats = Stats(
@@ -232,7 +260,6 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
         limit = t.info.context_length
         capacity = min(len(prompt) + max_new_tokens + self.max_nodes + 1, limit)
         eos = set(eos_token_ids)
-        verifier = GreedyVerifier()
 
         t0 = time.perf_counter()
         t.reset(capacity)
@@ -263,7 +290,10 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
                 if tree is None or len(tree) == 0:
                     tree = DraftTree([], [])
                 out = t.forward_tree([tokens[-1], *tree.tokens], [-1, *tree.parents])
-                accepted, path = verify_tree_greedy(out.logits, tree)
+                if sampler is None:
+                    accepted, path = verify_tree_greedy(out.logits, tree)
+                else:
+                    accepted, path = verify_tree_sampling(out.logits, tree, sampler)
                 t.keep(path)
                 n = len(accepted) - 1
                 tokens.extend(accepted)

@@ -91,8 +91,8 @@ class Pipeline:
         registry: Registry | None = None,
         tree: tuple[int, int, int] | None = None,
     ) -> Pipeline:
-        """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting for greedy
-        decoding (eagle3 drafter, a target backend with ``tree_attention``)."""
+        """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
+        drafter, a target backend with ``tree_attention``), greedy or sampling."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         if drafter not in DRAFTERS:

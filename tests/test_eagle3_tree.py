@@ -148,3 +148,50 @@ def test_pipeline_tree_option(tiny_models, tmp_path):
     assert got.token_ids == ref.token_ids and got.stats.drafter == "eagle3-tree"
     with pytest.raises(SpecrunError, match="tree drafting needs --drafter eagle3"):
         Pipeline.load(folder, drafter="ngram", tree=(3, 3, 8))
+
+
+class ToyTreeTarget:
+    """test_sampling's bigram target with hidden states and token-tree verification."""
+
+    def __new__(cls, table):
+        from specrun.interfaces import StepOutput
+
+        from .test_sampling import BigramTarget
+
+        class T(BigramTarget):
+            def forward(self, tokens, *, all_logits=True):
+                out = super().forward(tokens, all_logits=all_logits)
+                return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+
+            def forward_tree(self, tokens, parents):
+                self.base = len(self.cache)
+                self.cache.extend(tokens)
+                return StepOutput(self.table[np.asarray(tokens)], np.zeros((len(tokens), 3), np.float32))
+
+            def keep(self, indices):
+                nodes = self.cache[self.base :]
+                del self.cache[self.base :]
+                self.cache.extend(nodes[i] for i in indices)
+
+        return T(table)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_tree_sampling_matches_target_distribution(temperature, top_p):
+    from specrun.sampling import SamplingParams
+
+    from .test_eagle3 import ToyHead
+    from .test_sampling import DRAFT, PROMPT, TARGET, chi_square_pvalue, exact_joint
+
+    n = 2000
+    target = ToyTreeTarget(TARGET)
+    counts: dict = {}
+    accepted = 0
+    for seed in range(n):
+        drafter = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4, tree_topk=2)
+        dec = TreeSpeculativeDecoder(target, drafter, 3, 5)
+        seq = tuple(t for c in dec.generate(PROMPT, 4, SamplingParams(temperature, 0, top_p, seed)) for t in c)
+        counts[seq] = counts.get(seq, 0) + 1
+        accepted += dec.stats.accepted
+    assert accepted > n // 4  # trees were used, and accepted
+    assert chi_square_pvalue(counts, exact_joint(SamplingParams(temperature, 0, top_p)), n) > 1e-3
