@@ -76,6 +76,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     resume: bool = False
+    cache_target: bool = True  # store the target's features per sequence (work/target-cache)
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
     threads: int | None = None
     quiet: bool = False
@@ -344,9 +345,17 @@ def _torch_kit():
 
 
 class TargetRunner:
-    """The target's aux hidden states and logits for whole sequences (specrun's torch model)."""
+    """The target's features for whole sequences (specrun's torch model): its hidden states at the
+    head's aux layers, its logits restricted to the draft vocabulary, and its full-vocabulary argmax.
 
-    def __init__(self, model_dir: Path, aux: Sequence[int], device: str):
+    With ``cache_dir`` the features are stored once per sequence (aux hidden states and the final
+    normed hidden state in float16, argmax ids; safetensors, atomic) and later epochs read them
+    back: the restricted logits are recomputed from the stored final hidden state with the draft
+    vocabulary's rows of the target's lm_head, skipping the transformer layers (most of the cost).
+    Cached or fresh, the values used are the float16-rounded ones, so a resumed run repeats an
+    uninterrupted one exactly."""
+
+    def __init__(self, model_dir: Path, aux: Sequence[int], device: str, used_ids, cache_dir: Path | None = None):
         import torch
 
         load_model, _ = _torch_kit()
@@ -355,15 +364,41 @@ class TargetRunner:
         self.device = device
         self.unique = tuple(sorted(set(aux)))
         self.perm = [self.unique.index(i) for i in aux]
+        self.used_rows = self.model.lm_head.weight.detach()[used_ids].float()  # [Vd, H]
+        self.cache_dir = cache_dir
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, ids: list[int]):
+    def _compute(self, ids: list[int]):
         torch = self.torch
         S = len(ids)
         k, v = self.model.new_cache(S, self.device, torch.float32)
-        with torch.inference_mode():
-            logits, hidden = self.model(torch.tensor([ids], device=self.device), 0, k, v, self.unique)
+        captured = {}
+        hook = self.model.lm_head.register_forward_hook(lambda m, inp, out: captured.update(final=inp[0][0]))
+        try:
+            with torch.inference_mode():
+                logits, hidden = self.model(torch.tensor([ids], device=self.device), 0, k, v, self.unique)
+        finally:
+            hook.remove()
         hidden = hidden.view(S, len(self.unique), -1)[:, self.perm].reshape(S, -1)
-        return logits, hidden
+        return hidden, captured["final"], logits.argmax(-1)
+
+    def features(self, rec: dict, ids: list[int]):
+        """(restricted logits [n, Vd], aux hidden [n, n_aux*H], argmax [n]) as float32 / int64."""
+        torch = self.torch
+        path = None if self.cache_dir is None else self.cache_dir / f"{rec.get('id', 'x')}-{len(ids)}.safetensors"
+        if path is not None and path.exists():
+            got = read_safetensors(path)
+            aux = torch.from_numpy(got["aux"]).to(self.device)
+            final = torch.from_numpy(got["final"]).to(self.device)
+            argmax = torch.from_numpy(got["argmax"]).to(self.device)
+        else:
+            aux, final, argmax = self._compute(ids)
+            if path is not None:
+                aux, final = aux.half().float(), final.half().float()
+                write_safetensors(path, {"aux": aux.cpu().numpy().astype(np.float16), "final": final.cpu().numpy().astype(np.float16),
+                                         "argmax": argmax.cpu().numpy().astype(np.int64)})
+        return final @ self.used_rows.T, aux, argmax
 
 
 def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_length: int, device: str):
@@ -383,14 +418,14 @@ def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_len
     loss_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
     for b, (r, seq) in enumerate(zip(records, seqs, strict=True)):
         n = len(seq)
-        logits, hid = runner(seq)
+        restricted, hid, argmax = runner.features(r, seq)
         if hidden is None:
             hidden = torch.zeros(B, S, hid.shape[-1], device=device)
         hidden[b, :n] = hid
         ids[b, : n - 1] = torch.tensor(seq[1:], device=device)
         valid[b, : n - 1] = True
-        target_p[b, :n] = torch.softmax(logits[:, used_ids].float(), dim=-1)
-        in_vocab = t2d[logits.argmax(-1)]
+        target_p[b, :n] = torch.softmax(restricted.float(), dim=-1)
+        in_vocab = t2d[argmax]
         pos = torch.arange(n, device=device)
         loss_mask[b, :n] = (pos + 1 >= r["prompt_len"]) & (pos + 1 < n) & in_vocab
     return ids, hidden, valid, target_p, loss_mask
@@ -539,8 +574,9 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(module)
-    runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device)
     used_ids = torch.as_tensor(np.arange(len(d2t)) + d2t, device=device)
+    runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device, used_ids,
+                          wd / "target-cache" if opts.cache_target else None)
     t2d = torch.as_tensor(t2d_np, device=device)
     bar = tqdm(total=opts.steps, initial=start, desc="train (training-time test)", unit="step",
                disable=opts.quiet or rank != 0, file=sys.stderr)
@@ -631,8 +667,9 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
     if not val:
         return {}
     tc = ModelConfig.load(model_dir)
-    runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu")
     used = torch.as_tensor(np.arange(len(d2t)) + d2t)
+    runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used,
+                          work_dir(opts) / "target-cache" if opts.cache_target else None)
     t2d = torch.as_tensor(t2d_np)
     module.eval()
     accs, lens = [], []
@@ -700,10 +737,12 @@ def _command():
     @click.option("--threads", type=int, default=None, help="CPU threads.")
     @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable) [default: all].")
     @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
+    @click.option("--cache-target/--no-cache-target", default=True, show_default=True,
+                  help="Store the target's hidden states per sequence (float16, work/target-cache) for later epochs.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, stop_at, quiet):
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
                             ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
@@ -713,7 +752,7 @@ def _command():
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
-                            seed=seed, device=device, resume=resume, stop_at=stop_at, threads=threads, quiet=quiet)
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
             raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")

@@ -109,6 +109,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     records = _read_records(out / "work" / "data.jsonl")
     assert sorted(rec["id"] for rec in records) == [0, 1, 2, 3, 4]
     assert all(len(rec["input_ids"]) > rec["prompt_len"] for rec in records)
+    assert len(list((out / "work" / "target-cache").glob("*.safetensors"))) == 5  # 4 train + 1 validation
     losses = json.loads((out / "specrun-train.json").read_text())["losses"]
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
 
