@@ -11,7 +11,8 @@
    outputs, step losses weighted 0.8**i, soft labels = the target's distribution restricted to
    the draft vocabulary (positions whose target argmax is outside it are skipped), embedding
    frozen from the target, AdamW (lr 1e-4, 1.5% warmup then cosine), grad-norm clip 0.5.  The
-   target's hidden states and logits are computed on the fly by specrun's torch model.
+   target's hidden states and logits are computed by specrun's torch model on first use and cached
+   per sequence (``OUT/work/target-cache``, float16; ``--no-cache-target`` to recompute each time).
    Checkpoints (weights + optimizer + step + RNG, safetensors + JSON, no pickle) are written
    every ``--save-every`` steps atomically (``OUT/work/ckpt-STEP`` via a temp folder + rename,
    then ``latest.json`` replaced); ``--resume`` continues from the latest one and reproduces the
