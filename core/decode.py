@@ -34,7 +34,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     draft_seconds: float = 0.0
-    decode_tokens: int = 0  # tokens produced by the verification calls
+    decode_tokens: int = 0  # tokens produced by the verification calls (a final EOS included)
     stop_reason: str = ""
 
     @property
@@ -166,7 +166,7 @@ class SpeculativeDecoder:
                 if stop is not None:
                     new = new[:stop]
                 s.new_tokens += len(new)
-                s.decode_tokens += len(new)
+                s.decode_tokens += len(new) + (stop is not None)  # the EOS was produced by this call too
                 if new:
                     yield new
                 if stop is not None:
@@ -310,7 +310,7 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
                 if stop is not None:
                     new = new[:stop]
                 s.new_tokens += len(new)
-                s.decode_tokens += len(new)
+                s.decode_tokens += len(new) + (stop is not None)  # the EOS was produced by this call too
                 if new:
                     yield new
                 if stop is not None:

@@ -147,12 +147,12 @@ def _fingerprint(path: Path) -> dict:
     return {"size": size, "sha256": h.hexdigest()}
 
 
-def is_complete(folder: Path) -> bool:
+def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
     """True iff the export in ``folder`` finished and its files are intact (sizes and digests)."""
     try:
         marker = json.loads((folder / MARKER_FILE).read_text())
         files = marker["files"]
-        if marker.get("export_version") != EXPORT_VERSION or GRAPH_FILE not in files:
+        if marker.get("export_version") != EXPORT_VERSION or main_file not in files:
             return False
         return all((folder / name).is_file() and _fingerprint(folder / name) == fp for name, fp in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

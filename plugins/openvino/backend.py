@@ -1,0 +1,308 @@
+"""OpenVINO backend: CPU, Intel GPU and NPU.
+
+Models come from the onnx_cpu plugin's ONNX export of the one PyTorch model definition (same
+graph contract: a block of tokens on top of read-only per-head KV inputs, ``new_kv`` out), are
+converted once to OpenVINO IR — with nncf weight compression for ``int8`` / ``int4`` — and cached
+on disk, content-keyed and published atomically like the ONNX export.
+
+Precision is explicit: OpenVINO's CPU plugin computes in bf16 by default on CPUs with
+avx512_bf16, which moves logits by more than 1 against fp32.  ``f32`` / ``bf16`` / ``f16`` set
+``INFERENCE_PRECISION_HINT``; ``int8`` / ``int4`` are compressed weights computed at the device's
+fastest precision (f32 on CPU, see ``load_target``).  Whatever ran is what ``Target.precision`` reports (and ``compute_precision``
+the activation type)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from specrun.errors import SpecrunError
+from specrun.interfaces import Availability, Backend, ModelInfo, StepOutput, Target
+from specrun.models import cache_dir
+
+INSTALL_HINT = "pip install 'specrun[openvino]'"
+IR_VERSION = "1"
+COMPUTE = ("f32", "bf16", "f16")
+WEIGHTS = ("int8", "int4")
+INT4_GROUP = 64  # divides SmolLM2's 576-wide layers (nncf's default 128 does not)
+_OV_NAMES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
+_HINT = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+def _import_ov():
+    try:
+        import openvino
+    except Exception as exc:
+        raise SpecrunError(f"openvino cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return openvino
+
+
+def _onnx_export():
+    """The ONNX exporter of the onnx_cpu plugin (it needs torch and onnx, not onnxruntime)."""
+    try:
+        from specrun_onnx_cpu import export
+    except Exception as exc:
+        raise SpecrunError(f"the openvino backend builds on the onnx_cpu plugin's export, which failed to import: {exc}") from None
+    return export
+
+
+def ov_device(device: str) -> str:
+    """specrun device name (cpu, gpu, gpu.1, npu, auto) -> OpenVINO's (CPU, GPU, GPU.1, NPU, AUTO)."""
+    base, _, index = device.lower().partition(".")
+    if base not in _OV_NAMES:
+        raise SpecrunError(f"unknown OpenVINO device '{device}'; known: {', '.join(_OV_NAMES)}")
+    return _OV_NAMES[base] + (f".{index}" if index else "")
+
+
+class OpenVinoTarget(Target):
+    """Same cache scheme as the ONNX target: ``[L, 2, kv_heads, capacity, D]`` float32 buffer whose
+    used rows are passed as shared-memory inputs; rollback moves ``length`` only."""
+
+    def __init__(self, compiled, meta, precision: str, compute: str, device: str, path: Path):
+        self.compiled, self.meta, self.path = compiled, meta, path
+        self.request = compiled.create_infer_request()
+        self.backend, self.device, self.precision = "openvino", device, precision
+        self.compute_precision = compute
+        self.info = ModelInfo(meta.vocab_size, meta.context_length, meta.hidden_size, meta.num_layers)
+        self.aux_layers = tuple(meta.aux_layers)
+        self._names = meta.past_names
+        self._kv: np.ndarray | None = None
+        self._len = 0
+        self._pad = np.zeros((1, meta.head_dim), np.float32)
+        self._tree: tuple[int, int] | None = None
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._kv is None else self._kv.shape[3]
+
+    def _allocate(self, capacity: int) -> None:
+        m = self.meta
+        old, n = self._kv, self._len
+        self._kv = np.zeros((m.num_layers, 2, m.num_kv_heads, capacity, m.head_dim), np.float32)
+        if old is not None and n:
+            self._kv[:, :, :, :n] = old[:, :, :, :n]
+
+    def reset(self, capacity: int) -> None:
+        capacity = max(1, min(int(capacity), self.info.context_length))
+        self._len = 0
+        self._tree = None
+        if self.capacity < capacity:
+            self._kv = None
+            self._allocate(capacity)
+
+    def forward(self, tokens: Sequence[int], *, all_logits: bool = True) -> StepOutput:
+        T = len(tokens)
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        start = self._len
+        positions = np.arange(start, start + T, dtype=np.int64)
+        out_index = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
+        self._tree = None
+        return self._run(tokens, positions, np.tri(T, dtype=bool), out_index)
+
+    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> StepOutput:
+        anc, depth = _tree_mask(parents, len(tokens))
+        start = self._len
+        out = self._run(tokens, start + depth, anc, np.arange(len(tokens), dtype=np.int64))
+        self._tree = (start, len(tokens))
+        return out
+
+    def keep(self, indices: Sequence[int]) -> None:
+        if self._tree is None:
+            raise ValueError("keep() follows forward_tree()")
+        start, T = self._tree
+        idx = list(indices)
+        if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
+            raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
+        self._kv[:, :, :, start : start + len(idx)] = self._kv[:, :, :, np.asarray(idx) + start]
+        self._len = start + len(idx)
+        self._tree = None
+
+    def _run(self, tokens, positions: np.ndarray, block_mask: np.ndarray, out_index: np.ndarray) -> StepOutput:
+        T = len(tokens)
+        start, end = self._len, self._len + T
+        limit = self.info.context_length
+        if end > limit or int(positions.max()) + 1 > limit:
+            raise SpecrunError(f"sequence of {end} tokens exceeds the model's context limit of {limit}")
+        if end > self.capacity:
+            self._allocate(min(max(end, 2 * self.capacity, 256), limit))
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.info.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.info.vocab_size - 1}")
+        feed = {"input_ids": ids, "positions": positions, "block_mask": block_mask, "output_index": out_index}
+        kv = self._kv
+        m = self.meta
+        i = 0
+        for layer in range(m.num_layers):
+            for k in range(2):
+                for h in range(m.num_kv_heads):
+                    feed[self._names[i]] = kv[layer, k, h, :start] if start else self._pad
+                    i += 1
+        req = self.request
+        req.infer(feed, share_inputs=True, share_outputs=True)
+        kv[:, :, :, start:end] = req.get_tensor("new_kv").data
+        logits = np.array(req.get_tensor("logits").data, dtype=np.float32)
+        hidden = np.array(req.get_tensor("hidden_states").data, dtype=np.float32) if self.aux_layers else None
+        self._len = end
+        return StepOutput(logits, hidden)
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self._len} tokens")
+        self._len = length
+        self._tree = None
+
+    def close(self) -> None:
+        self._kv = None
+        self.request = None
+        self.compiled = None
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    description = "OpenVINO on CPU, Intel GPU and NPU (IR converted once from the ONNX export)"
+
+    def availability(self) -> Availability:
+        try:
+            _import_ov()
+        except SpecrunError as exc:
+            return Availability(False, str(exc), INSTALL_HINT)
+        return Availability(True)
+
+    def _core(self):
+        if not hasattr(self, "_ov_core"):
+            self._ov_core = _import_ov().Core()
+        return self._ov_core
+
+    def devices(self) -> list[str]:
+        present = [d.lower() for d in self._core().available_devices]
+        return [*present, "auto"]
+
+    def known_devices(self) -> list[str]:
+        return list(_OV_NAMES)
+
+    def check_device(self, device: str) -> str:
+        dev = device.lower()
+        if dev.partition(".")[0] not in _OV_NAMES:
+            raise SpecrunError(
+                f"unknown device '{device}' for backend 'openvino'; known: {', '.join(_OV_NAMES)} (present: {', '.join(self.devices())})"
+            )
+        if dev not in self.devices() and not (dev.partition(".")[0] == "gpu" and "gpu" in [d.partition(".")[0] for d in self.devices()]):
+            raise SpecrunError(f"device '{device}' is not present for backend 'openvino'; present: {', '.join(self.devices())}")
+        return dev
+
+    def _fastest_compute(self, device: str) -> str:
+        if device == "cpu":
+            caps = self._core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            return "bf16" if "BF16" in caps else "f32"
+        return "f16"  # GPU / NPU / AUTO
+
+    def precisions(self, device: str) -> list[str]:
+        fastest = self._fastest_compute(device.lower().partition(".")[0])
+        rest = [p for p in COMPUTE if p != fastest]
+        if device.lower().startswith("cpu"):
+            rest = [p for p in rest if p != "f16"]
+        return [fastest, *rest, *WEIGHTS]
+
+    def capabilities(self) -> set[str]:
+        return {"hidden_states", "tree_attention", "weights:f32", "weights:int8", "weights:int4"}
+
+    def versions(self) -> dict[str, str]:
+        return {"openvino": _import_ov().__version__}
+
+    def ir_path(self, model_dir: str, precision: str, aux: tuple[int, ...], progress: bool = False) -> Path:
+        """The cached IR for this model/weight format, converting (and compressing) it first if needed."""
+        ex = _onnx_export()
+        ov = _import_ov()
+        onnx_path = ex.export_model(model_dir, aux, "f32", progress=progress)
+        weights = precision if precision in WEIGHTS else "f32"
+        folder = cache_dir() / "openvino" / f"{onnx_path.parent.name}-{weights}-ir{IR_VERSION}-ov{ov.__version__.split('-')[0]}"
+        xml = folder / "model.xml"
+        if ex.is_complete(folder, xml.name):
+            return xml
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with ex._locked(folder.parent / f".{folder.name}.lock"):
+            if ex.is_complete(folder, xml.name):
+                return xml
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+            try:
+                model = self._core().read_model(str(onnx_path))
+                if weights != "f32":
+                    model = _compress(model, weights)
+                ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+                (tmp / "graph.json").write_text((onnx_path.parent / "graph.json").read_text())
+                ex._publish(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return xml
+
+    def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
+               force: bool = False, progress: bool = True) -> Path:
+        precision = self.check_precision("cpu", precision)
+        return self.ir_path(model_dir, precision, tuple(aux_hidden_layers), progress=progress)
+
+    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
+        device = self.check_device(device)
+        precision = self.check_precision(device, precision)
+        from specrun_onnx_cpu.backend import _check_aux
+
+        aux = _check_aux(model_dir, aux_hidden_layers)
+        ex = _onnx_export()
+        # compressed weights compute in f32 on CPU: OpenVINO 2026.4 dies with SIGFPE running an
+        # nncf int8 model under the bf16 hint on this machine (avx512_bf16)
+        if precision in COMPUTE:
+            compute = precision
+        else:
+            compute = "f32" if device.startswith("cpu") else self._fastest_compute(device.partition(".")[0])
+        xml = self.ir_path(model_dir, precision, aux)
+        options = dict(options or {})
+        config = {"INFERENCE_PRECISION_HINT": _HINT[compute], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if options.get("threads") and device.startswith("cpu"):
+            config["INFERENCE_NUM_THREADS"] = int(options["threads"])
+        core = self._core()
+        try:
+            compiled = core.compile_model(str(xml), ov_device(device), config)
+        except RuntimeError:  # a damaged IR despite its marker: rebuild once
+            ex.invalidate(xml.parent)
+            xml = self.ir_path(model_dir, precision, aux)
+            try:
+                compiled = core.compile_model(str(xml), ov_device(device), config)
+            except RuntimeError as exc:
+                raise SpecrunError(f"OpenVINO cannot compile {xml} for {device}: {str(exc).splitlines()[0]}") from None
+        meta = ex.GraphMeta(**json.loads((xml.parent / "graph.json").read_text()))
+        return OpenVinoTarget(compiled, meta, precision, compute, device, xml)
+
+
+def _tree_mask(parents: Sequence[int], T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ancestor mask [T, T] and depths of a token tree given each node's parent (-1 for the root)."""
+    if T == 0 or len(parents) != T:
+        raise ValueError("forward_tree needs as many parents as tokens (>= 1)")
+    anc = np.zeros((T, T), dtype=bool)
+    depth = np.zeros(T, dtype=np.int64)
+    for i, p in enumerate(parents):
+        if not (p == -1 if i == 0 else 0 <= p < i):
+            raise ValueError(f"bad tree: node {i} has parent {p} (the first node's must be -1, others' earlier nodes)")
+        if p >= 0:
+            anc[i] = anc[p]
+            depth[i] = depth[p] + 1
+        anc[i, i] = True
+    return anc, depth
+
+
+def _compress(model, weights: str):
+    try:
+        import nncf
+    except Exception as exc:
+        raise SpecrunError(f"{weights} weights need nncf ({type(exc).__name__}); pip install nncf") from None
+    if weights == "int8":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP, ratio=1.0)

@@ -1,0 +1,162 @@
+"""The openvino backend: f32 parity with torch, bf16/int8 self-consistency and losslessness, the IR
+cache (reuse, corruption), devices, mixed-backend drafting, missing openvino."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specrun.decode import SpeculativeDecoder
+from specrun.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specrun.errors import SpecrunError
+
+from .conftest import ARCHS
+
+pytest.importorskip("openvino")
+
+from specrun_openvino.backend import OpenVinoBackend  # noqa: E402
+
+PROMPT = [5, 17, 300, 42, 9, 1200, 77, 8, 8, 613, 2000, 31, 5, 17, 300, 42, 9, 1200, 77, 8]
+
+
+@pytest.fixture(scope="module")
+def ov_backend():
+    return OpenVinoBackend()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, default_model_dir):
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def pieces(target, ids):
+    target.reset(64)
+    return np.concatenate([target.forward(ids[:7]).logits, target.forward(ids[7:8]).logits, target.forward(ids[8:]).logits])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_matches_torch(arch, tiny_models, torch_backend, ov_backend):
+    folder = str(tiny_models[arch])
+    ref = torch_backend.load_target(folder, device="cpu")
+    ref.reset(64)
+    want = ref.forward(PROMPT).logits
+    got = pieces(ov_backend.load_target(folder, device="cpu", precision="f32"), PROMPT)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_precision_is_explicit_and_reported(tiny_models, ov_backend):
+    precisions = ov_backend.precisions("cpu")
+    assert {"f32", "bf16", "int8", "int4"} <= set(precisions)
+    folder = str(tiny_models["llama"])
+    for p in ("f32", "bf16", "int8"):
+        t = ov_backend.load_target(folder, device="cpu", precision=p)
+        assert t.precision == p
+        assert t.compute_precision in ("f32", "bf16", "f16")
+    default = ov_backend.load_target(folder, device="cpu")
+    assert default.precision == precisions[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_is_lossless_against_itself(precision, tiny_models, ov_backend):
+    folder = str(tiny_models["qwen2"])
+    target = ov_backend.load_target(folder, device="cpu", precision=precision)
+    dec = SpeculativeDecoder(target, NoDrafter(), 4)
+    plain = [t for c in dec.generate(PROMPT, 24) for t in c]
+    draft = ModelDrafter(ov_backend.load_target(folder, device="cpu", precision=precision), 49152)
+    for drafter in (NgramDrafter(), draft):
+        dec = SpeculativeDecoder(target, drafter, 3)
+        assert [t for c in dec.generate(PROMPT, 24) for t in c] == plain
+    # and the numbers moved: this really ran at another precision than f32
+    f32 = ov_backend.load_target(folder, device="cpu", precision="f32")
+    assert np.abs(pieces(target, PROMPT) - pieces(f32, PROMPT)).max() > 1e-4
+
+
+def test_rollback_then_continue(tiny_models, ov_backend):
+    t = ov_backend.load_target(str(tiny_models["mistral"]), device="cpu", precision="f32")
+    t.reset(64)
+    t.forward(PROMPT[:10])
+    t.forward([1000, 1001, 1002])
+    t.rollback(10)
+    cont = t.forward(PROMPT[10:]).logits
+    fresh = pieces(t, PROMPT)[10:]
+    assert np.abs(cont - fresh).max() < 1e-4
+
+
+def test_hidden_states_match_torch(tiny_models, torch_backend, ov_backend):
+    folder = str(tiny_models["llama"])
+    a = ov_backend.load_target(folder, device="cpu", precision="f32", aux_hidden_layers=(0, 2))
+    b = torch_backend.load_target(folder, device="cpu", aux_hidden_layers=(0, 2))
+    a.reset(32)
+    b.reset(32)
+    ha, hb = a.forward(PROMPT, all_logits=False).hidden_states, b.forward(PROMPT, all_logits=False).hidden_states
+    assert ha.shape == hb.shape == (len(PROMPT), 2 * 64)
+    assert np.abs(ha - hb).max() < 1e-3
+
+
+def test_devices(tiny_models, ov_backend):
+    assert "cpu" in ov_backend.devices()
+    if "npu" not in ov_backend.devices():
+        with pytest.raises(SpecrunError, match=r"device 'npu' is not present for backend 'openvino'; present: cpu"):
+            ov_backend.load_target(str(tiny_models["llama"]), device="npu")
+    if "gpu" not in ov_backend.devices():
+        with pytest.raises(SpecrunError, match="present: cpu"):
+            ov_backend.load_target(str(tiny_models["llama"]), device="GPU")
+    with pytest.raises(SpecrunError, match="unknown device 'tpu'"):
+        ov_backend.load_target(str(tiny_models["llama"]), device="tpu")
+
+
+def test_ir_cache_reuse_and_corruption(cache, tiny_models, ov_backend):
+    folder = str(tiny_models["qwen3"])
+    xml = ov_backend.ir_path(folder, "f32", ())
+    marker = xml.parent / "specrun-complete.json"
+    stamp = marker.stat().st_mtime_ns
+    assert ov_backend.ir_path(folder, "f32", ()) == xml and marker.stat().st_mtime_ns == stamp  # reused
+    weights = xml.with_suffix(".bin")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a partial file
+    t = ov_backend.load_target(folder, device="cpu", precision="f32")  # detected and rebuilt
+    assert marker.stat().st_mtime_ns != stamp
+    t.reset(32)
+    assert np.isfinite(t.forward(PROMPT).logits).all()
+
+
+def test_mixed_backends(tiny_models, tiny_draft, torch_backend, ov_backend):
+    target_dir, draft_dir = str(tiny_models["llama"]), str(tiny_draft)
+    for tb, db in ((torch_backend, ov_backend), (ov_backend, torch_backend)):
+        target = tb.load_target(target_dir, device="cpu", precision="f32")
+        plain = [t for c in SpeculativeDecoder(target, NoDrafter(), 3).generate(PROMPT, 20) for t in c]
+        drafter = ModelDrafter(db.load_target(draft_dir, device="cpu", precision="f32"), 49152)
+        dec = SpeculativeDecoder(target, drafter, 3)
+        assert [t for c in dec.generate(PROMPT, 20) for t in c] == plain
+        assert dec.stats.drafted > 0
+
+
+def test_missing_openvino_is_unavailable(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    avail = OpenVinoBackend().availability()
+    assert not avail.available and "openvino cannot be imported" in avail.reason
+    assert avail.install_hint == "pip install 'specrun[openvino]'"
+
+
+@pytest.mark.slow
+def test_default_model_f32_parity_and_int8_lossless(default_model_dir, torch_backend, ov_backend):
+    ids = PROMPT
+    ref = torch_backend.load_target(str(default_model_dir), device="cpu")
+    ref.reset(64)
+    want = ref.forward(ids).logits
+    got = pieces(ov_backend.load_target(str(default_model_dir), device="cpu", precision="f32"), ids)
+    assert np.abs(got - want).max() < 1e-3
+    t8 = ov_backend.load_target(str(default_model_dir), device="cpu", precision="int8")
+    plain = [t for c in SpeculativeDecoder(t8, NoDrafter(), 4).generate(ids, 24) for t in c]
+    spec = [t for c in SpeculativeDecoder(t8, NgramDrafter(), 4).generate(ids, 24) for t in c]
+    assert spec == plain
