@@ -10,7 +10,8 @@ from specrun.errors import SpecrunError
 
 
 @click.command("conformance")
-@click.option("--backend", "-b", required=True, help="Backend name, or 'all' for every available backend.")
+@click.option("--backend", "-b", required=True,
+              help="Backend name, 'all' for every available backend, or a comma-separated list of NAME[:PRECISION[:DEVICE]].")
 @click.option("--device", "-d", default="cpu", show_default=True)
 @click.option("--precision", default=None, help="Precision to check; 'all' = every precision of the device [default: the backend's].")
 @click.option("--target", "-m", default=None, help="Model for the 'default' entry [default: smollm2-135m-instruct].")
@@ -29,19 +30,26 @@ def conformance_command(backend, device, precision, target, models, checks, expe
 
     registry = load_registry()
     model_list = [m.strip() for m in models.split(",") if m.strip()]
+    plan: list[tuple[str, str | None, str]] = []  # (backend, precision, device)
     if backend == "all":
-        names = [n for n in registry.names() if registry.entries[n].availability().available]
-        skipped = [n for n in registry.names() if n not in names]
-        for n in skipped:
-            click.echo(f"conformance: skipping unavailable backend {n}: {registry.entries[n].availability().reason}", err=True)
+        for n in registry.names():
+            avail = registry.entries[n].availability()
+            if not avail.available:
+                click.echo(f"conformance: skipping unavailable backend {n}: {avail.reason}", err=True)
+                continue
+            be = registry.get(n)
+            plan.append((n, precision, device if device in be.devices() else be.devices()[0]))
     else:
-        names = [backend]
-        registry.get(backend)  # one clear line if unknown / unavailable
+        for spec in backend.split(","):
+            name, _, rest = spec.strip().partition(":")
+            prec, _, dev = rest.partition(":")
+            registry.get(name)  # one clear line if unknown / unavailable
+            plan.append((name, prec or precision, dev or device))
     runs = []
-    for name in names:
+    for name, prec_opt, dev in plan:
         be = registry.get(name)
-        dev = be.check_device(device) if backend != "all" else (device if device in be.devices() else be.devices()[0])
-        precisions = be.precisions(dev) if precision == "all" else [precision]
+        dev = be.check_device(dev)
+        precisions = be.precisions(dev) if prec_opt == "all" else [prec_opt]
         for prec in precisions:
             label = f"{name} {dev} {prec or be.precisions(dev)[0]}"
             click.echo(f"conformance: {label} ...", err=True)
