@@ -250,7 +250,7 @@ def export_model(
             if precision == "f32":
                 _export_f32(model_dir, aux, tmp, progress)
             else:
-                _quantize_int8(source.parent, tmp, progress)
+                _quantize_int8(source.parent, tmp, model_dir.name, progress)
             _publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -356,27 +356,20 @@ def _run_once(path: Path, meta: GraphMeta, inputs: list) -> list:
     return sess.run(meta.output_names, dict(zip(meta.input_names, inputs, strict=True)))
 
 
-def _quantize_int8(source: Path, out: Path, progress: bool) -> None:
-    stages = _Stages(["quantize int8 weights", "check with onnxruntime"], f"export {source.name} int8", progress)
+def _quantize_int8(source: Path, out: Path, name: str, progress: bool) -> None:
+    stages = _Stages(["quantize int8 weights", "check with onnxruntime"], f"export {name} int8", progress)
     if not progress:
         print("specrun: quantizing the ONNX export to int8 (once) ...", file=sys.stderr, flush=True)
-    import logging
-
     import numpy as np
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import onnx
 
     stages.start("quantize int8 weights")
     meta = attrs.evolve(GraphMeta.load(source), precision="int8")
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on every run
-    try:
-        quantize_dynamic(
-            str(source / GRAPH_FILE), str(out / GRAPH_FILE), weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=["MatMul"], use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    finally:
-        logging.getLogger().setLevel(level)
+    model = onnx.load(str(source / GRAPH_FILE))
+    quantize_weights_int8(model)
+    onnx.save_model(model, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    del model
     (out / META_FILE).write_text(meta.to_json())
     stages.done()
 
@@ -390,3 +383,63 @@ def _quantize_int8(source: Path, out: Path, progress: bool) -> None:
         raise SpecrunError("the int8 ONNX export produced non-finite logits")
     stages.done()
     stages.close()
+
+
+INT8_BLOCK = 32
+
+
+def quantize_weights_int8(model, block_size: int = INT8_BLOCK) -> int:
+    """Replace every MatMul by a constant 2-D weight with ONNX Runtime's ``MatMulNBits`` (8 bits,
+    symmetric, one scale per ``block_size`` weights along K, ``accuracy_level=4``: int8 compute
+    with block-wise quantized activations).  Returns the number of MatMuls replaced.
+
+    Why not ``quantize_dynamic``: it quantizes each activation tensor with ONE uint8 scale, and the
+    massive activations of models like SmolLM2 (|x| up to ~3e4) wreck that: top-1 agreement with
+    f32 fell to ~50% over a prompt, against 100% here, at the same speed.  The weights are packed
+    with the same kernel onnxruntime.quantization's MatMulNBitsQuantizer uses."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    except ImportError:
+        raise SpecrunError("int8 export needs an onnxruntime with MatMulNBits 8-bit support (>= 1.20); pip install -U onnxruntime") from None
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    nodes, replaced, dropped = [], 0, set()
+    for node in graph.node:
+        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        if w_name not in inits or len(inits[w_name].dims) != 2:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        K, N = w.shape
+        blocks = (K + block_size - 1) // block_size
+        padded = np.pad(w, ((0, blocks * block_size - K), (0, 0))) if blocks * block_size != K else np.ascontiguousarray(w)
+        packed = np.zeros((N, blocks, block_size), dtype=np.uint8)
+        scales = np.zeros((N, blocks), dtype=np.float32)
+        zero_points = np.zeros((N, blocks), dtype=np.uint8)
+        quantize_matmul_8bits(packed, padded, scales, zero_points, block_size, N, K, True)
+        q_name, s_name = f"{w_name}_Q8", f"{w_name}_scales"
+        graph.initializer.extend([numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales.reshape(-1), s_name)])
+        nodes.append(onnx.helper.make_node(
+            "MatMulNBits", [node.input[0], q_name, s_name], list(node.output), name=f"{node.name}_Q8",
+            domain="com.microsoft", K=K, N=N, bits=8, block_size=block_size, accuracy_level=4,
+        ))
+        uses[w_name] -= 1
+        if uses[w_name] == 0:
+            dropped.add(w_name)
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return replaced
