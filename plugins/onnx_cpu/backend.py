@@ -30,6 +30,27 @@ def _import_ort():
     return onnxruntime
 
 
+def _fast_binder(io):
+    """``bind(name, shape, address)`` for float32 CPU inputs.  A step binds 2 * layers * kv_heads
+    past inputs (180 for SmolLM2); the C-level binding skips the Python wrapper's per-call device
+    lookup (about 0.5 -> 0.2 ms per step).  Falls back to the public API if that ever changes."""
+    import onnxruntime as ort
+
+    def public(name, shape, addr):
+        io.bind_input(name, "cpu", 0, np.float32, shape, addr)
+
+    try:
+        raw = io._iobinding
+        device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+
+        def fast(name, shape, addr):
+            raw.bind_input(name, device, np.float32, shape, addr)
+
+        return fast
+    except Exception:  # noqa: BLE001 - any change in the private API: use the public one
+        return public
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -51,6 +72,7 @@ class OnnxTarget(Target):
         self.info = ModelInfo(meta.vocab_size, meta.context_length, meta.hidden_size, meta.num_layers)
         self.aux_layers = tuple(meta.aux_layers)
         self._io = session.io_binding()
+        self._bind = _fast_binder(self._io)
         self._names = meta.past_names
         self._kv: np.ndarray | None = None
         self._addrs: list[int] = []
@@ -140,19 +162,15 @@ class OnnxTarget(Target):
         io.bind_cpu_input("positions", positions)
         io.bind_cpu_input("block_mask", block_mask)
         io.bind_cpu_input("output_index", out_index)
-        f32 = np.float32
-        if self.bind_capacity:
-            shape = [self.capacity, m.head_dim]
+        f32, bind = np.float32, self._bind
+        if start or self.bind_capacity:  # rows 0..start-1 of each (layer, k/v, head) slice, in place
+            shape = [self.capacity if self.bind_capacity else start, m.head_dim]
             for name, addr in zip(self._names, self._addrs, strict=True):
-                io.bind_input(name, "cpu", 0, f32, shape, addr)
-        elif start:
-            shape = [start, m.head_dim]
-            for name, addr in zip(self._names, self._addrs, strict=True):
-                io.bind_input(name, "cpu", 0, f32, shape, addr)
-        else:
+                bind(name, shape, addr)
+        else:  # empty cache: one padding row, masked out by the graph
             pad = self._pad.ctypes.data
             for name in self._names:
-                io.bind_input(name, "cpu", 0, f32, [1, m.head_dim], pad)
+                bind(name, [1, m.head_dim], pad)
         new_kv = np.empty((m.num_layers, 2, m.num_kv_heads, T, m.head_dim), f32)
         logits = np.empty((len(out_index), m.vocab_size), f32)
         io.bind_output("new_kv", "cpu", 0, f32, list(new_kv.shape), new_kv.ctypes.data)
