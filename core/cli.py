@@ -48,6 +48,8 @@ def backend_options(f):
 @click.option("--draft-backend", default=None, help="Backend of the draft model [default: the target's].")
 @click.option("--draft-device", default=None, help="Device of the draft model [default: the target's].")
 @click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens verified per target call.")
+@click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
+              help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -57,11 +59,15 @@ def backend_options(f):
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
-             num_draft_tokens, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
+             num_draft_tokens, tree, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
     """Generate text for PROMPT with speculative decoding."""
+    from .bench import parse_tree
     from .pipeline import Pipeline
     from .sampling import SamplingParams
 
+    tree = parse_tree(tree)
+    if tree is not None and drafter != "eagle3":
+        raise SpecrunError("--tree applies to --drafter eagle3")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if num_draft_tokens < 1:
         raise SpecrunError(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
@@ -70,7 +76,7 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
         draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,
-        options={"threads": threads} if threads else None,
+        options={"threads": threads} if threads else None, tree=tree,
     )
     kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, raw=raw)
     if as_json:
