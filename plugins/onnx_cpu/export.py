@@ -1,8 +1,9 @@
 """Export a Llama-family model (specrun_torch_cuda's ``LlamaModel``) to ONNX once, and cache it.
 
-The graph (opset 17, float32; ``int8`` = the same graph after onnxruntime's dynamic int8
-quantization of every constant-weight MatMul) computes one block of T >= 1 tokens on top of a
-read-only KV cache of P >= 1 rows:
+The graph (opset 17, float32; ``int8`` = the same graph with every constant-weight MatMul
+replaced by onnxruntime's ``com.microsoft.MatMulNBits``, 8-bit block-wise weights, see
+``quantize_weights_int8``) computes one block of T >= 1 tokens on top of a read-only KV cache of
+P >= 1 rows:
 
 inputs
     ``input_ids``     int64 [T]    the block's tokens
@@ -228,6 +229,10 @@ def export_model(
 ) -> Path:
     """Return the path of the cached ONNX graph for this model, exporting it first if needed.
 
+    The graph's inputs are ``input_ids`` [T], ``positions`` [T], ``block_mask`` [T, T],
+    ``output_index`` [N] and ``past_{k,v}_{layer}_{head}`` [P, D]; its outputs ``logits`` [N, V],
+    ``new_kv`` [L, 2, kv_heads, T, D] and, with aux layers, ``hidden_states`` [T, n_aux * H] (the
+    module docstring has the details; ``GraphMeta.load(path.parent)`` gives names and shapes).
     ``aux_layers``: decoder layers whose inputs the graph also returns (``hidden_states``).
     ``precision``: ``f32`` or ``int8`` (built from the f32 export).  ``force`` rebuilds.
     ``progress`` shows a tqdm bar of the stages on stderr.  Torch is imported only to export.
