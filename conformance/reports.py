@@ -77,7 +77,9 @@ def markdown(runs: Sequence[Run]) -> str:
 def _note(details: dict) -> str:
     if "divergences" in details and details["divergences"]:
         d = details["divergences"][0]
-        return f"near-tie divergence at token {d['position']} (reference margin {d['reference_margin']:.2e})"
+        if "reference_gap" in d:
+            return f"near-tie divergence at token {d['position']} (reference scores it {d['reference_gap']:.2e} below its best)"
+        return f"near-tie divergence at token {d['position']} ({d.get('drafter', '')}, own top-2 margin {d['margin']:.2e})"
     if "p_value" in details:
         return f"chi-square p = {details['p_value']:.3f} (alpha {details['alpha']}, {details['runs']} runs)"
     if details.get("near_ties"):

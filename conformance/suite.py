@@ -37,7 +37,6 @@ STATUSES = ("passed", "failed", "xfail", "xpass", "not_applicable", "error")
 class Tolerance:
     logits_atol: float
     self_atol: float
-    hidden_atol: float
     hidden_rtol: float
     near_tie: float
     source: str  # "f32" or "override openvino/bf16: <reason>"
@@ -58,7 +57,7 @@ def load_tolerances(backend: str, precision: str, extra: Path | None = None) -> 
             raise SpecrunError(f"tolerance override for {backend}/{precision} has no reason; every override needs one")
         values.update({k: v for k, v in override.items() if k != "reason"})
         source = f"{base_precision}, override for {backend}: {override['reason']}"
-    return Tolerance(source=source, **{k: float(values[k]) for k in ("logits_atol", "self_atol", "hidden_atol", "hidden_rtol", "near_tie")})
+    return Tolerance(source=source, **{k: float(values[k]) for k in ("logits_atol", "self_atol", "hidden_rtol", "near_tie")})
 
 
 @attrs.frozen
@@ -301,11 +300,30 @@ def c05_hidden(ctx: Context) -> dict:
     r = ref.forward(ctx.prompt[:16]).hidden_states
     if g is None:
         raise CheckFailed(f"backend declared hidden_states but returned none for layers {ctx.aux_layers()}")
-    tol = ctx.tol
-    fields = compare(g, r, tol.hidden_atol, f"hidden states (inputs of layers {ctx.aux_layers()})", ctx, rtol=tol.hidden_rtol)
+    fields = _rows_close(g, r, ctx, f"hidden states (inputs of layers {ctx.aux_layers()})")
     g2 = got.forward(ctx.prompt[16:18], all_logits=False).hidden_states
     r2 = ref.forward(ctx.prompt[16:18], all_logits=False).hidden_states
-    compare(g2, r2, tol.hidden_atol, "hidden states with all_logits=False (must cover every position)", ctx, rtol=tol.hidden_rtol)
+    _rows_close(g2, r2, ctx, "hidden states with all_logits=False (must cover every position)")
+    return fields
+
+
+def _rows_close(got: np.ndarray | None, ref: np.ndarray, ctx: Context, what: str) -> dict:
+    """Per position, the relative L2 error ||got - ref|| / ||ref|| of the concatenated hidden states
+    (robust to the massive activations of real models, where an element-wise bound is meaningless)."""
+    if got is None or got.shape != ref.shape:
+        raise CheckFailed(f"{what}: shape {None if got is None else got.shape} differs from the reference's {ref.shape}")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    rel = np.linalg.norm(g - r, axis=-1) / np.maximum(np.linalg.norm(r, axis=-1), 1e-12)
+    row = int(np.argmax(rel))
+    diff = np.abs(g - r)
+    fields = dict(max_abs=float(diff.max()), max_rel=float(rel[row]), tolerance=ctx.tol.hidden_rtol,
+                  worst_position=[row], shapes=str(tuple(got.shape)))
+    if not rel[row] <= ctx.tol.hidden_rtol:
+        raise CheckFailed(
+            f"{what}: relative L2 error {rel[row]:.3g} > tolerance {ctx.tol.hidden_rtol:.3g} at position {row} "
+            f"(max abs error there {diff[row].max():.3g}), shape {got.shape}",
+            **fields,
+        )
     return fields
 
 
@@ -381,7 +399,8 @@ class PerturbedOracle(Drafter):
 def c07_greedy_lossless(ctx: Context) -> dict:
     t = ctx.target()
     n = 32
-    plain, _ = decode(t, NoDrafter(), ctx.text_prompt, n)
+    plain, plain_logits = greedy_trace(t, ctx.text_prompt, n)
+    ties = []
     draft_target = ctx.target(model_dir=ctx.draft_model_dir(), role="draft")
     drafters = {
         "ngram": NgramDrafter(),
@@ -393,15 +412,24 @@ def c07_greedy_lossless(ctx: Context) -> dict:
         out, st = decode(t, drafters[name], ctx.text_prompt, n, k=k)
         if out != plain:
             i = next((j for j in range(min(len(out), len(plain))) if out[j] != plain[j]), min(len(out), len(plain)))
+            # a block and single steps may round differently (bf16, int8): a divergence is tolerated
+            # only where plain decoding itself sat at a near-tie, within twice the block-vs-steps bound
+            if i < len(plain) and i < len(out):
+                margin = top2_margin(plain_logits[i])
+                if margin < 2 * ctx.tol.self_atol and plain_logits[i][out[i]] >= plain_logits[i].max() - 2 * ctx.tol.self_atol:
+                    ties.append({"drafter": name, "k": k, "position": i, "margin": margin})
+                    stats[f"{name}-k{k}"] = {"near_tie_divergence_at": i}
+                    continue
             raise CheckFailed(
                 f"speculative output with the {name} drafter (k={k}) differs from plain greedy at new token {i}: "
                 f"{out[i:i + 3]} vs {plain[i:i + 3]}",
                 worst_position=[i],
             )
         stats[f"{name}-k{k}"] = {"acceptance_length": st.acceptance_length, "accepted": st.accepted, "drafted": st.drafted}
-    if stats["perturbed-oracle-k4"]["accepted"] == 0 or stats["perturbed-oracle-k4"]["accepted"] == stats["perturbed-oracle-k4"]["drafted"]:
+    po = stats["perturbed-oracle-k4"]
+    if "accepted" in po and (po["accepted"] == 0 or po["accepted"] == po["drafted"]):
         raise CheckFailed("the perturbed oracle should be partly accepted; acceptance bookkeeping is wrong")
-    return {"details": stats}
+    return {"details": {**stats, "divergences": ties}}
 
 
 def c08_cross_greedy(ctx: Context) -> dict:
@@ -412,13 +440,13 @@ def c08_cross_greedy(ctx: Context) -> dict:
         return {"details": {"identical_tokens": n, "divergences": []}}
     i = next(j for j in range(n) if got[j] != ref[j])
     margin = top2_margin(ref_logits[i])
-    top2 = set(np.argsort(ref_logits[i])[-2:].tolist())
-    div = {"position": i, "got": got[i], "reference": ref[i], "reference_margin": margin}
-    if margin < ctx.tol.near_tie and got[i] in top2:
+    gap = float(ref_logits[i].max() - ref_logits[i][got[i]])  # how far below the reference's best the chosen token is
+    div = {"position": i, "got": got[i], "reference": ref[i], "reference_margin": margin, "reference_gap": gap}
+    if gap < ctx.tol.near_tie:
         return {"details": {"identical_tokens": i, "divergences": [div]}, "worst_position": [i], "tolerance": ctx.tol.near_tie}
     raise CheckFailed(
-        f"greedy output diverges from the reference at new token {i} (got {got[i]}, reference {ref[i]}) where the "
-        f"reference's top-2 margin {margin:.3g} is not a near-tie (tolerance {ctx.tol.near_tie:.3g})",
+        f"greedy output diverges from the reference at new token {i} (got {got[i]}, reference {ref[i]}): the reference "
+        f"scores the chosen token {gap:.3g} below its best, not a near-tie (tolerance {ctx.tol.near_tie:.3g})",
         worst_position=[i], tolerance=ctx.tol.near_tie, details={"divergences": [div]},
     )
 
