@@ -14,6 +14,7 @@ from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
 from .plugins import Registry, load_registry
 from .sampling import SamplingParams
+from .tokenizer import load_tokenizer  # noqa: F401 - re-exported (bench, conformance)
 
 DRAFTERS = ("none", "ngram", "model", "eagle3")
 
@@ -49,17 +50,6 @@ class Result:
                 "precision": st.precision,
             },
         }
-
-
-def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:  # transformers raises many types here
-        raise SpecrunError(f"cannot load the tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
 
 
 class Pipeline:

@@ -224,7 +224,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     shard = wd / "data.jsonl"
     prompts = collect_prompts(opts.data, opts.num_prompts)
     done = {r["id"] for r in _read_records(shard)}
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, full=True)
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     todo = []

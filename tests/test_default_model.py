@@ -59,3 +59,19 @@ def test_cli_on_default_model_prints_text_and_stats():
     obj = json.loads(j.stdout)
     assert obj["stats"]["accepted"] > 0  # the answer repeats the prompt: n-gram drafts get accepted
     assert obj["stats"]["acceptance_length"] > 1.2
+
+
+def test_fast_tokenizer_matches_transformers(default_model_dir):
+    """The decoding path's tokenizer (no transformers import) renders and encodes like transformers."""
+    from specrun.tokenizer import FastTokenizer, load_tokenizer
+
+    fast, full = FastTokenizer(default_model_dir), load_tokenizer(default_model_dir, full=True)
+    for msgs in ([{"role": "user", "content": "Hello, Ünïcödé 🚀\n  spaces"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]):
+        a = fast.apply_chat_template(msgs, add_generation_prompt=True)
+        assert a == full.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = fast.encode(a, add_special_tokens=False)
+        assert ids == full.encode(a, add_special_tokens=False)
+        assert fast.decode(ids, skip_special_tokens=True) == full.decode(ids, skip_special_tokens=True)
+    assert fast.eos_token_id == full.eos_token_id == 2
