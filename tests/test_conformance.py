@@ -13,7 +13,8 @@ import pytest
 from specrun.plugins import Registry, load_registry, register_backend_for_tests
 from specrun_conformance import suite
 from specrun_conformance.reports import write_reports
-from specrun_torch_cuda.backend import TorchBackend, TorchTarget
+from specrun_torch_cuda.backend import TorchBackend
+from specrun_torch_cuda.target import TorchTarget
 
 MODELS = ("tiny-llama",)
 
