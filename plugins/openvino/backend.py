@@ -201,6 +201,8 @@ class OpenVinoBackend(Backend):
         return dev
 
     def _fastest_compute(self, device: str) -> str:
+        if device == "auto" and [d for d in self.devices() if d != "auto"] == ["cpu"]:
+            device = "cpu"  # AUTO can only pick the CPU here
         if device == "cpu":
             caps = self._core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             return "bf16" if "BF16" in caps else "f32"
@@ -209,7 +211,7 @@ class OpenVinoBackend(Backend):
     def precisions(self, device: str) -> list[str]:
         fastest = self._fastest_compute(device.lower().partition(".")[0])
         rest = [p for p in COMPUTE if p != fastest]
-        if device.lower().startswith("cpu"):
+        if fastest != "f16" and device.lower().partition(".")[0] in ("cpu", "auto"):
             rest = [p for p in rest if p != "f16"]
         return [fastest, *rest, *WEIGHTS]
 
