@@ -264,7 +264,7 @@ class OpenVinoBackend(Backend):
         if precision in COMPUTE:
             compute = precision
         else:
-            compute = "f32" if device.startswith("cpu") else self._fastest_compute(device.partition(".")[0])
+            compute = "f32" if device.partition(".")[0] in ("cpu", "auto") else self._fastest_compute(device.partition(".")[0])
         xml = self.ir_path(model_dir, precision, aux)
         options = dict(options or {})
         config = {"INFERENCE_PRECISION_HINT": _HINT[compute], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
