@@ -11,7 +11,8 @@ from specrun.errors import SpecrunError
 
 @click.command("conformance")
 @click.option("--backend", "-b", required=True,
-              help="Backend name, 'all' for every available backend, or a comma-separated list of NAME[:PRECISION[:DEVICE]].")
+              help="Backend name, 'all' for every available backend, or a comma-separated list of NAME[:PRECISION[:DEVICE]] "
+                   "(PRECISION may be 'default' or 'all').")
 @click.option("--device", "-d", default="cpu", show_default=True)
 @click.option("--precision", default=None, help="Precision to check; 'all' = every precision of the device [default: the backend's].")
 @click.option("--target", "-m", default=None, help="Model for the 'default' entry [default: smollm2-135m-instruct].")
@@ -49,7 +50,12 @@ def conformance_command(backend, device, precision, target, models, checks, expe
     for name, prec_opt, dev in plan:
         be = registry.get(name)
         dev = be.check_device(dev)
-        precisions = be.precisions(dev) if prec_opt == "all" else [prec_opt]
+        if prec_opt == "all":
+            precisions = be.precisions(dev)
+        elif prec_opt == "default":  # the backend's own default on this machine (bf16 or f32 ...)
+            precisions = [be.precisions(dev)[0]]
+        else:
+            precisions = [prec_opt]
         for prec in precisions:
             label = f"{name} {dev} {prec or be.precisions(dev)[0]}"
             click.echo(f"conformance: {label} ...", err=True)

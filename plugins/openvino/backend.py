@@ -212,7 +212,7 @@ class OpenVinoBackend(Backend):
         fastest = self._fastest_compute(device.lower().partition(".")[0])
         rest = [p for p in COMPUTE if p != fastest]
         if fastest != "f16" and device.lower().partition(".")[0] in ("cpu", "auto"):
-            rest = [p for p in rest if p != "f16"]
+            rest = [p for p in rest if p not in ("f16", "bf16")]  # bf16 only where the CPU computes it
         return [fastest, *rest, *WEIGHTS]
 
     def capabilities(self) -> set[str]:
