@@ -54,7 +54,7 @@ def markdown(runs: Sequence[Run]) -> str:
     lines.append("| **verdict** | " + " | ".join("**PASS**" if r.ok else "**FAIL**" for r in runs) + " |")
     lines.append("")
     lines.append("Numbers in parentheses: the largest max-abs logit error over the models (see the JSON for every value; "
-                 "C05 compares hidden states element-wise with an absolute + relative tolerance).")
+                 "C05 compares hidden states by their relative L2 error per position.)")
     for r in runs:
         lines += ["", f"## {column(r)}", ""]
         versions = ", ".join(f"{k} {v}" for k, v in r.as_dict()["runtime_versions"].items())

@@ -4,13 +4,11 @@ CLI and the chat template work on them)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+from specrun_conformance.models import ARCHS, make_tiny_model  # noqa: F401 - shared with the conformance kit
 
 
 @pytest.fixture(scope="session")
@@ -18,58 +16,6 @@ def default_model_dir() -> Path:
     from specrun.models import resolve_model
 
     return resolve_model(None)
-
-
-def make_tiny_model(
-    folder: Path,
-    arch: str = "llama",
-    *,
-    vocab_size: int = 49152,
-    seed: int = 0,
-    tokenizer_from: Path | None = None,
-    **overrides,
-) -> Path:
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        eos_token_id=2,
-        bos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-    if arch == "qwen3":
-        common.setdefault("head_dim", 16)
-    if arch == "mistral":
-        common.setdefault("sliding_window", 64)
-    config = cls(**common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # random init is tiny; widen it so logits are not all near-ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_from / name).exists():
-                shutil.copy(tokenizer_from / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="session")
