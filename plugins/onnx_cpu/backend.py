@@ -223,7 +223,7 @@ class OnnxBackend(Backend):
     ) -> Path:
         """Export (or find) the cached ONNX graph ahead of time; returns its path."""
         precision = self.check_precision("cpu", precision)
-        aux = _check_aux(model_dir, aux_hidden_layers)
+        aux = check_aux_layers(model_dir, aux_hidden_layers)
         return ex.export_model(model_dir, aux, precision, force=force, progress=progress)
 
     def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
@@ -234,7 +234,7 @@ class OnnxBackend(Backend):
         threads = int(options.get("threads") or default_threads())
         if threads < 1:
             raise SpecrunError(f"threads must be >= 1, got {threads}")
-        aux = _check_aux(model_dir, aux_hidden_layers)
+        aux = check_aux_layers(model_dir, aux_hidden_layers)
         path = ex.find_export(model_dir, aux, precision) or ex.export_model(model_dir, aux, precision)
         try:
             session = _session(ort, path, threads, options)
@@ -249,7 +249,8 @@ class OnnxBackend(Backend):
         return OnnxTarget(session, meta, precision, path)
 
 
-def _check_aux(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
+def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
+    """Validated aux hidden layers (distinct, ascending, in range) of the model in ``model_dir``."""
     aux = tuple(int(a) for a in aux_hidden_layers)
     n = ModelConfig.load(model_dir).num_layers
     bad = [a for a in aux if not 0 <= a < n]

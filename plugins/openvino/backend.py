@@ -255,9 +255,9 @@ class OpenVinoBackend(Backend):
     def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
         device = self.check_device(device)
         precision = self.check_precision(device, precision)
-        from specrun_onnx_cpu.backend import _check_aux
+        from specrun_onnx_cpu.backend import check_aux_layers
 
-        aux = _check_aux(model_dir, aux_hidden_layers)
+        aux = check_aux_layers(model_dir, aux_hidden_layers)
         ex = _onnx_export()
         # compressed weights compute in f32 on CPU: OpenVINO 2026.4 dies with SIGFPE running an
         # nncf int8 model under the bf16 hint on this machine (avx512_bf16)
