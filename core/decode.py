@@ -112,14 +112,9 @@ class SpeculativeDecoder:
         self.check_length(len(prompt), max_new_tokens)
         verifier, sampler = self.verifier_factory(sampling)
         t, d = self.target, self.drafter
-        k_max = 0 if isinstance(d, NoDrafter) else self.k
-        s = self.stats = Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name,
-            num_draft_tokens=k_max, prompt_tokens=len(prompt),
-            drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
-        )
+        s = self.stats = self._new_stats(len(prompt))
         limit = t.info.context_length
-        capacity = min(len(prompt) + max_new_tokens + self.k + 1, limit)
+        capacity = min(len(prompt) + max_new_tokens + self._block_room() + 1, limit)
         eos = set(eos_token_ids)
 
         t0 = time.perf_counter()
@@ -143,22 +138,12 @@ class SpeculativeDecoder:
                 if remaining <= 0:
                     s.stop_reason = "length"
                     return
-                # never draft past what is needed, nor past the context limit
-                k = min(k_max, remaining - 1, limit - len(tokens))
-                td = time.perf_counter()
-                draft = d.propose(tokens, k, sampler) if k > 0 else Draft([])
-                s.draft_seconds += time.perf_counter() - td
-                base = t.length  # == len(tokens) - 1: the last token is not yet in the cache
-                out = t.forward([tokens[-1], *draft.tokens])
-                accepted = verifier.verify(out.logits, draft)
+                accepted, drafted, levels = self._step(tokens, remaining, limit, verifier, sampler)
                 n = len(accepted) - 1
-                t.rollback(base + 1 + n)
-                tokens.extend(accepted)
-                d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[: n + 1])
                 s.target_calls += 1
-                s.drafted += len(draft)
+                s.drafted += drafted
                 s.accepted += n
-                for i in range(len(draft)):
+                for i in range(levels):
                     s.drafted_per_position[i] += 1
                     s.accepted_per_position[i] += i < n
                 new = accepted[:remaining]
@@ -176,6 +161,37 @@ class SpeculativeDecoder:
             s.decode_seconds = time.perf_counter() - t_dec
             if not s.stop_reason:
                 s.stop_reason = "stopped"
+
+    def _new_stats(self, prompt_len: int) -> Stats:
+        t, d = self.target, self.drafter
+        k_max = 0 if isinstance(d, NoDrafter) else self.k
+        return Stats(
+            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name,
+            num_draft_tokens=k_max, prompt_tokens=prompt_len,
+            drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
+        )
+
+    def _block_room(self) -> int:
+        """Cache rows a verification block may add beyond the accepted tokens."""
+        return self.k
+
+    def _step(self, tokens: list[int], remaining: int, limit: int, verifier: Verifier, sampler: Sampler | None):
+        """Draft, verify in ONE target call, keep the accepted cache entries and extend ``tokens``.
+        Returns (accepted tokens + bonus, tokens drafted, draft positions to count)."""
+        t, d, s = self.target, self.drafter, self.stats
+        # never draft past what is needed, nor past the context limit
+        k = min(len(s.drafted_per_position), remaining - 1, limit - len(tokens))
+        td = time.perf_counter()
+        draft = d.propose(tokens, k, sampler) if k > 0 else Draft([])
+        s.draft_seconds += time.perf_counter() - td
+        base = t.length  # == len(tokens) - 1: the last token is not yet in the cache
+        out = t.forward([tokens[-1], *draft.tokens])
+        accepted = verifier.verify(out.logits, draft)
+        n = len(accepted) - 1
+        t.rollback(base + 1 + n)
+        tokens.extend(accepted)
+        d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[: n + 1])
+        return accepted, len(draft), len(draft)
 
 
 def verify_tree_greedy(logits, tree: DraftTree) -> tuple[list[int], list[int]]:
@@ -240,83 +256,32 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
             raise SpecrunError(f"the tree needs at least one node, got {max_nodes}")
         self.max_nodes = max_nodes
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        eos_token_ids: Sequence[int] = (),
-    ) -> Iterator[list[int]]:
-        sampling = sampling or SamplingParams()
-        self.check_length(len(prompt), max_new_tokens)
-        verifier, sampler = self.verifier_factory(sampling)
+    def _new_stats(self, prompt_len: int) -> Stats:
         t, d = self.target, self.drafter
-        depth_max = self.k
-        s = self.stats = Stats(
+        return Stats(
             backend=t.backend, device=t.device, precision=t.precision, drafter=f"{d.name}-tree",
-            num_draft_tokens=depth_max, prompt_tokens=len(prompt),
-            drafted_per_position=[0] * depth_max, accepted_per_position=[0] * depth_max,
+            num_draft_tokens=self.k, prompt_tokens=prompt_len,
+            drafted_per_position=[0] * self.k, accepted_per_position=[0] * self.k,
         )
-        limit = t.info.context_length
-        capacity = min(len(prompt) + max_new_tokens + self.max_nodes + 1, limit)
-        eos = set(eos_token_ids)
 
-        t0 = time.perf_counter()
-        t.reset(capacity)
-        d.start(prompt, capacity)
-        out = t.forward(list(prompt), all_logits=False)
-        first = verifier.verify(out.logits[-1:], Draft([]))
-        tokens = list(prompt) + first
-        d.accepted(tokens, 0, out.hidden_states)
-        s.prefill_seconds = time.perf_counter() - t0
-        if first[0] in eos:
-            s.stop_reason = "eos"
-            return
-        s.new_tokens = 1
-        yield first
+    def _block_room(self) -> int:
+        return self.max_nodes
 
-        t_dec = time.perf_counter()
-        try:
-            while True:
-                remaining = max_new_tokens - s.new_tokens
-                if remaining <= 0:
-                    s.stop_reason = "length"
-                    return
-                depth = min(depth_max, remaining - 1)
-                nodes = min(self.max_nodes, limit - len(tokens))
-                td = time.perf_counter()
-                tree = d.propose_tree(tokens, depth, nodes) if depth > 0 and nodes > 0 else None
-                s.draft_seconds += time.perf_counter() - td
-                if tree is None or len(tree) == 0:
-                    tree = DraftTree([], [])
-                out = t.forward_tree([tokens[-1], *tree.tokens], [-1, *tree.parents])
-                if sampler is None:
-                    accepted, path = verify_tree_greedy(out.logits, tree)
-                else:
-                    accepted, path = verify_tree_sampling(out.logits, tree, sampler)
-                t.keep(path)
-                n = len(accepted) - 1
-                tokens.extend(accepted)
-                d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[path])
-                s.target_calls += 1
-                s.drafted += len(tree)
-                s.accepted += n
-                levels = max(tree.depths, default=0)
-                for i in range(levels):
-                    s.drafted_per_position[i] += 1
-                    s.accepted_per_position[i] += i < n
-                new = accepted[:remaining]
-                stop = next((i for i, tok in enumerate(new) if tok in eos), None)
-                if stop is not None:
-                    new = new[:stop]
-                s.new_tokens += len(new)
-                s.decode_tokens += len(new) + (stop is not None)  # the EOS was produced by this call too
-                if new:
-                    yield new
-                if stop is not None:
-                    s.stop_reason = "eos"
-                    return
-        finally:
-            s.decode_seconds = time.perf_counter() - t_dec
-            if not s.stop_reason:
-                s.stop_reason = "stopped"
+    def _step(self, tokens: list[int], remaining: int, limit: int, verifier: Verifier, sampler: Sampler | None):
+        t, d, s = self.target, self.drafter, self.stats
+        depth = min(self.k, remaining - 1)
+        nodes = min(self.max_nodes, limit - len(tokens))
+        td = time.perf_counter()
+        tree = d.propose_tree(tokens, depth, nodes) if depth > 0 and nodes > 0 else None
+        s.draft_seconds += time.perf_counter() - td
+        if tree is None or len(tree) == 0:
+            tree = DraftTree([], [])
+        out = t.forward_tree([tokens[-1], *tree.tokens], [-1, *tree.parents])
+        if sampler is None:
+            accepted, path = verify_tree_greedy(out.logits, tree)
+        else:
+            accepted, path = verify_tree_sampling(out.logits, tree, sampler)
+        t.keep(path)
+        tokens.extend(accepted)
+        d.accepted(tokens, len(accepted) - 1, None if out.hidden_states is None else out.hidden_states[path])
+        return accepted, len(tree), max(tree.depths, default=0)
