@@ -58,28 +58,24 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class OnnxTarget(Target):
-    """The Target contract over an exported graph.
+class KVBufferTarget(Target):
+    """The Target contract over a graph with the ``export.py`` interface, for any runtime.
 
-    Cache: ``self._kv`` is ``[L, 2, kv_heads, capacity, D]`` float32.  A forward binds rows
-    ``0..length-1`` of every (layer, k/v, head) slice as the graph's ``past_*`` inputs (pointers
-    into the buffer: no copy), runs the block, and writes the block's ``new_kv`` into rows
-    ``length..length+T-1``.  ``rollback`` only moves ``length``."""
+    Cache: ``self._kv`` is ``[L, 2, kv_heads, capacity, D]`` float32.  A forward passes rows
+    ``0..length-1`` of every (layer, k/v, head) slice as the graph's ``past_*`` inputs (views into
+    the buffer: no copy), runs the block, and writes the block's ``new_kv`` into rows
+    ``length..length+T-1``.  ``rollback`` only moves ``length``.  A runtime implements ``_execute``."""
 
-    def __init__(self, session, meta: ex.GraphMeta, precision: str, path: Path):
-        self.session, self.meta, self.path = session, meta, path
-        self.backend, self.device, self.precision = "onnx_cpu", "cpu", precision
+    def __init__(self, meta: ex.GraphMeta, backend: str, device: str, precision: str, path: Path):
+        self.meta, self.path = meta, path
+        self.backend, self.device, self.precision = backend, device, precision
         self.info = ModelInfo(meta.vocab_size, meta.context_length, meta.hidden_size, meta.num_layers)
         self.aux_layers = tuple(meta.aux_layers)
-        self._io = session.io_binding()
-        self._bind = _fast_binder(self._io)
         self._names = meta.past_names
         self._kv: np.ndarray | None = None
-        self._addrs: list[int] = []
         self._len = 0
-        self._pad = np.zeros((1, meta.head_dim), np.float32)  # the one row bound while the cache is empty
+        self._pad = np.zeros((1, meta.head_dim), np.float32)  # the one row passed while the cache is empty
         self._tree: tuple[int, int] | None = None  # (start, nodes) after forward_tree, until keep
-        self.bind_capacity = False  # benchmarks only: bind the whole buffer instead of the used rows
 
     @property
     def length(self) -> int:
@@ -95,13 +91,11 @@ class OnnxTarget(Target):
         self._kv = np.zeros((m.num_layers, 2, m.num_kv_heads, capacity, m.head_dim), np.float32)
         if old is not None and n:
             self._kv[:, :, :, :n] = old[:, :, :, :n]
-        stride = capacity * m.head_dim * 4
-        base = self._kv.ctypes.data
-        self._addrs = [base + i * stride for i in range(len(self._names))]
 
     def reset(self, capacity: int) -> None:
         capacity = max(1, min(int(capacity), self.info.context_length))
         self._len = 0
+        self._tree = None
         if self.capacity < capacity:
             self._kv = None
             self._allocate(capacity)
@@ -157,7 +151,45 @@ class OnnxTarget(Target):
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 1 or ids.min() < 0 or ids.max() >= self.info.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.info.vocab_size - 1}")
-        m, io = self.meta, self._io
+        logits, new_kv, hidden = self._execute(ids, positions, block_mask, out_index, start)
+        self._kv[:, :, :, start:end] = new_kv
+        self._len = end
+        return StepOutput(logits, hidden)
+
+    def _execute(self, ids, positions, block_mask, out_index, start: int):
+        """Run the graph on the block with rows ``0..start-1`` of the cache as past; return
+        (logits [N, V], new_kv [L, 2, kv_heads, T, D], hidden states [T, n*H] or None)."""
+        raise NotImplementedError
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self._len} tokens")
+        self._len = length  # rows past length are stale; the next forward overwrites them
+        self._tree = None
+
+    def close(self) -> None:
+        self._kv = None
+
+
+class OnnxTarget(KVBufferTarget):
+    """ONNX Runtime: the past rows are bound by pointer through IO binding."""
+
+    def __init__(self, session, meta: ex.GraphMeta, precision: str, path: Path):
+        self._addrs: list[int] = []
+        super().__init__(meta, "onnx_cpu", "cpu", precision, path)
+        self.session = session
+        self._io = session.io_binding()
+        self._bind = _fast_binder(self._io)
+        self.bind_capacity = False  # benchmarks only: bind the whole buffer instead of the used rows
+
+    def _allocate(self, capacity: int) -> None:
+        super()._allocate(capacity)
+        stride = capacity * self.meta.head_dim * 4
+        base = self._kv.ctypes.data
+        self._addrs = [base + i * stride for i in range(len(self._names))]
+
+    def _execute(self, ids, positions, block_mask, out_index, start: int):
+        m, io, T = self.meta, self._io, len(ids)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("positions", positions)
         io.bind_cpu_input("block_mask", block_mask)
@@ -180,18 +212,10 @@ class OnnxTarget(Target):
             hidden = np.empty((T, len(self.aux_layers) * m.hidden_size), f32)
             io.bind_output("hidden_states", "cpu", 0, f32, list(hidden.shape), hidden.ctypes.data)
         self.session.run_with_iobinding(io)
-        self._kv[:, :, :, start:end] = new_kv
-        self._len = end
-        return StepOutput(logits, hidden)
-
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= self._len:
-            raise ValueError(f"cannot roll back to {length}: cache holds {self._len} tokens")
-        self._len = length  # rows past length are stale; the next forward overwrites them
-        self._tree = None
+        return logits, new_kv, hidden
 
     def close(self) -> None:
-        self._kv = None
+        super().close()
         self._addrs = []
         self._io = None
         self.session = None

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from specrun.errors import SpecrunError
-from specrun.interfaces import Availability, Backend, ModelInfo, StepOutput, Target
+from specrun.interfaces import Availability, Backend, Target
 from specrun.models import cache_dir
+from specrun_onnx_cpu.backend import KVBufferTarget, check_aux_layers
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "2"
@@ -59,110 +60,33 @@ def ov_device(device: str) -> str:
     return _OV_NAMES[base] + (f".{index}" if index else "")
 
 
-class OpenVinoTarget(Target):
-    """Same cache scheme as the ONNX target: ``[L, 2, kv_heads, capacity, D]`` float32 buffer whose
-    used rows are passed as shared-memory inputs; rollback moves ``length`` only."""
+class OpenVinoTarget(KVBufferTarget):
+    """The onnx_cpu plugin's cache scheme (one preallocated buffer, rollback moves ``length``);
+    OpenVINO gets the used rows as shared-memory inputs."""
 
     def __init__(self, compiled, meta, precision: str, compute: str, device: str, path: Path):
-        self.compiled, self.meta, self.path = compiled, meta, path
+        super().__init__(meta, "openvino", device, precision, path)
+        self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self.backend, self.device, self.precision = "openvino", device, precision
         self.compute_precision = compute
-        self.info = ModelInfo(meta.vocab_size, meta.context_length, meta.hidden_size, meta.num_layers)
-        self.aux_layers = tuple(meta.aux_layers)
-        self._names = meta.past_names
-        self._kv: np.ndarray | None = None
-        self._len = 0
-        self._pad = np.zeros((1, meta.head_dim), np.float32)
-        self._tree: tuple[int, int] | None = None
 
-    @property
-    def length(self) -> int:
-        return self._len
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._kv is None else self._kv.shape[3]
-
-    def _allocate(self, capacity: int) -> None:
-        m = self.meta
-        old, n = self._kv, self._len
-        self._kv = np.zeros((m.num_layers, 2, m.num_kv_heads, capacity, m.head_dim), np.float32)
-        if old is not None and n:
-            self._kv[:, :, :, :n] = old[:, :, :, :n]
-
-    def reset(self, capacity: int) -> None:
-        capacity = max(1, min(int(capacity), self.info.context_length))
-        self._len = 0
-        self._tree = None
-        if self.capacity < capacity:
-            self._kv = None
-            self._allocate(capacity)
-
-    def forward(self, tokens: Sequence[int], *, all_logits: bool = True) -> StepOutput:
-        T = len(tokens)
-        if T == 0:
-            raise ValueError("forward needs at least one token")
-        start = self._len
-        positions = np.arange(start, start + T, dtype=np.int64)
-        out_index = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
-        self._tree = None
-        return self._run(tokens, positions, np.tri(T, dtype=bool), out_index)
-
-    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> StepOutput:
-        anc, depth = _tree_mask(parents, len(tokens))
-        start = self._len
-        out = self._run(tokens, start + depth, anc, np.arange(len(tokens), dtype=np.int64))
-        self._tree = (start, len(tokens))
-        return out
-
-    def keep(self, indices: Sequence[int]) -> None:
-        if self._tree is None:
-            raise ValueError("keep() follows forward_tree()")
-        start, T = self._tree
-        idx = list(indices)
-        if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
-            raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
-        self._kv[:, :, :, start : start + len(idx)] = self._kv[:, :, :, np.asarray(idx) + start]
-        self._len = start + len(idx)
-        self._tree = None
-
-    def _run(self, tokens, positions: np.ndarray, block_mask: np.ndarray, out_index: np.ndarray) -> StepOutput:
-        T = len(tokens)
-        start, end = self._len, self._len + T
-        limit = self.info.context_length
-        if end > limit or int(positions.max()) + 1 > limit:
-            raise SpecrunError(f"sequence of {end} tokens exceeds the model's context limit of {limit}")
-        if end > self.capacity:
-            self._allocate(min(max(end, 2 * self.capacity, 256), limit))
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= self.info.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.info.vocab_size - 1}")
+    def _execute(self, ids, positions, block_mask, out_index, start: int):
         feed = {"input_ids": ids, "positions": positions, "block_mask": block_mask, "output_index": out_index}
-        kv = self._kv
-        m = self.meta
-        i = 0
+        kv, m, T = self._kv, self.meta, len(ids)
+        names = iter(self._names)
         for layer in range(m.num_layers):
             for k in range(2):
                 for h in range(m.num_kv_heads):
-                    feed[self._names[i]] = kv[layer, k, h, :start] if start else self._pad
-                    i += 1
+                    feed[next(names)] = kv[layer, k, h, :start] if start else self._pad
         req = self.request
         req.infer(feed, share_inputs=True, share_outputs=True)
-        kv[:, :, :, start:end] = req.get_tensor("new_kv").data
+        new_kv = np.array(req.get_tensor("new_kv").data[:, :, :, :T])
         logits = np.array(req.get_tensor("logits").data, dtype=np.float32)
         hidden = np.array(req.get_tensor("hidden_states").data, dtype=np.float32) if self.aux_layers else None
-        self._len = end
-        return StepOutput(logits, hidden)
-
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= self._len:
-            raise ValueError(f"cannot roll back to {length}: cache holds {self._len} tokens")
-        self._len = length
-        self._tree = None
+        return logits, new_kv, hidden
 
     def close(self) -> None:
-        self._kv = None
+        super().close()
         self.request = None
         self.compiled = None
 
@@ -255,8 +179,6 @@ class OpenVinoBackend(Backend):
     def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
         device = self.check_device(device)
         precision = self.check_precision(device, precision)
-        from specrun_onnx_cpu.backend import check_aux_layers
-
         aux = check_aux_layers(model_dir, aux_hidden_layers)
         ex = _onnx_export()
         # compressed weights compute in f32 on CPU: OpenVINO 2026.4 dies with SIGFPE running an
@@ -285,22 +207,6 @@ class OpenVinoBackend(Backend):
         if precision in WEIGHTS:
             _check_small_blocks(target, device)
         return target
-
-
-def _tree_mask(parents: Sequence[int], T: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ancestor mask [T, T] and depths of a token tree given each node's parent (-1 for the root)."""
-    if T == 0 or len(parents) != T:
-        raise ValueError("forward_tree needs as many parents as tokens (>= 1)")
-    anc = np.zeros((T, T), dtype=bool)
-    depth = np.zeros(T, dtype=np.int64)
-    for i, p in enumerate(parents):
-        if not (p == -1 if i == 0 else 0 <= p < i):
-            raise ValueError(f"bad tree: node {i} has parent {p} (the first node's must be -1, others' earlier nodes)")
-        if p >= 0:
-            anc[i] = anc[p]
-            depth[i] = depth[p] + 1
-        anc[i, i] = True
-    return anc, depth
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:
