@@ -75,8 +75,9 @@ def _read_header(f, path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_safetensors(path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as numpy arrays (floats as float32, bf16 included)."""
+def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mmap: bool = False) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as numpy arrays (floats as float32, bf16 included).  With
+    ``mmap``, float32 tensors are read-only memory maps of the file instead of copies."""
     path = Path(path)
     wanted = None if names is None else set(names)
     out: dict[str, np.ndarray] = {}
@@ -93,6 +94,9 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None = None) -> di
                 b, e = info["data_offsets"]
                 if base + e > size:
                     raise SpecrunError(f"cannot read weights {path}: the file is truncated (corrupt or partial)")
+                if mmap and dtype == "<f4" and e > b:
+                    out[name] = np.memmap(path, dtype="<f4", mode="r", offset=base + b, shape=tuple(info["shape"]))
+                    continue
                 f.seek(base + b)
                 buf = f.read(e - b)
                 if dtype == "bf16":
@@ -136,8 +140,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_target_embedding(target_dir: str | Path) -> np.ndarray:
-    """The target's token embedding [V, H] (float32), read from its safetensors files."""
+def read_target_embedding(target_dir: str | Path, *, mmap: bool = False) -> np.ndarray:
+    """The target's token embedding [V, H] (float32), read from its safetensors files (``mmap``:
+    see ``read_safetensors``)."""
     target_dir = Path(target_dir)
     index = target_dir / "model.safetensors.index.json"
     names = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
@@ -147,7 +152,7 @@ def read_target_embedding(target_dir: str | Path) -> np.ndarray:
     else:
         files = sorted(target_dir.glob("*.safetensors"))
     for f in files:
-        got = read_safetensors(f, names)
+        got = read_safetensors(f, names, mmap=mmap)
         for n in names:
             if n in got:
                 return got[n]
@@ -369,9 +374,11 @@ class Eagle3Checkpoint:
             raise SpecrunError(f"{where}: the head's hidden size {cfg.hidden_size} differs from the target's {hidden_size} and it has no embedding of its own")
 
     @classmethod
-    def load(cls, folder: str | Path, target_dir: str | Path | None = None) -> Eagle3Checkpoint:
+    def load(cls, folder: str | Path, target_dir: str | Path | None = None, *, mmap_embed: bool = False) -> Eagle3Checkpoint:
         """Read and validate a head; with ``target_dir``, check it against the target and take
-        the embedding from the target when the head has none."""
+        the embedding from the target when the head has none (``mmap_embed``: as a read-only
+        memory map of the target's file where it is stored as float32, so that only the rows
+        used are read)."""
         folder = Path(folder)
         cfg = Eagle3Config.load(folder)
         files = sorted(folder.glob("*.safetensors"))
@@ -391,7 +398,7 @@ class Eagle3Checkpoint:
             tc = ModelConfig.load(target_dir)
             ck.check_target(tc.vocab_size, tc.hidden_size, tc.num_layers, str(folder))
             if ck.embed is None:
-                ck.embed = read_target_embedding(target_dir)
+                ck.embed = read_target_embedding(target_dir, mmap=mmap_embed)
                 if ck.embed.shape != (cfg.vocab_size, cfg.hidden_size):
                     raise SpecrunError(f"the target's embedding has shape {list(ck.embed.shape)}, the head needs {[cfg.vocab_size, cfg.hidden_size]}")
         return ck

@@ -185,9 +185,11 @@ class Backend(abc.ABC):
     ) -> Target:
         """Build a target for the transformers-format model folder ``model_dir``."""
 
-    def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None):
+    def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None,
+                         options: dict | None = None):
         """Build an EAGLE-3 draft head (``specrun.eagle3.DraftHead``, numpy in / numpy out) from a
-        SpecForge-format folder; ``target_dir`` supplies the embedding and the shape checks.
+        SpecForge-format folder; ``target_dir`` supplies the embedding and the shape checks;
+        ``options`` as for ``load_target`` (e.g. ``threads``).
         Optional: backends without it cannot run EAGLE-3 heads."""
         from .errors import SpecrunError
 

@@ -124,7 +124,8 @@ class Pipeline:
             from .eagle3 import Eagle3Drafter
 
             hbe = registry.get(draft_backend or backend)
-            head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision)
+            head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision,
+                                        options=options)
             d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size)
         pipe = cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
         if tree is not None:

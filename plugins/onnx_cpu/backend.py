@@ -239,7 +239,7 @@ class OnnxBackend(Backend):
         return list(ex.PRECISIONS)
 
     def capabilities(self) -> set[str]:
-        return {"hidden_states", "tree_attention", "weights:f32", "weights:int8"}
+        return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:int8"}
 
     def export(
         self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
@@ -271,6 +271,30 @@ class OnnxBackend(Backend):
                 raise SpecrunError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
         meta = ex.GraphMeta.load(path.parent)
         return OnnxTarget(session, meta, precision, path)
+
+
+    def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
+        """The head exported to ONNX (once, cached) and run by onnxruntime; always f32 (the head
+        is ~2% of a step: weight compression would gain nothing measurable)."""
+        from . import head as hd
+
+        device = self.check_device(device)
+        if precision not in (None, "f32", "int8"):
+            raise SpecrunError(f"backend 'onnx_cpu' runs EAGLE-3 heads in f32; got precision '{precision}'")
+        ort = _import_ort()
+        ck = hd.load_head_checkpoint(checkpoint_dir, target_dir)
+        threads = int(dict(options or {}).get("threads") or default_threads())
+        path = hd.export_head(ck, checkpoint_dir)
+        try:
+            session = _session(ort, path, threads, dict(options or {}))
+        except Exception:  # damaged despite the marker: rebuild once
+            ex.invalidate(path.parent)
+            path = hd.export_head(ck, checkpoint_dir, force=True)
+            try:
+                session = _session(ort, path, threads, dict(options or {}))
+            except Exception as exc:
+                raise SpecrunError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        return hd.OnnxDraftHead(session, ck, hd.head_meta(path), path)
 
 
 def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from specrun.errors import SpecrunError
 from specrun.interfaces import Availability, Backend, Target
 from specrun.models import cache_dir
 from specrun_onnx_cpu.backend import KVBufferTarget, check_aux_layers
+from specrun_onnx_cpu.head import KVBufferHead
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "2"
@@ -91,6 +92,24 @@ class OpenVinoTarget(KVBufferTarget):
         self.compiled = None
 
 
+class OpenVinoDraftHead(KVBufferHead):
+    """An EAGLE-3 head compiled by OpenVINO (the cache scheme of the onnx_cpu plugin's head)."""
+
+    def __init__(self, compiled, ck, meta, precision: str, device: str, path: Path):
+        super().__init__(ck, meta, "openvino", device, precision, path)
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+
+    def _execute(self, feed):
+        req = self.request
+        req.infer(feed, share_inputs=True)
+        return tuple(np.array(req.get_tensor(n).data, dtype=np.float32) for n in ("logits", "out", "new_k", "new_v"))
+
+    def close(self) -> None:
+        super().close()
+        self.request = self.compiled = None
+
+
 class OpenVinoBackend(Backend):
     name = "openvino"
     description = "OpenVINO on CPU, Intel GPU and NPU (IR converted once from the ONNX export)"
@@ -140,7 +159,7 @@ class OpenVinoBackend(Backend):
         return [fastest, *rest, *WEIGHTS]
 
     def capabilities(self) -> set[str]:
-        return {"hidden_states", "tree_attention", "weights:f32", "weights:int8", "weights:int4"}
+        return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:int8", "weights:int4"}
 
     def versions(self) -> dict[str, str]:
         return {"openvino": _import_ov().__version__}
@@ -207,6 +226,32 @@ class OpenVinoBackend(Backend):
         if precision in WEIGHTS:
             _check_small_blocks(target, device)
         return target
+
+
+    def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
+        """The onnx_cpu plugin's head export, compiled by OpenVINO at a compute precision (the
+        device's fastest by default; int8/int4 targets get an f32 head: the head is small)."""
+        from specrun_onnx_cpu import head as hd
+
+        device = self.check_device(device)
+        precision = self.check_precision(device, precision)
+        compute = precision if precision in COMPUTE else "f32"
+        ck = hd.load_head_checkpoint(checkpoint_dir, target_dir)
+        path = hd.export_head(ck, checkpoint_dir)
+        config = {"INFERENCE_PRECISION_HINT": _HINT[compute], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        threads = dict(options or {}).get("threads")
+        if threads and device.startswith("cpu"):
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            compiled = self._core().compile_model(str(path), ov_device(device), config)
+        except RuntimeError:  # damaged despite the marker: rebuild once
+            _onnx_export().invalidate(path.parent)
+            path = hd.export_head(ck, checkpoint_dir, force=True)
+            try:
+                compiled = self._core().compile_model(str(path), ov_device(device), config)
+            except RuntimeError as exc:
+                raise SpecrunError(f"OpenVINO cannot compile {path} for {device}: {str(exc).splitlines()[0]}") from None
+        return OpenVinoDraftHead(compiled, ck, hd.head_meta(path), compute, device, path)
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:

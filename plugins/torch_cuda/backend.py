@@ -64,7 +64,7 @@ class TorchBackend(Backend):
 
         return load_model, Eagle3Module
 
-    def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None):
+    def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
         from .eagle3 import load_torch_head
         from .target import DTYPES
 

@@ -137,7 +137,8 @@ class Eagle3Module(nn.Module):
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.tensors.items() if k not in ("d2t", "t2d")}
         if ck.embed is None:
             raise SpecrunError("the head has no embedding: load it with the target folder")
-        state["embed_tokens.weight"] = torch.from_numpy(np.ascontiguousarray(ck.embed))
+        embed = ck.embed if ck.embed.flags.writeable else np.array(ck.embed)  # a read-only memory map: copy
+        state["embed_tokens.weight"] = torch.from_numpy(np.ascontiguousarray(embed))
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SpecrunError(f"head weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
