@@ -77,6 +77,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     resume: bool = False
+    init_from_target: bool = True  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
     cache_target: bool = True  # store the target's features per sequence (work/target-cache)
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
     threads: int | None = None
@@ -295,11 +296,16 @@ def build_vocab(opts: TrainOptions, vocab_size: int) -> Path:
     if not records:
         raise SpecrunError(f"no training data in {wd / 'data.jsonl'}; run the data stage first")
     counts = np.zeros(vocab_size, dtype=np.int64)
+    prompt_counts = np.zeros(vocab_size, dtype=np.int64)
     for r in records:
-        ans = np.asarray(r["input_ids"][r["prompt_len"] :], dtype=np.int64)
-        np.add.at(counts, ans[ans < vocab_size], 1)
-    d2t, t2d = vocab_map(counts, min(opts.draft_vocab_size, vocab_size))
-    write_safetensors(path, {"d2t": d2t, "t2d": t2d, "counts": counts})
+        ids = np.asarray(r["input_ids"], dtype=np.int64)
+        ids = ids[ids < vocab_size]
+        np.add.at(counts, ids[r["prompt_len"] :], 1)
+        np.add.at(prompt_counts, ids[: r["prompt_len"]], 1)
+    # answer counts rank the tokens; prompt counts break ties (the many answer-count-0 tokens
+    # left when the answers use fewer distinct tokens than the draft vocabulary holds)
+    d2t, t2d = vocab_map(counts * (int(prompt_counts.max()) + 1) + prompt_counts, min(opts.draft_vocab_size, vocab_size))
+    write_safetensors(path, {"d2t": d2t, "t2d": t2d, "counts": counts, "prompt_counts": prompt_counts})
     covered = counts[t2d].sum() / max(1, counts.sum())
     _log(opts, f"vocab: {len(d2t)} draft tokens cover {covered:.1%} of {counts.sum()} answer tokens -> {path}")
     return path
@@ -562,7 +568,14 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    used_ids = torch.as_tensor(np.arange(len(d2t)) + d2t, device=device)
+    runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device, used_ids,
+                          wd / "target-cache" if opts.cache_target else None)
     module = new_head_module(cfg, read_target_embedding(model_dir), opts.seed).to(device)
+    if opts.init_from_target:  # the head's output then starts in the target's final hidden space
+        with torch.no_grad():
+            module.lm_head.weight.copy_(runner.used_rows)
+            module.norm.weight.copy_(runner.model.model.norm.weight)
     params = [p for n, p in module.named_parameters() if n != "embed_tokens.weight"]
     opt = torch.optim.AdamW(params, lr=opts.lr)
     start, losses = (0, [])
@@ -575,9 +588,6 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(module)
-    used_ids = torch.as_tensor(np.arange(len(d2t)) + d2t, device=device)
-    runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device, used_ids,
-                          wd / "target-cache" if opts.cache_target else None)
     t2d = torch.as_tensor(t2d_np, device=device)
     bar = tqdm(total=opts.steps, initial=start, desc="train (training-time test)", unit="step",
                disable=opts.quiet or rank != 0, file=sys.stderr)
@@ -740,10 +750,12 @@ def _command():
     @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
     @click.option("--cache-target/--no-cache-target", default=True, show_default=True,
                   help="Store the target's hidden states per sequence (float16, work/target-cache) for later epochs.")
+    @click.option("--init-from-target/--random-init", default=True, show_default=True,
+                  help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, stop_at, quiet):
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, init_from_target, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
                             ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
@@ -753,7 +765,7 @@ def _command():
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, stop_at=stop_at, threads=threads, quiet=quiet)
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
             raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")

@@ -139,6 +139,26 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     a = read_safetensors(next((part / "work").glob("ckpt-*")) / "state.safetensors")
     assert set(a) == set(state) and all(np.array_equal(a[k], state[k]) for k in state)
 
+    # --init-from-target (default): before any update, lm_head holds the target's rows of the draft
+    # vocabulary and norm its final norm; --random-init does not
+    from pathlib import Path
+
+    vocab = read_safetensors(out / "work" / "vocab.safetensors")
+    used = np.arange(len(vocab["d2t"])) + vocab["d2t"]
+    tw = {}
+    for f in Path(target).glob("*.safetensors"):
+        tw.update(read_safetensors(f))
+    target_rows = tw.get("lm_head.weight", tw["model.embed_tokens.weight"])[used]
+    for init in (True, False):
+        zero = tmp_path / f"zero-{init}"
+        (zero / "work").mkdir(parents=True)
+        for name in ("data.jsonl", "vocab.safetensors"):
+            shutil.copy(out / "work" / name, zero / "work" / name)
+        train(TrainOptions(target=target, out=str(zero), batch_size=2, ttt_steps=2, lr=0.0, steps=1, quiet=True,
+                           init_from_target=init), tiny_models["llama"])
+        st = read_safetensors(next((zero / "work").glob("ckpt-*")) / "state.safetensors")
+        assert np.array_equal(st["model.lm_head.weight"], target_rows) == init
+
     # the trained head decodes losslessly through the CLI
     plain = CliRunner().invoke(main, ["generate", "Say something about cats.", "--target", target, "-n", "12", "--json", "--drafter", "none"])
     spec = CliRunner().invoke(main, ["generate", "Say something about cats.", "--target", target, "-n", "12", "--json",
