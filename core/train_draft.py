@@ -77,6 +77,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     resume: bool = False
+    precision: str = "bf16"  # autocast of the head's forward (weights and optimizer stay f32)
     init_from_target: bool = True  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
     cache_target: bool = True  # store the target's features per sequence (work/target-cache)
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
@@ -598,7 +599,8 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         batch = make_batch([train_recs[i] for i in idx], runner, used_ids, t2d, opts.max_length, device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, opts.steps, opts.lr, opts.warmup)
-        loss, _, accs, _ = ttt_loss(_DDPProxy(model) if ddp else module, batch, opts.ttt_steps)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+            loss, _, accs, _ = ttt_loss(_DDPProxy(model) if ddp else module, batch, opts.ttt_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
@@ -750,12 +752,14 @@ def _command():
     @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
     @click.option("--cache-target/--no-cache-target", default=True, show_default=True,
                   help="Store the target's hidden states per sequence (float16, work/target-cache) for later epochs.")
+    @click.option("--precision", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
+                  help="Autocast of the head's forward in training (bf16: ~1.7x faster on CPUs with avx512_bf16).")
     @click.option("--init-from-target/--random-init", default=True, show_default=True,
                   help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, init_from_target, stop_at, quiet):
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, init_from_target, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
                             ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
@@ -765,7 +769,7 @@ def _command():
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, stop_at=stop_at, threads=threads, quiet=quiet)
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precision=precision, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
             raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")
