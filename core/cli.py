@@ -43,8 +43,10 @@ def backend_options(f):
 @main.command()
 @click.argument("prompt")
 @backend_options
-@click.option("--drafter", type=click.Choice(["none", "ngram", "model", "eagle3"]), default="ngram", show_default=True)
-@click.option("--draft", default=None, help="Draft model folder (for --drafter model).")
+@click.option("--drafter", type=click.Choice(["auto", "none", "ngram", "model", "eagle3"]), default="auto", show_default=True,
+              help="auto: eagle3 with the head shipped for the target if there is one, else ngram.")
+@click.option("--draft", default=None, help="Draft model folder (--drafter model) or EAGLE-3 head folder (--drafter eagle3; "
+              "default: the head shipped for the target).")
 @click.option("--draft-backend", default=None, help="Backend of the draft model [default: the target's].")
 @click.option("--draft-device", default=None, help="Device of the draft model [default: the target's].")
 @click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens verified per target call.")
@@ -66,7 +68,7 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     from .sampling import SamplingParams
 
     tree = parse_tree(tree)
-    if tree is not None and drafter != "eagle3":
+    if tree is not None and drafter not in ("eagle3", "auto"):
         raise SpecrunError("--tree applies to --drafter eagle3")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if num_draft_tokens < 1:

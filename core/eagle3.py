@@ -45,6 +45,18 @@ from .sampling import Sampler
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_DRAFT_VOCAB = 32000
+HEADS_DIR = Path(__file__).parent / "heads"  # heads shipped with the package, one folder per model id
+
+
+def bundled_head(target: str | None) -> Path | None:
+    """The EAGLE-3 head shipped for a named model (``None``: the default model), if any."""
+    from .models import DEFAULT_MODEL
+
+    name = target or DEFAULT_MODEL
+    if "/" in name or name.startswith("."):  # a folder path: no bundled head is assumed
+        return None
+    folder = HEADS_DIR / name
+    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ from .sampling import SamplingParams
 from .tokenizer import load_tokenizer  # noqa: F401 - re-exported (bench, conformance)
 
 DRAFTERS = ("none", "ngram", "model", "eagle3")
+AUTO = "auto"  # eagle3 with the head shipped for the target if there is one, else ngram
 
 
 @attrs.define
@@ -71,7 +72,7 @@ class Pipeline:
         backend: str = "torch_cuda",
         device: str = "cpu",
         precision: str | None = None,
-        drafter: str = "ngram",
+        drafter: str = AUTO,
         draft: str | None = None,
         draft_backend: str | None = None,
         draft_device: str | None = None,
@@ -85,8 +86,20 @@ class Pipeline:
         drafter, a target backend with ``tree_attention``), greedy or sampling."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
+        if drafter == AUTO:
+            from .eagle3 import bundled_head
+
+            drafter = "eagle3" if not draft and bundled_head(target) is not None else "ngram"
         if drafter not in DRAFTERS:
             raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
+        if drafter == "eagle3" and not draft:
+            from .eagle3 import bundled_head
+
+            head = bundled_head(target)
+            if head is None:
+                raise SpecrunError(f"no EAGLE-3 head ships for '{target or 'the default model'}'; pass --draft DIR "
+                                   "(an EAGLE-3 head in the SpecForge format, e.g. from `specrun train-draft`)")
+            draft = str(head)
         registry = registry or load_registry()
         be = registry.get(backend)
         model_dir = resolve_model(target)
@@ -95,8 +108,6 @@ class Pipeline:
         if drafter == "eagle3":
             from .eagle3 import Eagle3Config, check_target_compat
 
-            if not draft:
-                raise SpecrunError("the 'eagle3' drafter needs --draft DIR (an EAGLE-3 head in the SpecForge format)")
             hconf = Eagle3Config.load(draft)
             check_target_compat(hconf, config.vocab_size, config.hidden_size, config.num_layers, draft)
             if "hidden_states" not in be.capabilities():

@@ -320,7 +320,9 @@ def test_cli_generate_with_eagle3(head_dir, tiny_models):
     assert b["token_ids"] == a["token_ids"]
     assert b["stats"]["drafter"] == "eagle3" and b["stats"]["drafted"] > 0
     missing = CliRunner().invoke(main, [*args, "--drafter", "eagle3"])
-    assert missing.exit_code == 2 and "needs --draft DIR" in missing.stderr
+    assert missing.exit_code == 2 and "no EAGLE-3 head ships for" in missing.stderr and "--draft DIR" in missing.stderr
+    auto = CliRunner().invoke(main, args)  # --drafter auto: no head ships for a local folder -> ngram
+    assert auto.exit_code == 0 and json.loads(auto.stdout)["stats"]["drafter"] == "ngram"
     nowhere = CliRunner().invoke(main, [*args, "--drafter", "eagle3", "--draft", str(head_dir) + "-missing"])
     assert nowhere.exit_code == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.output
 
