@@ -147,7 +147,7 @@ class KVBufferTarget(Target):
         if int(positions.max()) + 1 > self.info.context_length or end > self.info.context_length:
             raise SpecrunError(f"sequence of {end} tokens exceeds the model's context limit of {self.info.context_length}")
         if end > self.capacity:  # grow (rare: the loop reserves enough up front)
-            self._allocate(min(max(end, 2 * self.capacity, 256), self.info.context_length))
+            self._allocate(self._grown(end))
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 1 or ids.min() < 0 or ids.max() >= self.info.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.info.vocab_size - 1}")
@@ -155,6 +155,10 @@ class KVBufferTarget(Target):
         self._kv[:, :, :, start:end] = new_kv
         self._len = end
         return StepOutput(logits, hidden)
+
+    def _grown(self, end: int) -> int:
+        """The capacity to grow to when a block ending at ``end`` does not fit."""
+        return min(max(end, 2 * self.capacity, 256), self.info.context_length)
 
     def _execute(self, ids, positions, block_mask, out_index, start: int):
         """Run the graph on the block with rows ``0..start-1`` of the cache as past; return

@@ -82,10 +82,17 @@ class GraphMeta:
     aux_layers: tuple[int, ...] = attrs.field(converter=tuple)
     precision: str
     export_version: str = EXPORT_VERSION
+    kv_layout: str = "head"  # "head": past_{k,v}_{layer}_{head} [P, D]; "layer": past_{k,v}_{layer} [kv_heads, P, D]
 
     @property
     def past_names(self) -> list[str]:
+        if self.kv_layout == "layer":
+            return [f"past_{kv}_{layer}" for layer in range(self.num_layers) for kv in "kv"]
         return past_names(self.num_layers, self.num_kv_heads)
+
+    def past_shape(self, rows: int) -> tuple[int, ...]:
+        """Shape of one past input holding ``rows`` cached positions."""
+        return (self.num_kv_heads, rows, self.head_dim) if self.kv_layout == "layer" else (rows, self.head_dim)
 
     @property
     def input_names(self) -> list[str]:
@@ -114,12 +121,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> str:
+def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> str:
     """Hash of what the export depends on: weights (name, size, mtime), config, options, code version."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.load(model_dir)
     h = hashlib.sha256()
-    h.update(json.dumps({"v": EXPORT_VERSION, "opset": OPSET, "precision": precision, "aux": list(aux_layers)}).encode())
+    opts = {"v": EXPORT_VERSION, "opset": OPSET, "precision": precision, "aux": list(aux_layers)}
+    if kv_layout != "head":
+        opts["kv_layout"] = f"{kv_layout}-2"  # 2: untied embedding
+    h.update(json.dumps(opts).encode())
     h.update(json.dumps(cfg.raw, sort_keys=True).encode())
     for f in _weight_files(model_dir):
         st = f.stat()
@@ -127,11 +137,13 @@ def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
     return h.hexdigest()[:20]
 
 
-def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> Path:
+def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> Path:
     """The cache folder an export of this model with these options lives in (may not exist)."""
     model_dir = Path(model_dir)
     aux = "-aux" + "_".join(map(str, aux_layers)) if aux_layers else ""
-    return cache_dir() / "onnx" / f"{model_dir.name}-{precision}{aux}-{export_key(model_dir, aux_layers, precision)}"
+    layout = "" if kv_layout == "head" else f"-{kv_layout}"
+    key = export_key(model_dir, aux_layers, precision, kv_layout)
+    return cache_dir() / "onnx" / f"{model_dir.name}-{precision}{aux}{layout}-{key}"
 
 
 def _fingerprint(path: Path) -> dict:
@@ -160,9 +172,9 @@ def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
         return False
 
 
-def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32") -> Path | None:
+def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> Path | None:
     """The cached graph file, if a complete export exists (no torch needed)."""
-    folder = export_dir(model_dir, aux_layers, precision)
+    folder = export_dir(model_dir, aux_layers, precision, kv_layout)
     return folder / GRAPH_FILE if is_complete(folder) else None
 
 
@@ -226,6 +238,7 @@ def export_model(
     *,
     force: bool = False,
     progress: bool = False,
+    kv_layout: str = "head",
 ) -> Path:
     """Return the path of the cached ONNX graph for this model, exporting it first if needed.
 
@@ -235,13 +248,17 @@ def export_model(
     module docstring has the details; ``GraphMeta.load(path.parent)`` gives names and shapes).
     ``aux_layers``: decoder layers whose inputs the graph also returns (``hidden_states``).
     ``precision``: ``f32`` or ``int8`` (built from the f32 export).  ``force`` rebuilds.
+    ``kv_layout``: ``head`` (the past inputs above) or ``layer`` (``past_{k,v}_{layer}``
+    ``[kv_heads, P, D]``, see ``graph.StepGraph``).
     ``progress`` shows a tqdm bar of the stages on stderr.  Torch is imported only to export.
     """
     model_dir = Path(model_dir)
     aux = tuple(sorted({int(a) for a in aux_layers}))
     if precision not in PRECISIONS:
         raise SpecrunError(f"cannot export precision '{precision}' to ONNX; supported: {', '.join(PRECISIONS)}")
-    folder = export_dir(model_dir, aux, precision)
+    if kv_layout not in ("head", "layer"):
+        raise SpecrunError(f"unknown KV layout '{kv_layout}'; use head or layer")
+    folder = export_dir(model_dir, aux, precision, kv_layout)
     if not force and is_complete(folder):
         return folder / GRAPH_FILE
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -249,11 +266,11 @@ def export_model(
         if not force and is_complete(folder):  # another process exported it while we waited
             return folder / GRAPH_FILE
         if precision == "int8":
-            source = export_model(model_dir, aux, "f32", progress=progress)
+            source = export_model(model_dir, aux, "f32", progress=progress, kv_layout=kv_layout)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
             if precision == "f32":
-                _export_f32(model_dir, aux, tmp, progress)
+                _export_f32(model_dir, aux, tmp, progress, kv_layout)
             else:
                 _quantize_int8(source.parent, tmp, model_dir.name, progress)
             _publish(tmp, folder)
@@ -276,7 +293,7 @@ def _publish(tmp: Path, folder: Path) -> None:
             raise
 
 
-def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool) -> None:
+def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool, kv_layout: str = "head") -> None:
     stages = _Stages(
         ["read weights", "trace to ONNX", "write external data", "check with onnxruntime"],
         f"export {model_dir.name} f32", progress,
@@ -298,12 +315,12 @@ def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool
     s = model.spec
     if any(a >= s.num_layers for a in aux):
         raise SpecrunError(f"aux hidden layer {max(aux)} out of range: the model has {s.num_layers} layers (0..{s.num_layers - 1})")
-    graph = StepGraph(model, aux).eval()
+    graph = StepGraph(model, aux, kv_layout).eval()
     del model
     meta = GraphMeta(
         model_type=s.model_type, vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
         num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-        context_length=s.context_length, aux_layers=aux, precision="f32",
+        context_length=s.context_length, aux_layers=aux, precision="f32", kv_layout=kv_layout,
     )
     stages.done()
 
@@ -314,10 +331,10 @@ def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool
         torch.arange(P, P + T),
         torch.tril(torch.ones(T, T, dtype=torch.bool)),
         torch.tensor([0, 2]),
-        *(torch.randn(P, s.head_dim) for _ in meta.past_names),
+        *(torch.randn(*meta.past_shape(P)) for _ in meta.past_names),
     )
     dynamic = {"input_ids": {0: "T"}, "positions": {0: "T"}, "output_index": {0: "N"}, "logits": {0: "N"}, "new_kv": {3: "T"}}
-    dynamic.update({n: {0: "P"} for n in meta.past_names})
+    dynamic.update({n: {1 if kv_layout == "layer" else 0: "P"} for n in meta.past_names})
     dynamic["block_mask"] = {0: "T", 1: "T"}
     if aux:
         dynamic["hidden_states"] = {0: "T"}
@@ -382,7 +399,7 @@ def _quantize_int8(source: Path, out: Path, name: str, progress: bool) -> None:
     T = 2
     inputs = [np.array([1, 2], np.int64), np.arange(T, dtype=np.int64), np.tril(np.ones((T, T), bool)),
               np.arange(T, dtype=np.int64)]
-    inputs += [np.zeros((1, meta.head_dim), np.float32) for _ in meta.past_names]
+    inputs += [np.zeros(meta.past_shape(1), np.float32) for _ in meta.past_names]
     logits = _run_once(out / GRAPH_FILE, meta, inputs)[0]
     if not np.isfinite(logits).all():
         raise SpecrunError("the int8 ONNX export produced non-finite logits")

@@ -1,8 +1,9 @@
-"""Step costs and decoding speed of the onnx_cpu backend on the default model, side by side.
+"""Step costs and decoding speed of the CPU backends on the default model, side by side.
 
-    .venv/bin/python bench/onnx_cpu_steps.py                 # onnx f32 (+ the bind-whole-capacity ablation)
-    .venv/bin/python bench/onnx_cpu_steps.py --int8 --torch  # also int8 and the torch_cuda CPU reference
-    .venv/bin/python bench/onnx_cpu_steps.py --cli           # also `specrun generate` start-up: first token, peak RSS
+    .venv/bin/python bench/steps.py                            # onnx f32 (+ the bind-whole-capacity ablation)
+    .venv/bin/python bench/steps.py --int8 --torch             # also onnx int8 and the torch_cuda CPU reference
+    .venv/bin/python bench/steps.py --openvino --no-ablation   # also openvino at bf16 (its default here) and f32
+    .venv/bin/python bench/steps.py --cli                      # also `specrun generate` start-up: first token, peak RSS
 
 Prints, per configuration: the cost of a 1-token step and of a 5-token verification block at 100
 and at 1,500 tokens of context (median of interleaved repetitions; the cache is filled once and
@@ -35,6 +36,10 @@ CONFIGS = {
     "onnx f32, whole-capacity binding": ("onnx_cpu", "f32", True),
     "onnx int8": ("onnx_cpu", "int8", False),
     "torch_cuda cpu f32": ("torch_cuda", "f32", False),
+    "openvino bf16": ("openvino", "bf16", False),
+    "openvino f32": ("openvino", "f32", False),
+    "openvino int8": ("openvino", "int8", False),
+    "openvino int4": ("openvino", "int4", False),
 }
 
 
@@ -44,7 +49,8 @@ def load_target(name: str, threads: int, model_dir):
     backend, precision, whole = CONFIGS[name]
     t = load_registry([backend]).get(backend).load_target(str(model_dir), device="cpu", precision=precision,
                                                           options={"threads": threads})
-    t.bind_capacity = whole
+    if backend == "onnx_cpu":
+        t.bind_capacity = whole
     return t
 
 
@@ -74,28 +80,31 @@ def wait_quiet(max_wait: float = 60.0, threshold: float = 0.15) -> bool:
 
 
 def step_costs(targets: dict, reps: int, capacity: int = 2048) -> dict:
-    """Min and median cost (ms) of each (T, context) case; cases interleaved over repetitions."""
+    """Min and median cost (ms) of each (T, context) case.  Per context the cache is filled once
+    (a fresh reset, so buffers sized by use are sized for that context); each timed block is
+    rolled back; the block sizes are interleaved over repetitions."""
     rng = np.random.default_rng(0)
     context = rng.integers(100, 40000, 1500).tolist()
-    for t in targets.values():
-        t.reset(capacity)
-        t.forward(context, all_logits=False)
-    cases = [(1, 1500), (5, 1500), (1, 100), (5, 100)]
-    times: dict = {(name, c): [] for name in targets for c in cases}
-    for rep in range(reps + 1):  # the first round warms up
-        wait_quiet()
-        for name, t in targets.items():
-            for T, ctx in cases:
-                # Timing only: rows 0..1499 stay in the buffers, so a short context is a rollback
-                # and the long one is restored by moving the length back (the few rows the short
-                # steps overwrote hold other tokens' keys, which changes no cost).
-                t._len = ctx
-                block = context[ctx : ctx + T] if ctx + T <= len(context) else [7] * T
-                t0 = time.perf_counter()
-                t.forward(block)
-                dt = time.perf_counter() - t0
-                if rep:
-                    times[(name, (T, ctx))].append(dt)
+    times: dict = {}
+    for ctx in (1500, 100):
+        for t in targets.values():
+            t.reset(capacity)
+            t.forward(context[:ctx], all_logits=False)
+        for rep in range(reps + 1):  # the first round warms up
+            wait_quiet()
+            for t in targets.values():  # threads that slept while we waited for quiet: wake them
+                for _ in range(2):
+                    t.forward([7])
+                    t.rollback(ctx)
+            for name, t in targets.items():
+                for T in (1, 5):
+                    block = [int(x) for x in rng.integers(100, 40000, T)]
+                    t0 = time.perf_counter()
+                    t.forward(block)
+                    dt = time.perf_counter() - t0
+                    t.rollback(ctx)
+                    if rep:
+                        times.setdefault((name, (T, ctx)), []).append(dt)
     return {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in times.items()}
 
 
@@ -151,8 +160,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--int8", action="store_true", help="also the int8 export")
+    ap.add_argument("--int8", action="store_true", help="also the int8 export (with --openvino: int8 and int4 weights)")
     ap.add_argument("--torch", action="store_true", help="also torch_cuda on CPU (the reference)")
+    ap.add_argument("--openvino", action="store_true", help="also openvino at bf16 and f32")
+    ap.add_argument("--no-onnx", action="store_true", help="skip onnx f32")
     ap.add_argument("--no-ablation", action="store_true", help="skip the whole-capacity binding ablation")
     ap.add_argument("--cli", action="store_true", help="also time `specrun generate` start-up in a subprocess")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
@@ -169,7 +180,9 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.only, args, model_dir, ids)))
         return
 
-    names = ["onnx f32"] + ([] if args.no_ablation else ["onnx f32, whole-capacity binding"])
+    names = ([] if args.no_onnx else ["onnx f32"]) + ([] if args.no_ablation else ["onnx f32, whole-capacity binding"])
+    names += ["openvino bf16", "openvino f32"] if args.openvino else []
+    names += ["openvino int8", "openvino int4"] if args.openvino and args.int8 else []
     names += (["onnx int8"] if args.int8 else []) + (["torch_cuda cpu f32"] if args.torch else [])
     results = {}
     for name in names:
