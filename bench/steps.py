@@ -122,10 +122,10 @@ def decode_speed(target, ids: list[int], drafter: str, new_tokens: int) -> tuple
     return best
 
 
-def cli_startup(args) -> str:
+def cli_startup(args, backend: str) -> str:
     """Time from process start to the first streamed character, and peak RSS (/usr/bin/time -v)."""
-    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv/bin/specrun"), "generate", PROMPT, "--backend", "onnx_cpu",
-           "--threads", str(args.threads), "-n", "32"]
+    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv/bin/specrun"), "generate", PROMPT, "--backend", backend,
+           "--threads", str(args.threads), "-n", "32", "--drafter", "ngram"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = None
@@ -135,10 +135,10 @@ def cli_startup(args) -> str:
     err = p.stderr.read().decode()
     p.wait()
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
-    summary = next((line for line in err.splitlines() if line.startswith("[onnx_cpu")), "")
+    summary = next((line for line in err.splitlines() if line.startswith(f"[{backend}")), "")
     first_s = f"{first:.2f} s" if first is not None else "n/a"
     rss_s = f"{int(rss.group(1)) / 1024:.0f} MB" if rss else "n/a"
-    return f"specrun generate --backend onnx_cpu: first token {first_s} after process start, peak RSS {rss_s}\n  {summary}"
+    return f"specrun generate --backend {backend}: first token {first_s} after process start, peak RSS {rss_s}\n  {summary}"
 
 
 def measure(name: str, args, model_dir, ids) -> dict:
@@ -212,7 +212,8 @@ def main() -> None:
         print(f"  medians, {n}: " + ", ".join(f"{k.replace('@', ' tok @')} {v:.1f}" for k, v in med.items()))
     print("targets: plain >= 40 tok/s (f32, 2 threads); 5-token block <= 1.3x a 1-token step; step @1500 <= 1.5x step @100")
     if args.cli:
-        print(cli_startup(args))
+        for backend in ["onnx_cpu"] + (["openvino"] if args.openvino else []):
+            print(cli_startup(args, backend))
     sys.stdout.flush()
 
 
