@@ -76,7 +76,8 @@ def test_head_matches_torch(name, registry, head_dir, tiny_models, torch_backend
 def test_chain_and_tree_lossless_on_backend(name, registry, head_dir, tiny_models):
     be = _backend(registry, name)
     folder = str(tiny_models["llama"])
-    head = be.load_eagle3_head(str(head_dir), folder, device="cpu", precision="f32")
+    head = be.load_eagle3_head(str(head_dir), folder, device="cpu")  # default: int8 weights
+    assert head.precision == "int8"
     target = be.load_target(folder, device="cpu", precision="f32", aux_hidden_layers=(0, 1, 2))
     prompt = PROMPTS[1]
     ref = plain_greedy(target, prompt, 24)
@@ -94,15 +95,15 @@ def test_head_export_is_cached_and_rebuilt_when_damaged(registry, head_dir, tiny
 
     be = _backend(registry, "onnx_cpu")
     folder = str(tiny_models["llama"])
-    be.load_eagle3_head(str(head_dir), folder, device="cpu")
+    be.load_eagle3_head(str(head_dir), folder, device="cpu", precision="f32")
     export = hd.head_export_dir(head_dir)
     data = export / hd.HEAD_DATA
     mtime = data.stat().st_mtime_ns
-    be.load_eagle3_head(str(head_dir), folder, device="cpu")
+    be.load_eagle3_head(str(head_dir), folder, device="cpu", precision="f32")
     assert data.stat().st_mtime_ns == mtime  # reused
     with open(data, "r+b") as f:  # damage the weights: the fingerprint no longer matches
         f.truncate(data.stat().st_size // 2)
-    head = be.load_eagle3_head(str(head_dir), folder, device="cpu")
+    head = be.load_eagle3_head(str(head_dir), folder, device="cpu", precision="f32")
     assert data.stat().st_size > 0 and data.stat().st_mtime_ns != mtime
     head.reset(8)
     out = head.forward([1, 2], np.zeros((2, 3 * H), np.float32))
@@ -115,5 +116,5 @@ def test_head_backend_refuses_bad_precision_and_device(registry, head_dir, tiny_
     be = _backend(registry, "onnx_cpu")
     with pytest.raises(SpecrunError, match="unknown device"):
         be.load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="tpu")
-    with pytest.raises(SpecrunError, match="f32"):
+    with pytest.raises(SpecrunError, match="f32 or int8"):
         be.load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu", precision="bf16")

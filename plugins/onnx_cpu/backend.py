@@ -278,27 +278,30 @@ class OnnxBackend(Backend):
 
 
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
-        """The head exported to ONNX (once, cached) and run by onnxruntime; always f32 (the head
-        is ~2% of a step: weight compression would gain nothing measurable)."""
+        """The head exported to ONNX (once, cached) and run by onnxruntime.  Default ``int8``
+        (block-wise 8-bit weights): a draft step costs ~0.3 ms instead of ~1.5 ms in f32 on the
+        default model's head, and a head's precision changes only how often drafts are accepted,
+        never the output (verification is exact)."""
         from . import head as hd
 
         device = self.check_device(device)
-        if precision not in (None, "f32", "int8"):
-            raise SpecrunError(f"backend 'onnx_cpu' runs EAGLE-3 heads in f32; got precision '{precision}'")
+        precision = precision or "int8"
+        if precision not in hd.HEAD_PRECISIONS:
+            raise SpecrunError(f"backend 'onnx_cpu' runs EAGLE-3 heads in {' or '.join(hd.HEAD_PRECISIONS)}; got precision '{precision}'")
         ort = _import_ort()
         ck = hd.load_head_checkpoint(checkpoint_dir, target_dir)
         threads = int(dict(options or {}).get("threads") or default_threads())
-        path = hd.export_head(ck, checkpoint_dir)
+        path = hd.export_head(ck, checkpoint_dir, precision)
         try:
             session = _session(ort, path, threads, dict(options or {}))
         except Exception:  # damaged despite the marker: rebuild once
             ex.invalidate(path.parent)
-            path = hd.export_head(ck, checkpoint_dir, force=True)
+            path = hd.export_head(ck, checkpoint_dir, precision, force=True)
             try:
                 session = _session(ort, path, threads, dict(options or {}))
             except Exception as exc:
                 raise SpecrunError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
-        return hd.OnnxDraftHead(session, ck, hd.head_meta(path), path)
+        return hd.OnnxDraftHead(session, ck, hd.head_meta(path), path, precision)
 
 
 def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
