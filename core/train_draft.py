@@ -10,7 +10,9 @@
 3. **train** — the training-time test: the head is unrolled ``--ttt-steps`` (7) steps on its own
    outputs, step losses weighted 0.8**i, soft labels = the target's distribution restricted to
    the draft vocabulary (positions whose target argmax is outside it are skipped), embedding
-   frozen from the target, AdamW (lr 1e-4, 1.5% warmup then cosine), grad-norm clip 0.5.  The
+   frozen from the target, AdamW (lr 1e-4, 1.5% warmup then cosine), grad-norm clip 0.5; the
+   head's ``lm_head``/``norm`` start from the target's (``--random-init`` to not) and its forward
+   runs under bf16 autocast (``--precision f32`` to not).  docs/training-eagle3.md has more.  The
    target's hidden states and logits are computed by specrun's torch model on first use and cached
    per sequence (``OUT/work/target-cache``, float16; ``--no-cache-target`` to recompute each time).
    Checkpoints (weights + optimizer + step + RNG, safetensors + JSON, no pickle) are written

@@ -179,3 +179,35 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
         list(dec.generate(rec["input_ids"][: rec["prompt_len"]], 10))
         rates.append(dec.stats.acceptance_length)
     assert np.mean(rates) > 1.3, rates
+
+
+def test_training_stage_under_torchrun_with_two_processes(tmp_path, tiny_models):
+    """The DistributedDataParallel path: two gloo ranks on CPU share each batch; rank 0 writes the
+    checkpoint, which loads and exports like a single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    target = str(tiny_models["llama"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in ("owls", "snow", "rust", "figs")))
+    out = tmp_path / "ddp"
+    common = ["--target", target, "--out", str(out), "--data", str(prompts), "--num-prompts", "4", "--max-new-tokens", "8",
+              "--gen-batch-size", "4", "--draft-vocab-size", "200", "--quiet"]
+    r = CliRunner().invoke(main, ["train-draft", *common, "--stage", "data", "--stage", "vocab"])
+    assert r.exit_code == 0, r.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "specrun.train_draft", *common, "--stage", "train", "--steps", "3", "--batch-size", "2", "--ttt-steps", "2",
+           "--save-every", "3", "--resume"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = json.loads(next((out / "work").glob("ckpt-*")).joinpath("state.json").read_text())
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    r = CliRunner().invoke(main, ["train-draft", *common, "--stage", "export", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert Eagle3Checkpoint.load(out, target).config.draft_vocab_size == 200
