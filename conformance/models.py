@@ -85,3 +85,71 @@ def tiny_model(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+HEAD_VERSION = "1"
+
+
+def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_vocab: int = 2000, seed: int = 0) -> Path:
+    """A random-weight EAGLE-3 head for the model in ``model_dir``, written exactly as SpecForge
+    writes one (config.json ``LlamaForCausalLMEagle3``; model.safetensors with ``fc``,
+    ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``; no embedding)."""
+    import numpy as np
+
+    from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, vocab_map
+    from specrun.models import ModelConfig
+
+    raw = ModelConfig.load(model_dir).raw
+    cfg = Eagle3Config.for_target(raw, draft_vocab_size=draft_vocab, aux_layer_ids=tuple(aux_layer_ids))
+    rng = np.random.default_rng(seed)
+    H, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+
+    def w(out: int, inp: int) -> np.ndarray:
+        return (rng.normal(size=(out, inp)) / np.sqrt(inp)).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1 + 0.1 * rng.normal(size=H)).astype(np.float32)
+
+    d2t, t2d = vocab_map(rng.integers(0, 1000, cfg.vocab_size), cfg.draft_vocab_size)
+    tensors = {
+        "fc.weight": w(H, cfg.num_aux * cfg.target_hidden_size),
+        "midlayer.hidden_norm.weight": norm(), "midlayer.input_layernorm.weight": norm(),
+        "midlayer.post_attention_layernorm.weight": norm(),
+        "midlayer.self_attn.q_proj.weight": w(cfg.num_heads * hd, 2 * H),
+        "midlayer.self_attn.k_proj.weight": w(cfg.num_kv_heads * hd, 2 * H),
+        "midlayer.self_attn.v_proj.weight": w(cfg.num_kv_heads * hd, 2 * H),
+        "midlayer.self_attn.o_proj.weight": w(H, cfg.num_heads * hd),
+        "midlayer.mlp.gate_proj.weight": w(inter, H), "midlayer.mlp.up_proj.weight": w(inter, H),
+        "midlayer.mlp.down_proj.weight": w(H, inter),
+        "norm.weight": norm(), "lm_head.weight": 4 * w(cfg.draft_vocab_size, H),  # x4: few near-ties
+        "d2t": d2t, "t2d": t2d,
+    }
+    Eagle3Checkpoint(cfg, tensors, None).save(folder)
+    return folder
+
+
+def eagle3_head(model_label: str, model_dir: Path, aux_layer_ids) -> Path:
+    """The cached random head of ``make_eagle3_head`` for one conformance model."""
+    import hashlib
+    import json
+
+    from specrun.models import cache_dir
+
+    key = hashlib.sha256(json.dumps([HEAD_VERSION, str(model_dir), list(aux_layer_ids)]).encode()).hexdigest()[:12]
+    target = cache_dir() / "conformance" / f"head-{model_label}-{key}"
+    if (target / "complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        make_eagle3_head(tmp, model_dir, aux_layer_ids)
+        (tmp / "complete").write_text("ok")
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,6 +1,6 @@
 """The conformance checks and the runner.
 
-Every check has a stable id (C01..C11).  A run is one backend on one device at one precision; it
+Every check has a stable id (C01..C12).  A run is one backend on one device at one precision; it
 produces one CheckResult per (check, model).  The reference is torch_cuda on CPU in fp32."""
 
 from __future__ import annotations
@@ -607,6 +607,63 @@ def c11_determinism(ctx: Context) -> dict:
     return {"details": {"greedy": a[:8], "sampled": s1[:8]}}
 
 
+def _head_calls(head, rng_seed: int, width: int) -> list:
+    """prefix block from target hidden states, 3 draft steps on the head's own outputs, rollback,
+    one more real block."""
+    rng = np.random.default_rng(rng_seed)
+    vocab = head.config.vocab_size
+    toks = [int(t) for t in rng.integers(3, min(vocab, 30000), 12)]
+    hid = rng.normal(size=(12, width)).astype(np.float32)
+    head.reset(32)
+    outs = [head.forward(toks[:6], hid[:6])]
+    prev = outs[-1].hidden[-1:]
+    for t in toks[6:9]:
+        outs.append(head.forward([t], prev, from_target=False))
+        prev = outs[-1].hidden
+    head.rollback(6)
+    outs.append(head.forward(toks[9:12], hid[9:12]))
+    return outs
+
+
+def c12_eagle3(ctx: Context) -> dict:
+    """An EAGLE-3 head in the SpecForge format (random weights, exact tensor names) runs on the
+    backend like on the reference, and chain (and tree) drafting with it are lossless."""
+    from specrun.decode import TreeSpeculativeDecoder
+    from specrun.eagle3 import Eagle3Drafter
+
+    from .models import eagle3_head
+
+    aux = ctx.aux_layers()
+    head_dir = eagle3_head(ctx.model, ctx.model_dir, aux)
+    be = ctx.run.backend
+    head = be.load_eagle3_head(str(head_dir), str(ctx.model_dir), device=ctx.run.device,
+                               precision="f32" if ctx.run.precision == "f32" else None)
+    ref = ctx.run.reference_backend.load_eagle3_head(str(head_dir), str(ctx.model_dir), device="cpu", precision="f32")
+    tol = load_tolerances(ctx.run.backend_name, head.precision) if head.precision != ctx.run.precision else ctx.tol
+    width = head.config.num_aux * head.config.target_hidden_size
+    got, want = _head_calls(head, 5, width), _head_calls(ref, 5, width)
+    fields: dict = {}
+    for i, (g, r) in enumerate(zip(got, want, strict=True)):
+        f = compare(g.logits, r.logits, tol.logits_atol, f"head call {i} ({head.precision}) draft logits vs the torch head", ctx)
+        if not fields or f["max_abs"] > fields["max_abs"]:
+            fields = f
+        _rows_close(g.hidden, r.hidden, ctx, f"head call {i} output state vs the torch head")
+    target = ctx.target(aux=True)
+    plain, _ = greedy_trace(target, ctx.text_prompt, 16)
+    for k in (1, 3):
+        out, _ = decode(target, Eagle3Drafter(head, num_target_layers=ctx.config.num_layers), ctx.text_prompt, 16, k=k)
+        if out != plain:
+            raise CheckFailed(f"eagle3 chain drafting (k={k}) changed the greedy output: {out[:8]} vs {plain[:8]}", **fields)
+    if "tree_attention" in be.capabilities():
+        dec = TreeSpeculativeDecoder(target, Eagle3Drafter(head, num_target_layers=ctx.config.num_layers, tree_topk=2), 3, 6)
+        out = [t for chunk in dec.generate(ctx.text_prompt, 16) for t in chunk]
+        if out != plain:
+            raise CheckFailed(f"eagle3 tree drafting changed the greedy output: {out[:8]} vs {plain[:8]}", **fields)
+    head.close()
+    ref.close()
+    return fields
+
+
 CHECKS: tuple[Check, ...] = (
     Check("C01", "prefill-parity", "prefill logits match the reference", c01_prefill),
     Check("C02", "incremental-parity", "one-token-at-a-time logits match the reference", c02_incremental),
@@ -619,6 +676,8 @@ CHECKS: tuple[Check, ...] = (
     Check("C09", "sampling-lossless", "speculative sampling reproduces the target's distribution", c09_sampling, models="first"),
     Check("C10", "documented-errors", "absent device, over-long prompt, mismatched vocabularies fail clearly", c10_errors, models="first"),
     Check("C11", "seeded-determinism", "the same seed gives the same output", c11_determinism, models="first"),
+    Check("C12", "eagle3-head", "a SpecForge-format EAGLE-3 head matches the torch head; chain/tree drafting stay lossless",
+          c12_eagle3, frozenset({"eagle3", "hidden_states"}), models="first"),
 )
 
 
@@ -626,7 +685,7 @@ CHECKS: tuple[Check, ...] = (
 
 #: the stable check ids; a run that plans fewer of them than this is refused (a guard against a
 #: check disappearing silently from the tuple above)
-STABLE_IDS = tuple(f"C{i:02d}" for i in range(1, 12))
+STABLE_IDS = tuple(f"C{i:02d}" for i in range(1, 13))
 
 
 def model_dirs(names: Sequence[str], target: str | None = None) -> dict[str, Path]:

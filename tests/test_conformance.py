@@ -67,13 +67,13 @@ def test_reference_passes_every_check(registry, tmp_path):
     paths = write_reports([run], tmp_path)
     data = json.loads(paths["json"].read_text())
     r0 = data["runs"][0]
-    assert r0["backend"] == "torch_cuda" and r0["precision"] == "f32" and r0["collected_checks"] == 11
+    assert r0["backend"] == "torch_cuda" and r0["precision"] == "f32" and r0["collected_checks"] == 12
     assert "torch" in r0["runtime_versions"]
     assert {"max_abs", "max_rel", "tolerance", "worst_position", "status"} <= set(r0["results"][0])
     md = paths["markdown"].read_text()
     assert "| C01 prefill-parity | pass" in md and "**PASS**" in md
     tree = ET.parse(paths["junit"])
-    assert int(tree.getroot().find("testsuite").get("tests")) == 11
+    assert int(tree.getroot().find("testsuite").get("tests")) == 12
 
 
 def test_rollback_off_by_one_fails(registry):
