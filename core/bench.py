@@ -206,6 +206,10 @@ class RecordingDrafter(Drafter):
         self.aux_hidden_layers = inner.aux_hidden_layers
         self.accepted_per_call: list[int] = []
 
+    @property
+    def runs_on(self) -> str:
+        return self.inner.runs_on
+
     def start(self, prompt, capacity):
         self.accepted_per_call = []
         self.inner.start(prompt, capacity)
@@ -263,6 +267,7 @@ def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int],
                 hist[min(n, kk)] += 1
         return {
             "precision": st.precision,
+            "draft_runs_on": st.draft_runs_on,
             "new_tokens": st.new_tokens,
             "decode_tokens": st.decode_tokens,
             "target_calls": st.target_calls,

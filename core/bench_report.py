@@ -100,6 +100,7 @@ def _summarize_config(ms: list[dict], plain: bool) -> dict:
     al = spread(per_prompt_al)
     return {
         "runs": len(ms),
+        "draft_runs_on": next((m["draft_runs_on"] for m in ms if m.get("draft_runs_on")), ""),
         "prompts": len({m["prompt"] for m in ms}),
         "new_tokens": sum(m["new_tokens"] for m in ms),
         "target_calls": calls,
@@ -295,6 +296,8 @@ def render_markdown(results: dict) -> str:
         for c in s["configs"]:
             sm = summary[s["name"]][c]
             label = f"{c} (plain)" if c == s["plain"] else c
+            if sm.get("draft_runs_on"):
+                label += f" (draft on {sm['draft_runs_on']})"
             lines.append(
                 f"| {label} | {_al(sm)} | {_rates(sm['acceptance_rate_per_position'])} | {_tps(sm['tokens_per_second'])} "
                 f"| {_ttft(sm['time_to_first_token'])} | {'1.00×' if c == s['plain'] else _speedup(sm['speedup_vs_plain'])} "

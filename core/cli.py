@@ -90,7 +90,8 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     click.echo()
     st = pipe.last.stats
     click.echo(
-        f"[{st.backend}/{st.device}/{st.precision} drafter={st.drafter} k={st.num_draft_tokens}] "
+        f"[{st.backend}/{st.device}/{st.precision} drafter={st.drafter}{f' ({st.draft_runs_on})' if st.draft_runs_on else ''} "
+        f"k={st.num_draft_tokens}] "
         f"{st.new_tokens} tokens, acceptance length {st.acceptance_length:.2f} tokens/call, "
         f"{st.tokens_per_second:.1f} tokens/s, first token {st.time_to_first_token:.2f} s, stop: {st.stop_reason}",
         err=True,

@@ -23,6 +23,7 @@ class Stats:
     device: str = ""
     precision: str = ""
     drafter: str = ""
+    draft_runs_on: str = ""  # backend/device/precision of a model-backed drafter
     num_draft_tokens: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -166,7 +167,7 @@ class SpeculativeDecoder:
         t, d = self.target, self.drafter
         k_max = 0 if isinstance(d, NoDrafter) else self.k
         return Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name,
+            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name, draft_runs_on=d.runs_on,
             num_draft_tokens=k_max, prompt_tokens=prompt_len,
             drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
         )
@@ -259,7 +260,7 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
     def _new_stats(self, prompt_len: int) -> Stats:
         t, d = self.target, self.drafter
         return Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=f"{d.name}-tree",
+            backend=t.backend, device=t.device, precision=t.precision, drafter=f"{d.name}-tree", draft_runs_on=d.runs_on,
             num_draft_tokens=self.k, prompt_tokens=prompt_len,
             drafted_per_position=[0] * self.k, accepted_per_position=[0] * self.k,
         )

@@ -61,6 +61,11 @@ class ModelDrafter(Drafter):
         self.model = model
         self.cached: list[int] = []
 
+    @property
+    def runs_on(self) -> str:
+        m = self.model
+        return f"{m.backend}/{m.device}/{m.precision}"
+
     def start(self, prompt: Sequence[int], capacity: int) -> None:
         self.model.reset(capacity)
         self.cached = []

@@ -548,6 +548,11 @@ class Eagle3Drafter(Drafter):
         self.logits: np.ndarray | None = None  # draft logits after the last final entry
         self.hidden: np.ndarray | None = None
 
+    @property
+    def runs_on(self) -> str:
+        h = self.head
+        return f"{h.backend}/{h.device}/{h.precision}"
+
     def target_hidden(self, rows: np.ndarray) -> np.ndarray:
         """Target hidden states (unique layers, layer order) -> the head's fc input order."""
         if self._identity:

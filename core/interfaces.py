@@ -114,6 +114,11 @@ class Drafter(abc.ABC):
     #: target layers whose input hidden states this drafter reads (EAGLE-3); () = none
     aux_hidden_layers: tuple[int, ...] = ()
 
+    @property
+    def runs_on(self) -> str:
+        """Where a model-backed drafter runs (``backend/device/precision``); "" for rule-based ones."""
+        return ""
+
     def start(self, prompt: Sequence[int], capacity: int) -> None:  # noqa: B027 - optional hook
         """A new request begins with ``prompt``."""
 

@@ -45,6 +45,7 @@ class Result:
                 "prompt_tokens": st.prompt_tokens,
                 "stop_reason": st.stop_reason,
                 "drafter": st.drafter,
+                "draft_runs_on": st.draft_runs_on,
                 "num_draft_tokens": st.num_draft_tokens,
                 "backend": st.backend,
                 "device": st.device,
