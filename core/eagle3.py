@@ -415,8 +415,11 @@ class Eagle3Checkpoint:
                     raise SpecrunError(f"the target's embedding has shape {list(ck.embed.shape)}, the head needs {[cfg.vocab_size, cfg.hidden_size]}")
         return ck
 
-    def save(self, folder: str | Path, *, include_embed: bool = False) -> Path:
-        """Write config.json + model.safetensors (float32; d2t int64, t2d bool), atomically per file."""
+    def save(self, folder: str | Path, *, include_embed: bool = False, dtype: str = "f32") -> Path:
+        """Write config.json + model.safetensors (float weights as ``dtype``: ``f32`` or ``bf16``,
+        round to nearest even, as SpecForge ships heads; d2t int64, t2d bool), atomically per file."""
+        if dtype not in ("f32", "bf16"):
+            raise SpecrunError(f"heads are saved as f32 or bf16, not {dtype!r}")
         self.validate("head to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -429,9 +432,29 @@ class Eagle3Checkpoint:
             if emb is None:
                 raise SpecrunError("cannot include the embedding: the head has none loaded")
             tensors["embed_tokens.weight"] = emb.astype(np.float32)
-        write_safetensors(folder / WEIGHTS_FILE, tensors)
+        if dtype == "bf16":
+            _write_safetensors_bf16(folder / WEIGHTS_FILE, tensors)
+        else:
+            write_safetensors(folder / WEIGHTS_FILE, tensors)
         _write_text_atomic(folder / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
         return folder
+
+
+def _write_safetensors_bf16(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Float tensors as bf16 (numpy has no bf16: torch's writer, torch imported only here)."""
+    import torch
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        out = {k: (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(torch.bfloat16) if v.dtype.kind == "f"
+                   else torch.from_numpy(np.ascontiguousarray(v))) for k, v in tensors.items()}
+        save_file(out, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_target_compat(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:

@@ -102,6 +102,19 @@ def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
     # no embedding saved: it comes from the target
     assert a.embed_from_target and np.array_equal(a.embed, b.embed)
+    # saved as bf16 (how SpecForge ships heads): the bf16 source comes back bit for bit, and f32
+    # weights are rounded to nearest even
+    a.save(tmp_path / "as-bf16", dtype="bf16")
+    back = Eagle3Checkpoint.load(tmp_path / "as-bf16").tensors
+    assert all(np.array_equal(t, back[n]) for n, t in a.tensors.items())
+    f32 = make_head(tmp_path / "f32", seed=4)
+    c = Eagle3Checkpoint.load(f32)
+    c.save(tmp_path / "rounded", dtype="bf16")
+    r = Eagle3Checkpoint.load(tmp_path / "rounded")
+    w = c.tensors["fc.weight"]
+    assert np.array_equal(r.tensors["fc.weight"], torch.from_numpy(w).to(torch.bfloat16).float().numpy())
+    assert not np.array_equal(r.tensors["fc.weight"], w)
+    assert (tmp_path / "rounded" / "model.safetensors").stat().st_size < 0.6 * (f32 / "model.safetensors").stat().st_size
     b.save(tmp_path / "copy2")
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (tmp_path / "copy2" / "model.safetensors").read_bytes()
 
