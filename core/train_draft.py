@@ -81,6 +81,7 @@ class TrainOptions:
     resume: bool = False
     save_dtype: str = "f32"  # the exported head's float weights: f32 (bit-identical to the checkpoint) or bf16
     precision: str = "bf16"  # autocast of the head's forward (weights and optimizer stay f32)
+    precondition: bool = False  # train fc on per-dimension RMS-scaled target features (folded into fc.weight at export)
     init_from_target: bool = True  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
     cache_target: bool = True  # store the target's features per sequence (work/target-cache)
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
@@ -532,6 +533,36 @@ def _load_checkpoint(wd: Path, module, opt) -> tuple[int, list]:
     return int(meta["step"]), list(meta["losses"])
 
 
+SCALE_FILE = "fc_scale.safetensors"
+
+
+def fc_input_scale(wd: Path, runner: TargetRunner, records: list[dict], max_length: int, create: bool):
+    """Per-dimension scale of the head's fc input (the target's aux hidden states), or None.
+
+    Real targets have massive activations in a few dimensions (SmolLM2: dimension 507 has an RMS
+    of ~1,500 at layers 15 and 27, against a median of 5-14), which swamp ``fc(x)`` and make the
+    first training steps learn mostly to ignore them.  Training sees ``x / s`` (``s`` = the RMS of
+    each dimension over up to 64 training sequences, at least 1) and export folds it back:
+    ``W_head = W / s`` per column, exactly the same function of ``x``.  Computed once, stored in
+    work/ (a resumed run uses the same ``s``); a run started without it keeps going without it."""
+    import torch
+
+    path = wd / SCALE_FILE
+    if path.exists():
+        return torch.from_numpy(read_safetensors(path)["scale"]).to(runner.device)
+    if not create:
+        return None
+    total, count = None, 0
+    for r in records[:64]:
+        _, aux, _ = runner.features(r, r["input_ids"][:max_length])
+        sq = (aux.double() ** 2).sum(0)
+        total = sq if total is None else total + sq
+        count += aux.shape[0]
+    scale = torch.clamp(torch.sqrt(total / max(1, count)), min=1.0).float()
+    write_safetensors(path, {"scale": scale.cpu().numpy()})
+    return scale.to(runner.device)
+
+
 def new_head_module(cfg: Eagle3Config, embed: np.ndarray, seed: int):
     import torch
 
@@ -587,6 +618,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         start, losses = _load_checkpoint(wd, module, opt)
         if start:
             _log(opts, f"train: resuming from step {start}")
+    scale = fc_input_scale(wd, runner, train_recs, opts.max_length, create=opts.precondition and start == 0)
     model = module
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -600,6 +632,8 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     for step in range(start, end):
         idx = batch_indices(step, opts.batch_size, len(train_recs), opts.seed)[rank::world]
         batch = make_batch([train_recs[i] for i in idx], runner, used_ids, t2d, opts.max_length, device)
+        if scale is not None:
+            batch = (batch[0], batch[1] / scale, *batch[2:])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, opts.steps, opts.lr, opts.warmup)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
@@ -654,6 +688,9 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     step, losses = _load_checkpoint(wd, module, dummy)
     if step == 0:
         raise SpecrunError(f"no training checkpoint in {wd}; run the train stage first")
+    if (wd / SCALE_FILE).exists():  # trained on scaled inputs: fold the scale into fc (same function of x)
+        with torch.no_grad():
+            module.fc.weight.div_(torch.from_numpy(read_safetensors(wd / SCALE_FILE)["scale"])[None, :])
     tensors = module.export_tensors()
     tensors["d2t"], tensors["t2d"] = d2t.astype(np.int64), t2d_np
     ck = Eagle3Checkpoint(cfg, tensors, embed)
@@ -759,12 +796,14 @@ def _command():
                   help="Autocast of the head's forward in training (bf16: ~1.7x faster on CPUs with avx512_bf16).")
     @click.option("--save-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
                   help="Float weights of the exported head (bf16: half the size, as SpecForge ships heads).")
+    @click.option("--precondition/--no-precondition", default=False, show_default=True,
+                  help="Train fc on RMS-scaled target features (folded into fc.weight at export; benefit not yet measured).")
     @click.option("--init-from-target/--random-init", default=True, show_default=True,
                   help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, init_from_target, stop_at, quiet):
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
                             ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
@@ -774,7 +813,7 @@ def _command():
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet)
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
             raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")

@@ -211,3 +211,29 @@ def test_training_stage_under_torchrun_with_two_processes(tmp_path, tiny_models)
     r = CliRunner().invoke(main, ["train-draft", *common, "--stage", "export", "--resume"])
     assert r.exit_code == 0, r.output
     assert Eagle3Checkpoint.load(out, target).config.draft_vocab_size == 200
+
+
+def test_preconditioned_training_exports_the_same_function(tmp_path, tiny_models):
+    """--precondition trains fc on x / s; the exported head (fc folded) computes from raw x what the
+    trained module computes from x / s."""
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+    from specrun.train_draft import SCALE_FILE
+
+    target = str(tiny_models["llama"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe {w}."}) + "\n" for w in ("moss", "tin", "kelp", "opal")))
+    out = tmp_path / "pre"
+    args = ["train-draft", "--target", target, "--out", str(out), "--data", str(prompts), "--num-prompts", "4",
+            "--max-new-tokens", "8", "--gen-batch-size", "4", "--draft-vocab-size", "200", "--batch-size", "2",
+            "--ttt-steps", "2", "--steps", "3", "--save-every", "3", "--quiet", "--precondition"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    scale = read_safetensors(out / "work" / SCALE_FILE)["scale"]
+    assert scale.shape == (3 * 64,) and (scale >= 1.0).all() and scale.max() > 1.0
+    state = read_safetensors(next((out / "work").glob("ckpt-*")) / "state.safetensors")
+    ck = Eagle3Checkpoint.load(out, target)
+    assert np.allclose(ck.tensors["fc.weight"], state["model.fc.weight"] / scale[None, :], rtol=1e-6, atol=0)
+    x = np.random.default_rng(0).normal(size=(5, 3 * 64)).astype(np.float32) * scale
+    assert np.allclose(x @ ck.tensors["fc.weight"].T, (x / scale) @ state["model.fc.weight"].T, rtol=1e-4, atol=1e-4)
