@@ -1,8 +1,9 @@
 """OpenVINO backend: CPU, Intel GPU and NPU.
 
 Models come from the onnx_cpu plugin's ONNX export of the one PyTorch model definition (same
-graph contract: a block of tokens on top of read-only per-head KV inputs, ``new_kv`` out), are
-converted once to OpenVINO IR — with nncf weight compression for ``int8`` / ``int4`` — and cached
+graph contract: a block of tokens on top of read-only KV inputs, ``new_kv`` out; with the
+``layer`` KV layout — one ``[kv_heads, rows, D]`` input per layer and k/v — because OpenVINO pays
+per graph node and per input on every call), are converted once to OpenVINO IR — with nncf weight compression for ``int8`` / ``int4`` — and cached
 on disk, content-keyed and published atomically like the ONNX export.
 
 Precision is explicit: OpenVINO's CPU plugin computes in bf16 by default on CPUs with
