@@ -68,13 +68,19 @@ def tiny_model(name: str) -> Path:
     arch, _, vocab = name.partition("-v")
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}")
-    target = cache_dir() / "conformance" / f"tiny-{name}-{TINY_VERSION}"
+    return _built_once(cache_dir() / "conformance" / f"tiny-{name}-{TINY_VERSION}",
+                       lambda tmp: make_tiny_model(tmp, arch, seed=ARCHS.index(arch), vocab_size=int(vocab) if vocab else 49152))
+
+
+def _built_once(target: Path, build) -> Path:
+    """``target``, built by ``build(folder)`` in a temporary folder and renamed into place on
+    first use (a ``complete`` marker; concurrent builders: the first rename wins)."""
     if (target / "complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        make_tiny_model(tmp, arch, seed=ARCHS.index(arch), vocab_size=int(vocab) if vocab else 49152)
+        build(tmp)
         (tmp / "complete").write_text("ok")
         shutil.rmtree(target, ignore_errors=True)
         try:
@@ -136,20 +142,5 @@ def eagle3_head(model_label: str, model_dir: Path, aux_layer_ids) -> Path:
     from specrun.models import cache_dir
 
     key = hashlib.sha256(json.dumps([HEAD_VERSION, str(model_dir), list(aux_layer_ids)]).encode()).hexdigest()[:12]
-    target = cache_dir() / "conformance" / f"head-{model_label}-{key}"
-    if (target / "complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        make_eagle3_head(tmp, model_dir, aux_layer_ids)
-        (tmp / "complete").write_text("ok")
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _built_once(cache_dir() / "conformance" / f"head-{model_label}-{key}",
+                       lambda tmp: make_eagle3_head(tmp, model_dir, aux_layer_ids))

@@ -130,15 +130,25 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mm
     return out
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write atomically (temp file + rename)."""
-    from safetensors.numpy import save_file
-
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+                      *, bf16: bool = False) -> None:
+    """Write atomically (temp file + rename).  ``bf16``: float tensors as bf16, rounded to nearest
+    even (numpy has no bf16: torch's writer, torch imported only then)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    meta = {"format": "pt", **(metadata or {})}
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
+        if bf16:
+            import torch
+            from safetensors.torch import save_file as save_torch
+
+            as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+            save_torch({k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in as_torch.items()}, tmp, metadata=meta)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -432,29 +442,9 @@ class Eagle3Checkpoint:
             if emb is None:
                 raise SpecrunError("cannot include the embedding: the head has none loaded")
             tensors["embed_tokens.weight"] = emb.astype(np.float32)
-        if dtype == "bf16":
-            _write_safetensors_bf16(folder / WEIGHTS_FILE, tensors)
-        else:
-            write_safetensors(folder / WEIGHTS_FILE, tensors)
+        write_safetensors(folder / WEIGHTS_FILE, tensors, bf16=dtype == "bf16")
         _write_text_atomic(folder / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
         return folder
-
-
-def _write_safetensors_bf16(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Float tensors as bf16 (numpy has no bf16: torch's writer, torch imported only here)."""
-    import torch
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        out = {k: (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(torch.bfloat16) if v.dtype.kind == "f"
-                   else torch.from_numpy(np.ascontiguousarray(v))) for k, v in tensors.items()}
-        save_file(out, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_target_compat(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:

@@ -87,6 +87,18 @@ class Target(abc.ABC):
 
         raise SpecrunError(f"backend '{self.backend}' cannot verify token trees (no tree_attention capability)")
 
+    @staticmethod
+    def kept_path(tree: tuple[int, int] | None, indices: Sequence[int]) -> tuple[int, list[int]]:
+        """For implementations of ``keep``: ``tree`` = (cache length before the tree, nodes) as
+        recorded by ``forward_tree``; returns (that length, the validated node indices)."""
+        if tree is None:
+            raise ValueError("keep() follows forward_tree()")
+        start, T = tree
+        idx = list(indices)
+        if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
+            raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
+        return start, idx
+
 
 @attrs.frozen
 class DraftTree:

@@ -87,16 +87,17 @@ class Pipeline:
         drafter, a target backend with ``tree_attention``), greedy or sampling."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
-        if drafter == AUTO:
-            from .eagle3 import bundled_head
-
-            drafter = "eagle3" if not draft and bundled_head(target) is not None else "ngram"
-        if drafter not in DRAFTERS:
-            raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
-        if drafter == "eagle3" and not draft:
+        if drafter in (AUTO, "eagle3") and not draft:
             from .eagle3 import bundled_head
 
             head = bundled_head(target)
+            if drafter == AUTO:
+                drafter = "ngram" if head is None else "eagle3"
+        elif drafter == AUTO:
+            drafter = "ngram"
+        if drafter not in DRAFTERS:
+            raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
+        if drafter == "eagle3" and not draft:
             if head is None:
                 raise SpecrunError(f"no EAGLE-3 head ships for '{target or 'the default model'}'; pass --draft DIR "
                                    "(an EAGLE-3 head in the SpecForge format, e.g. from `specrun train-draft`)")

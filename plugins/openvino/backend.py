@@ -3,8 +3,9 @@
 Models come from the onnx_cpu plugin's ONNX export of the one PyTorch model definition (same
 graph contract: a block of tokens on top of read-only KV inputs, ``new_kv`` out; with the
 ``layer`` KV layout — one ``[kv_heads, rows, D]`` input per layer and k/v — because OpenVINO pays
-per graph node and per input on every call), are converted once to OpenVINO IR — with nncf weight compression for ``int8`` / ``int4`` — and cached
-on disk, content-keyed and published atomically like the ONNX export.
+per graph node and per input on every call), are converted once to OpenVINO IR — with nncf weight
+compression for ``int8`` / ``int4`` — and cached on disk, content-keyed and published atomically
+like the ONNX export.
 
 Precision is explicit: OpenVINO's CPU plugin computes in bf16 by default on CPUs with
 avx512_bf16, which moves logits by more than 1 against fp32.  ``f32`` / ``bf16`` / ``f16`` set
@@ -188,24 +189,15 @@ class OpenVinoBackend(Backend):
         onnx_path = ex.export_model(model_dir, aux, "f32", progress=progress, kv_layout="layer")
         weights = precision if precision in WEIGHTS else "f32"
         folder = cache_dir() / "openvino" / f"{onnx_path.parent.name}-{weights}-ir{IR_VERSION}-ov{ov.__version__.split('-')[0]}"
-        xml = folder / "model.xml"
-        if ex.is_complete(folder, xml.name):
-            return xml
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with ex._locked(folder.parent / f".{folder.name}.lock"):
-            if ex.is_complete(folder, xml.name):
-                return xml
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-            try:
-                model = self._core().read_model(str(onnx_path))
-                if weights != "f32":
-                    model = _compress(model, weights)
-                ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-                (tmp / "graph.json").write_text((onnx_path.parent / "graph.json").read_text())
-                ex._publish(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return xml
+
+        def build(tmp: Path) -> None:
+            model = self._core().read_model(str(onnx_path))
+            if weights != "f32":
+                model = _compress(model, weights)
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+            (tmp / "graph.json").write_text((onnx_path.parent / "graph.json").read_text())
+
+        return _cached(folder, "model.xml", build)
 
     def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
                force: bool = False, progress: bool = True) -> Path:
@@ -217,17 +209,7 @@ class OpenVinoBackend(Backend):
         precision = self.check_precision(device, precision)
         aux = check_aux_layers(model_dir, aux_hidden_layers)
         ex = _onnx_export()
-        # compressed weights compute in f32 on CPU (bf16 on top of int8 weights moved logits by
-        # > 3 on the tiny conformance models and broke block/step agreement on random text), at
-        # the fastest precision elsewhere.  With the tied-embedding graph of IR version 2,
-        # OpenVINO 2026.4 computed 1-token steps wrongly; the layer-layout graph keeps a separate
-        # [V, H] embedding and that is gone (_check_small_blocks still verifies it at load).
-        if precision in COMPUTE:
-            compute = precision
-        elif device.partition(".")[0] in ("cpu", "auto"):
-            compute = "f32"
-        else:
-            compute = self._fastest_compute(device.partition(".")[0])
+        compute = self._compute(device, precision)
         xml = self.ir_path(model_dir, precision, aux)
         options = dict(options or {})
         config = {"INFERENCE_PRECISION_HINT": _HINT[compute], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
@@ -254,6 +236,14 @@ class OpenVinoBackend(Backend):
             _check_small_blocks(target, device)
         return target
 
+    def _compute(self, device: str, precision: str) -> str:
+        """The compute precision of ``precision``: itself for f32/bf16/f16; for compressed weights
+        f32 on CPU (bf16 on top of int8 weights moved logits by > 3 on the tiny conformance models
+        and broke block/step agreement on random text), the device's fastest elsewhere."""
+        if precision in COMPUTE:
+            return precision
+        base = device.partition(".")[0]
+        return "f32" if base in ("cpu", "auto") else self._fastest_compute(base)
 
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
         """The onnx_cpu plugin's head export compiled by OpenVINO.  Default ``int8`` (nncf 8-bit
@@ -266,8 +256,7 @@ class OpenVinoBackend(Backend):
         device = self.check_device(device)
         precision = "int8" if precision is None else self.check_precision(device, precision)
         precision = "int8" if precision == "int4" else precision  # 4-bit groups gain nothing on a 1-layer head
-        base = device.partition(".")[0]
-        compute = precision if precision in COMPUTE else ("f32" if base in ("cpu", "auto") else self._fastest_compute(base))
+        compute = self._compute(device, precision)
         ck = hd.load_head_checkpoint(checkpoint_dir, target_dir)
         path = hd.export_head(ck, checkpoint_dir)
         config = {"INFERENCE_PRECISION_HINT": _HINT[compute], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
@@ -281,24 +270,14 @@ class OpenVinoBackend(Backend):
                 return core.compile_model(str(onnx_path), ov_device(device), config)
             ov = _import_ov()
             folder = cache_dir() / "openvino-heads" / f"{onnx_path.parent.name}-int8-ir{IR_VERSION}-ov{ov.__version__.split('-')[0]}"
-            xml = folder / "head.xml"
-            if not ex.is_complete(folder, xml.name):
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                with ex._locked(folder.parent / f".{folder.name}.lock"):
-                    if not ex.is_complete(folder, xml.name):
-                        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-                        try:
-                            ov.save_model(_compress(core.read_model(str(onnx_path)), "int8"), str(tmp / "head.xml"),
-                                          compress_to_fp16=False)
-                            ex._publish(tmp, folder)
-                        finally:
-                            shutil.rmtree(tmp, ignore_errors=True)
+            xml = _cached(folder, "head.xml", lambda tmp: ov.save_model(
+                _compress(core.read_model(str(onnx_path)), "int8"), str(tmp / "head.xml"), compress_to_fp16=False))
             return core.compile_model(str(xml), ov_device(device), config)
 
         try:
             compiled = compile_head(path)
         except RuntimeError:  # damaged despite the marker: rebuild once
-            _onnx_export().invalidate(path.parent)
+            ex.invalidate(path.parent)
             path = hd.export_head(ck, checkpoint_dir, force=True)
             try:
                 compiled = compile_head(path)
@@ -307,12 +286,31 @@ class OpenVinoBackend(Backend):
         return OpenVinoDraftHead(compiled, ck, hd.head_meta(path), precision, device, path)
 
 
+def _cached(folder: Path, main_file: str, build) -> Path:
+    """``folder / main_file``, built by ``build(tmp_folder)`` once: under a file lock, in a temporary
+    folder published by rename with a fingerprint marker (the onnx_cpu export's scheme)."""
+    ex = _onnx_export()
+    if ex.is_complete(folder, main_file):
+        return folder / main_file
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with ex._locked(folder.parent / f".{folder.name}.lock"):
+        if not ex.is_complete(folder, main_file):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+            try:
+                build(tmp)
+                ex._publish(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder / main_file
+
+
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:
     """Refuse compressed weights where the runtime computes 1-token blocks wrongly.
 
-    Seen with OpenVINO 2026.4 on this project's CPU (avx512_bf16): nncf int8/int4 models give
-    correct logits for long blocks but garbage for blocks of 1-2 tokens (argmax agreement ~0%),
-    which would be silent wrong output.  A prompt is run as one block and as single steps; the
+    Seen with OpenVINO 2026.4 on this project's CPU with the tied-embedding graph of IR version 2
+    (nncf-compressed weights gathered by column): correct logits for long blocks, garbage for
+    blocks of 1-2 tokens (argmax agreement ~0%), which would be silent wrong output.  The
+    layer-layout graph avoids it; this check keeps any such runtime from returning wrong text.  A prompt is run as one block and as single steps; the
     two must agree."""
     ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(8)]
     target.reset(16)
@@ -337,18 +335,13 @@ def _compress(model, weights: str):
         raise SpecrunError(f"{weights} weights need nncf ({type(exc).__name__}); pip install nncf") from None
     import logging
 
-    nncf.set_log_level(logging.ERROR)
-    with contextlib.redirect_stdout(sys.stderr):  # nncf's progress bar must not mix with generated text / --json
-        return _compress_with(nncf, model, weights)
-
-
-def _compress_with(nncf, model, weights: str):
-    if weights == "int8":
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
 
-    return nncf.compress_weights(
-        model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP, ratio=1.0,
-        # layers narrower than the group (tiny test models) stay int8 instead of failing
-        advanced_parameters=AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.IGNORE),
-    )
+    nncf.set_log_level(logging.ERROR)
+    if weights == "int8":
+        kw = dict(mode=nncf.CompressWeightsMode.INT8_SYM)
+    else:  # layers narrower than the group (tiny test models) stay int8 instead of failing
+        kw = dict(mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP, ratio=1.0,
+                  advanced_parameters=AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.IGNORE))
+    with contextlib.redirect_stdout(sys.stderr):  # nncf's progress bar must not mix with generated text / --json
+        return nncf.compress_weights(model, **kw)

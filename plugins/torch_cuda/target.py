@@ -90,12 +90,7 @@ class TorchTarget(Target):
         return StepOutput(logits.float().cpu().numpy(), None if hidden is None else hidden.float().cpu().numpy())
 
     def keep(self, indices: Sequence[int]) -> None:
-        if self._tree is None:
-            raise ValueError("keep() follows forward_tree()")
-        start, T = self._tree
-        idx = list(indices)
-        if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
-            raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
+        start, idx = self.kept_path(self._tree, indices)
         src = torch.tensor(idx, dtype=torch.long, device=self.device) + start
         self._k[:, :, :, start : start + len(idx)] = self._k[:, :, :, src]
         self._v[:, :, :, start : start + len(idx)] = self._v[:, :, :, src]
