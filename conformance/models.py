@@ -93,19 +93,22 @@ def _built_once(target: Path, build) -> Path:
     return target
 
 
-HEAD_VERSION = "1"
+HEAD_VERSION = "2"
 
 
-def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_vocab: int = 2000, seed: int = 0) -> Path:
+def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_vocab: int | None = None, seed: int = 0) -> Path:
     """A random-weight EAGLE-3 head for the model in ``model_dir``, written exactly as SpecForge
     writes one (config.json ``LlamaForCausalLMEagle3``; model.safetensors with ``fc``,
-    ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``; no embedding)."""
+    ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``; no embedding).  The draft vocabulary
+    defaults to all but 2,048 random tokens: ``d2t`` offsets are non-trivial and most of the
+    target's tokens can be drafted."""
     import numpy as np
 
     from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, vocab_map
     from specrun.models import ModelConfig
 
     raw = ModelConfig.load(model_dir).raw
+    draft_vocab = draft_vocab or max(1, int(raw["vocab_size"]) - 2048)
     cfg = Eagle3Config.for_target(raw, draft_vocab_size=draft_vocab, aux_layer_ids=tuple(aux_layer_ids))
     rng = np.random.default_rng(seed)
     H, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -116,7 +119,7 @@ def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_voca
     def norm() -> np.ndarray:
         return (1 + 0.1 * rng.normal(size=H)).astype(np.float32)
 
-    d2t, t2d = vocab_map(rng.integers(0, 1000, cfg.vocab_size), cfg.draft_vocab_size)
+    d2t, t2d = vocab_map(rng.integers(0, 1000, cfg.vocab_size), cfg.draft_vocab_size)  # offsets d2t != 0
     tensors = {
         "fc.weight": w(H, cfg.num_aux * cfg.target_hidden_size),
         "midlayer.hidden_norm.weight": norm(), "midlayer.input_layernorm.weight": norm(),

@@ -625,6 +625,42 @@ def _head_calls(head, rng_seed: int, width: int) -> list:
     return outs
 
 
+class _SteeredHead:
+    """Wraps a backend's head (its forward, cache and rollback all run) and raises the logit of the
+    target's true next token, except at every 5th entry: drafts are then partly accepted, so
+    losslessness is tested under partial acceptance, not only under rejection."""
+
+    def __init__(self, real, truth: dict[tuple, int]):
+        self.real, self.truth, self.seq = real, truth, []
+        self.config, self.d2t = real.config, real.d2t
+        self.backend, self.device, self.precision = real.backend, real.device, real.precision
+        self.ids = np.arange(len(real.d2t)) + np.asarray(real.d2t)
+
+    @property
+    def length(self) -> int:
+        return self.real.length
+
+    def reset(self, capacity: int) -> None:
+        self.real.reset(capacity)
+        self.seq = []
+
+    def rollback(self, length: int) -> None:
+        self.real.rollback(length)
+        del self.seq[length:]
+
+    def forward(self, tokens, hidden, *, from_target=True, positions=None, mask=None):
+        out = self.real.forward(tokens, hidden, from_target=from_target, positions=positions, mask=mask)
+        base = len(self.seq)
+        self.seq.extend(tokens)
+        logits = out.logits.copy()
+        for i in range(len(tokens)):
+            nxt = self.truth.get(tuple(self.seq[: base + i + 1]))
+            j = np.searchsorted(self.ids, nxt) if nxt is not None else -1
+            if nxt is not None and (base + i + 1) % 5 and j < len(self.ids) and self.ids[j] == nxt:
+                logits[i, j] = logits[i].max() + 10.0
+        return type(out)(logits, out.hidden)
+
+
 def c12_eagle3(ctx: Context) -> dict:
     """An EAGLE-3 head in the SpecForge format (random weights, exact tensor names) runs on the
     backend like on the reference, and chain (and tree) drafting with it are lossless."""
@@ -649,15 +685,30 @@ def c12_eagle3(ctx: Context) -> dict:
             fields = f
         _rows_close(g.hidden, r.hidden, ctx, f"head call {i} output state vs the torch head")
     target = ctx.target(aux=True)
-    plain, _ = greedy_trace(target, ctx.text_prompt, 16)
+    plain, plain_logits = greedy_trace(target, ctx.text_prompt, 16)
+
+    def same(out: list[int]) -> bool:
+        """Equal to plain greedy, or first diverging at a near-tie of plain decoding (as in C07)."""
+        i = next((j for j, (a, b) in enumerate(zip(out, plain, strict=False)) if a != b), None)
+        if i is None:
+            return len(out) == len(plain)
+        lg, bound = plain_logits[i], 2 * ctx.tol.self_atol
+        return top2_margin(lg) < bound and lg[out[i]] >= lg.max() - bound
+
+    # the head's entry t holds token t+1: the prefix ending with token j+1 is followed by token j+2
+    full = list(ctx.text_prompt) + plain
+    steered = _SteeredHead(head, {tuple(full[1 : j + 2]): full[j + 2] for j in range(len(full) - 2)})
     for k in (1, 3):
-        out, _ = decode(target, Eagle3Drafter(head, num_target_layers=ctx.config.num_layers), ctx.text_prompt, 16, k=k)
-        if out != plain:
+        out, st = decode(target, Eagle3Drafter(steered, num_target_layers=ctx.config.num_layers), ctx.text_prompt, 16, k=k)
+        if not same(out):
             raise CheckFailed(f"eagle3 chain drafting (k={k}) changed the greedy output: {out[:8]} vs {plain[:8]}", **fields)
+        if k == 3 and not 0 < st.accepted < st.drafted:
+            raise CheckFailed(f"the steered head's drafts were accepted {st.accepted} of {st.drafted} times: the check "
+                              "needs partial acceptance (head cache or hidden-state rows out of step?)", **fields)
     if "tree_attention" in be.capabilities():
-        dec = TreeSpeculativeDecoder(target, Eagle3Drafter(head, num_target_layers=ctx.config.num_layers, tree_topk=2), 3, 6)
+        dec = TreeSpeculativeDecoder(target, Eagle3Drafter(steered, num_target_layers=ctx.config.num_layers, tree_topk=2), 3, 6)
         out = [t for chunk in dec.generate(ctx.text_prompt, 16) for t in chunk]
-        if out != plain:
+        if not same(out):
             raise CheckFailed(f"eagle3 tree drafting changed the greedy output: {out[:8]} vs {plain[:8]}", **fields)
     head.close()
     ref.close()
