@@ -625,7 +625,7 @@ def _head_calls(head, rng_seed: int, width: int) -> list:
     return outs
 
 
-class _SteeredHead:
+class SteeredHead:
     """Wraps a backend's head (its forward, cache and rollback all run) and raises the logit of the
     target's true next token, except at every 5th entry: drafts are then partly accepted, so
     losslessness is tested under partial acceptance, not only under rejection."""
@@ -635,6 +635,13 @@ class _SteeredHead:
         self.config, self.d2t = real.config, real.d2t
         self.backend, self.device, self.precision = real.backend, real.device, real.precision
         self.ids = np.arange(len(real.d2t)) + np.asarray(real.d2t)
+
+    @classmethod
+    def toward(cls, real, prompt, continuation) -> SteeredHead:
+        """Steer toward ``continuation`` after ``prompt``.  The head's entry t holds token t+1,
+        so the head prefix ending with token j+1 is followed by token j+2."""
+        full = [int(t) for t in prompt] + [int(t) for t in continuation]
+        return cls(real, {tuple(full[1 : j + 2]): full[j + 2] for j in range(len(full) - 2)})
 
     @property
     def length(self) -> int:
@@ -695,9 +702,7 @@ def c12_eagle3(ctx: Context) -> dict:
         lg, bound = plain_logits[i], 2 * ctx.tol.self_atol
         return top2_margin(lg) < bound and lg[out[i]] >= lg.max() - bound
 
-    # the head's entry t holds token t+1: the prefix ending with token j+1 is followed by token j+2
-    full = list(ctx.text_prompt) + plain
-    steered = _SteeredHead(head, {tuple(full[1 : j + 2]): full[j + 2] for j in range(len(full) - 2)})
+    steered = SteeredHead.toward(head, ctx.text_prompt, plain)
     for k in (1, 3):
         out, st = decode(target, Eagle3Drafter(steered, num_target_layers=ctx.config.num_layers), ctx.text_prompt, 16, k=k)
         if not same(out):
