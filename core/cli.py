@@ -176,3 +176,8 @@ def export_command(backend, target, precision, aux_layers, force):
         raise SpecrunError(f"--aux-layers takes comma-separated layer numbers, got '{aux_layers}'") from None
     path = export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
     click.echo(str(path))
+
+
+from .cache import cache_command  # noqa: E402
+
+main.add_command(cache_command)

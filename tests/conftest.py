@@ -11,8 +11,25 @@ import pytest
 from specrun_conformance.models import ARCHS, make_tiny_model  # noqa: F401 - shared with the conformance kit
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """The whole run uses a temporary specrun cache (subprocesses inherit it), so the exports of
+    the tiny models made for each run do not pile up in the user's cache.  Only the converted
+    default model is shared with the user cache (its ``models`` folder: content-keyed, the same
+    conversion `specrun generate` makes), so it is not converted again on every run."""
+    from specrun.models import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("specrun-cache")
+    (root / "models").symlink_to(models, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECRUN_CACHE_DIR", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
-def default_model_dir() -> Path:
+def default_model_dir(private_cache) -> Path:
     from specrun.models import resolve_model
 
     return resolve_model(None)

@@ -1,0 +1,92 @@
+"""`specrun cache`: listing the on-disk cache and removing entries, with confirmation; builds that
+may still be running are never removed."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_cli import assert_one_line_error, invoke
+
+DAY = 86400
+
+
+def entry(root: Path, kind: str, name: str, size: int, age_days: float) -> Path:
+    folder = root / kind / name
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"x" * size)
+    t = time.time() - age_days * DAY
+    os.utime(folder, (t, t))
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(root))
+    made = {
+        "old_onnx": entry(root, "onnx", "m-f32-aaaa", 3000, 40),
+        "new_onnx": entry(root, "onnx", "m-int8-bbbb", 2000, 1),
+        "old_ov": entry(root, "openvino", "m-f32-ir3", 1000, 40),
+        "model": entry(root, "models", "smollm2-1234", 5000, 40),
+        "dead_build": entry(root, "onnx", ".m-f32-cccc.tmp-x1y2", 100, 2),
+        "fresh_build": entry(root, "onnx", ".m-f32-dddd.tmp-z3w4", 100, 0),
+    }
+    (root / "onnx" / ".m-f32-aaaa.lock").touch()
+    return root, made
+
+
+def test_lists_kinds_sizes_and_partial_builds(cache):
+    root, _ = cache
+    r = invoke("cache")
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[0]: ln for ln in r.output.splitlines()[1:]}
+    assert str(root) in r.output.splitlines()[0]
+    assert "4 entries" in lines["onnx"] and "2 left partial" in lines["onnx"]
+    assert "1 entries" in lines["models"] and "oldest 40 days" in lines["models"]
+    assert "6 entries" in lines["total"] and "10.9 KB" in lines["total"]  # 11,200 bytes
+
+
+def test_clear_asks_first_and_keeps_everything_on_no(cache):
+    root, made = cache
+    r = invoke_input("n\n", "cache", "clear")
+    assert r.exit_code == 0 and "nothing removed" in r.output
+    assert all(p.exists() for p in made.values())
+
+
+def test_clear_older_than_and_kind(cache):
+    _, made = cache
+    r = invoke("cache", "clear", "--older-than", "30", "--kind", "onnx", "--yes")
+    assert r.exit_code == 0, r.output
+    assert "removed 1 entries" in r.output
+    assert not made["old_onnx"].exists()
+    assert all(made[k].exists() for k in ("new_onnx", "old_ov", "model", "dead_build", "fresh_build"))
+
+
+def test_clear_all_spares_builds_that_may_be_running(cache):
+    root, made = cache
+    with open(root / "onnx" / ".m-f32-cccc.lock", "a") as lock:  # a live build of the dead-looking entry
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = invoke("cache", "clear", "--yes")
+        assert r.exit_code == 0, r.output
+        assert made["dead_build"].exists() and made["fresh_build"].exists()
+        assert "skipping 2 entries being built now" in r.stderr
+    assert not any(made[k].exists() for k in ("old_onnx", "new_onnx", "old_ov", "model"))
+    r = invoke("cache", "clear", "--partial", "--yes")  # the lock is released: now it can go
+    assert "removed 1 entries" in r.output and not made["dead_build"].exists() and made["fresh_build"].exists()
+
+
+def test_unknown_kind_is_one_line(cache):
+    assert_one_line_error(invoke("cache", "clear", "--kind", "onnxx", "--yes"), "no cache kind 'onnxx'")
+
+
+def invoke_input(text, *args):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    return CliRunner().invoke(main, list(args), input=text)
