@@ -51,6 +51,7 @@ class BenchSettings:
     precisions: dict[str, str | None] = attrs.field(factory=dict)
     threads: int | None = None
     tree: tuple[int, int, int] | None = None  # eagle3 dynamic tree: depth, top-k, nodes
+    draft_min_prob: float | None = None  # eagle3 chain: None = the pipeline's default
     warmup: int = 1
     repeats: int = 1
     baseline: bool = True
@@ -116,6 +117,12 @@ def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
     if not needing:
         raise SpecrunError("--draft is only used by the model and eagle3 drafters; add one to --drafter")
     return {needing[0]: value}
+
+
+def _min_prob(s: BenchSettings) -> float:
+    from .eagle3 import DEFAULT_MIN_PROB
+
+    return DEFAULT_MIN_PROB if s.draft_min_prob is None else s.draft_min_prob
 
 
 def parse_tree(value: str | None) -> tuple[int, int, int] | None:
@@ -485,7 +492,8 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 log(f"specrun bench: loading {model_dir.name} with the {d} drafter on {b}/{device} ...")
                 try:
                     tree = {"tree": s.tree} if d == "eagle3" and s.tree else {}
-                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), **common, **tree)
+                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), draft_min_prob=s.draft_min_prob,
+                                           **common, **tree)
                 except SpecrunError as exc:
                     raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
                 pipes.append(own[d])
@@ -544,6 +552,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
             "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
+            "draft_min_prob": _min_prob(s) if "eagle3" in drafters and not s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -654,6 +663,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--threads", type=int, default=None, help="CPU threads for the backends.")
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
+@click.option("--draft-min-prob", type=float, default=None,
+              help="eagle3 chain: stop drafting before a token the head gives less probability [default: 0.2].")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
@@ -668,7 +679,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Print the README's performance section from a results.json, and measure nothing.")
 @click.pass_context
 def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
-                  precision, threads, tree, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
+                  precision, threads, tree, draft_min_prob, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
     """Measure plain and speculative decoding side by side on real prompts.
 
     Writes report.md (tables), results.json (every measurement, machine facts, versions) and
@@ -683,7 +694,7 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, target=target,
         drafts=draft_paths(draft, drafters),
         devices=per_backend(device, backends, "device", None),
-        precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), warmup=warmup,
+        precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), draft_min_prob=draft_min_prob, warmup=warmup,
         repeats=repeats, baseline=baseline, baseline_device=baseline_device, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
         command=_command_line(ctx),
     )

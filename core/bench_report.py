@@ -243,6 +243,8 @@ def _dataset_line(results: dict) -> str:
     templ = "chat template applied" if st.get("chat_template", True) else "raw prompts"
     tree = st.get("tree")
     tree = f" (eagle3: dynamic tree, depth {tree[0]}, top-{tree[1]}, {tree[2]} nodes)" if tree else ""
+    if st.get("draft_min_prob"):
+        tree += f" (eagle3: a chain stops before a token the head gives < {st['draft_min_prob']:g} probability)"
     return (
         f"{st['dataset']}, {n} prompt{'s' * (n != 1)}, up to {st['max_new_tokens']} new tokens, greedy, "
         f"k = {st['num_draft_tokens']} draft tokens{tree}, {st['warmup']} warm-up round(s), {st['repeats']} repeat(s), "

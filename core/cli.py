@@ -52,6 +52,8 @@ def backend_options(f):
 @click.option("--num-draft-tokens", "-k", type=int, default=4, show_default=True, help="Draft tokens verified per target call.")
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
+@click.option("--draft-min-prob", type=float, default=None,
+              help="eagle3 chain: stop drafting before a token the head gives less probability [default: 0.2; 0: always k].")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -61,7 +63,7 @@ def backend_options(f):
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
-             num_draft_tokens, tree, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
+             num_draft_tokens, tree, draft_min_prob, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
     """Generate text for PROMPT with speculative decoding."""
     from .bench import parse_tree
     from .pipeline import Pipeline
@@ -78,7 +80,7 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
         draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,
-        options={"threads": threads} if threads else None, tree=tree,
+        options={"threads": threads} if threads else None, tree=tree, draft_min_prob=draft_min_prob,
     )
     kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, raw=raw)
     if as_json:

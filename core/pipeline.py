@@ -82,9 +82,12 @@ class Pipeline:
         options: dict | None = None,
         registry: Registry | None = None,
         tree: tuple[int, int, int] | None = None,
+        draft_min_prob: float | None = None,
     ) -> Pipeline:
         """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
-        drafter, a target backend with ``tree_attention``), greedy or sampling."""
+        drafter, a target backend with ``tree_attention``), greedy or sampling.
+        ``draft_min_prob``: an eagle3 chain stops before a token the head gives less probability
+        (default ``eagle3.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         if drafter in (AUTO, "eagle3") and not draft:
@@ -139,7 +142,10 @@ class Pipeline:
             hbe = registry.get(draft_backend or backend)
             head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision,
                                         options=options)
-            d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size)
+            from .eagle3 import DEFAULT_MIN_PROB
+
+            d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
+                              min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
         pipe = cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
         if tree is not None:
             from .decode import TreeSpeculativeDecoder

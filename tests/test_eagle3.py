@@ -315,6 +315,21 @@ def test_eagle3_lossless_with_partial_acceptance(tmp_path, tiny_models, torch_ba
     assert out == ref
     assert 0 < stats.accepted < stats.drafted
     assert stats.acceptance_length > 1.5
+    # stopping a chain at a token the head is unsure of: the unsteered entries (a random head
+    # over 40,000 tokens) are no longer drafted, so fewer tokens are drafted and fewer rejected
+    drafter = Eagle3Drafter(ScriptedHead(real, truth), num_target_layers=3, min_prob=0.5)
+    out, short = run(target, drafter, prompt, 4, 40)
+    assert out == ref
+    assert short.drafted < stats.drafted
+    assert short.accepted / short.drafted > stats.accepted / stats.drafted
+
+
+def test_min_prob_is_checked(head_dir, tiny_models, torch_backend):
+    from specrun.errors import SpecrunError
+
+    head = torch_backend.load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu")
+    with pytest.raises(SpecrunError, match="minimum draft probability"):
+        Eagle3Drafter(head, num_target_layers=3, min_prob=1.5)
 
 
 # ------------------------------------------------------------------------------------ pipeline and CLI
@@ -389,8 +404,10 @@ class ToyHead(DraftHead):
         return HeadOutput(self.table[np.asarray(tokens)][:, self.ids], np.zeros((len(tokens), 1), np.float32))
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
-def test_eagle3_sampling_matches_target_distribution(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,min_prob", [(1.0, 1.0, 0.0), (0.8, 0.9, 0.0), (1.0, 1.0, 0.7)])
+def test_eagle3_sampling_matches_target_distribution(temperature, top_p, min_prob):
+    """Lossless sampling, also when chains stop early on low draft probability (the stopping
+    rule reads the draft only, so the output distribution is still the target's)."""
     from specrun.interfaces import StepOutput
     from specrun.sampling import SamplingParams
 
@@ -405,15 +422,37 @@ def test_eagle3_sampling_matches_target_distribution(temperature, top_p):
     params = SamplingParams(temperature=temperature, top_p=top_p)
     target = HiddenBigram(TARGET)
     counts: dict = {}
-    drafted = 0
+    accepted = 0
     for seed in range(n):
-        drafter = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4)
+        drafter = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4, min_prob=min_prob)
         dec = SpeculativeDecoder(target, drafter, 3)
         seq = tuple(t for c in dec.generate(PROMPT, 4, SamplingParams(temperature, 0, top_p, seed)) for t in c)
         counts[seq] = counts.get(seq, 0) + 1
-        drafted += dec.stats.accepted
-    assert drafted > 0
+        accepted += dec.stats.accepted
+    assert accepted > 0
     assert chi_square_pvalue(counts, exact_joint(params), n) > 1e-3
+
+
+def test_min_prob_stops_on_the_heads_top_probability():
+    """ToyHead after token 0: top probability 0.59 (0.30/0.85 ... 0.50/0.85 over its vocabulary);
+    after token 3: 0.84.  With min_prob 0.7 a chain stops at the step after a 0; the sampling test
+    above uses this threshold, so its chains do stop early."""
+    from specrun.sampling import Sampler, SamplingParams
+
+    for sampler in (None, Sampler(SamplingParams(temperature=1.0, seed=0))):
+        for first, cut in ((3, 0.7), (0, 0.7), (0, 0.5)):
+            drafter = Eagle3Drafter(ToyHead(DRAFT_TABLE()), num_target_layers=3, target_vocab_size=4, min_prob=cut)
+            drafter.start([first], 8)
+            drafter.accepted([first, first], 1, np.zeros((1, 3), np.float32))
+            draft = drafter.propose([first, first], 3, sampler)
+            top = 0.59 if first == 0 else 0.84
+            assert (len(draft.tokens) == 0) == (top < cut), (first, cut, draft.tokens)
+
+
+def DRAFT_TABLE():
+    from .test_sampling import DRAFT
+
+    return DRAFT
 
 
 def test_head_on_another_backend_than_the_target(head_dir, tiny_models):
