@@ -13,6 +13,6 @@ STEPS=${2:-2400}
 export OMP_WAIT_POLICY=PASSIVE
 nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --resume --stage vocab --stage train --stage export \
   --steps "$STEPS" --batch-size 4 --max-length 1024 --ttt-steps 7 --lr 2e-4 --draft-vocab-size 12000 \
-  --precision bf16 --save-every 100 --threads 2 >>"$OUT/train.log" 2>&1 &
+  --precision bf16 --save-dtype bf16 --save-every 100 --threads 2 >>"$OUT/train.log" 2>&1 &
 echo "$!" >"$OUT/train.pid"
 echo "training started: pid $(cat "$OUT/train.pid"), log $OUT/train.log"
