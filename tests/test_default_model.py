@@ -75,3 +75,21 @@ def test_fast_tokenizer_matches_transformers(default_model_dir):
         assert ids == full.encode(a, add_special_tokens=False)
         assert fast.decode(ids, skip_special_tokens=True) == full.decode(ids, skip_special_tokens=True)
     assert fast.eos_token_id == full.eos_token_id == 2
+
+
+def test_shipped_head_is_the_default_drafter_and_lossless():
+    """The EAGLE-3 head in the package (core/heads/<default model>) loads in the SpecForge format,
+    is what `--drafter auto` (generate's default) picks, and keeps greedy output exact."""
+    from specrun.eagle3 import ARCHITECTURE, Eagle3Config, bundled_head
+
+    head = bundled_head(None)
+    assert head is not None, "no head ships for the default model"
+    cfg = Eagle3Config.load(head)
+    assert json.loads((head / "config.json").read_text())["architectures"] == [ARCHITECTURE]
+    auto = Pipeline.load(None, backend="torch_cuda", device="cpu", num_draft_tokens=4)
+    plain = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="none")
+    assert auto.drafter.name == "eagle3" and auto.drafter.config == cfg
+    for prompt in PROMPTS:
+        got = auto.generate(prompt, max_new_tokens=N_NEW)
+        assert got.token_ids == plain.generate(prompt, max_new_tokens=N_NEW).token_ids
+        assert got.stats.accepted > 0
