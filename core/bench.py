@@ -110,7 +110,7 @@ def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
         return {k: v for k, v in keyed}
     if keyed:
         raise SpecrunError("--draft takes one folder, or drafter=folder pairs (model=DIR,eagle3=DIR), not a mix")
-    needing = [d for d in drafters if d not in ("none", "ngram")]
+    needing = list(dict.fromkeys(d.split("+")[0] for d in drafters if d not in ("none", "ngram")))  # eagle3+ngram: eagle3's
     if len(needing) > 1:
         raise SpecrunError(f"--draft gives one folder but {' and '.join(needing)} each need one: "
                            f"--draft {needing[0]}=DIR,{needing[1]}=DIR")
@@ -492,7 +492,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 log(f"specrun bench: loading {model_dir.name} with the {d} drafter on {b}/{device} ...")
                 try:
                     tree = {"tree": s.tree} if d == "eagle3" and s.tree else {}
-                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d), draft_min_prob=s.draft_min_prob,
+                    own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d.split("+")[0]), draft_min_prob=s.draft_min_prob,
                                            **common, **tree)
                 except SpecrunError as exc:
                     raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
@@ -552,7 +552,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
             "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
-            "draft_min_prob": _min_prob(s) if "eagle3" in drafters and not s.tree else None,
+            "draft_min_prob": _min_prob(s) if any(d.startswith("eagle3") for d in drafters) and not s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -649,7 +649,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.command("bench")
 @click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Backends, comma-separated.")
 @click.option("--drafter", default="none,ngram", show_default=True,
-              help="Drafters, comma-separated: none, ngram, model, eagle3 (plain decoding always runs).")
+              help="Drafters, comma-separated: none, ngram, model, eagle3, eagle3+ngram (plain decoding always runs).")
 @click.option("--dataset", default="mt-bench", show_default=True,
               help=f"{', '.join(DATASETS)}, or a FILE.jsonl with one {{\"prompt\": ...}} a line.")
 @click.option("--limit", type=int, default=10, show_default=True, help="Number of prompts (0 = all).")

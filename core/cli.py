@@ -43,8 +43,10 @@ def backend_options(f):
 @main.command()
 @click.argument("prompt")
 @backend_options
-@click.option("--drafter", type=click.Choice(["auto", "none", "ngram", "model", "eagle3"]), default="auto", show_default=True,
-              help="auto: eagle3 with the head shipped for the target if there is one, else ngram.")
+@click.option("--drafter", type=click.Choice(["auto", "none", "ngram", "model", "eagle3", "eagle3+ngram"]), default="auto",
+              show_default=True,
+              help="auto: eagle3+ngram (prompt lookup when the text repeats, else the EAGLE-3 head) with the head "
+              "shipped for the target if there is one, else ngram.")
 @click.option("--draft", default=None, help="Draft model folder (--drafter model) or EAGLE-3 head folder (--drafter eagle3; "
               "default: the head shipped for the target).")
 @click.option("--draft-backend", default=None, help="Backend of the draft model [default: the target's].")

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import attrs
 
 from .decode import SpeculativeDecoder, Stats
-from .drafters import ModelDrafter, NgramDrafter, NoDrafter
+from .drafters import LookupFirstDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from .errors import SpecrunError
 from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
@@ -16,8 +16,8 @@ from .plugins import Registry, load_registry
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer  # noqa: F401 - re-exported (bench, conformance)
 
-DRAFTERS = ("none", "ngram", "model", "eagle3")
-AUTO = "auto"  # eagle3 with the head shipped for the target if there is one, else ngram
+DRAFTERS = ("none", "ngram", "model", "eagle3", "eagle3+ngram")
+AUTO = "auto"  # eagle3+ngram with the head shipped for the target if there is one, else ngram
 
 
 @attrs.define
@@ -90,16 +90,21 @@ class Pipeline:
         (default ``eagle3.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
-        if drafter in (AUTO, "eagle3") and not draft:
+        if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
             from .eagle3 import bundled_head
 
             head = bundled_head(target)
-            if drafter == AUTO:
-                drafter = "ngram" if head is None else "eagle3"
+            if drafter == AUTO:  # lookup first: it beat the shipped head on MT-bench (see README)
+                drafter = "ngram" if head is None else ("eagle3" if tree else "eagle3+ngram")
         elif drafter == AUTO:
             drafter = "ngram"
         if drafter not in DRAFTERS:
             raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
+        lookup_first = drafter == "eagle3+ngram"
+        if lookup_first:
+            if tree is not None:
+                raise SpecrunError("--tree drafts with the head alone: use --drafter eagle3")
+            drafter = "eagle3"
         if drafter == "eagle3" and not draft:
             if head is None:
                 raise SpecrunError(f"no EAGLE-3 head ships for '{target or 'the default model'}'; pass --draft DIR "
@@ -146,6 +151,8 @@ class Pipeline:
 
             d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
                               min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
+            if lookup_first:
+                d = LookupFirstDrafter(d)
         pipe = cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
         if tree is not None:
             from .decode import TreeSpeculativeDecoder

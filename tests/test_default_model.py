@@ -79,7 +79,8 @@ def test_fast_tokenizer_matches_transformers(default_model_dir):
 
 def test_shipped_head_is_the_default_drafter_and_lossless():
     """The EAGLE-3 head in the package (core/heads/<default model>) loads in the SpecForge format,
-    is what `--drafter auto` (generate's default) picks, and keeps greedy output exact."""
+    is what `--drafter auto` (generate's default: eagle3+ngram) drafts with, and greedy output
+    stays exact with it alone and behind prompt lookup."""
     from specrun.eagle3 import ARCHITECTURE, Eagle3Config, bundled_head
 
     head = bundled_head(None)
@@ -87,9 +88,13 @@ def test_shipped_head_is_the_default_drafter_and_lossless():
     cfg = Eagle3Config.load(head)
     assert json.loads((head / "config.json").read_text())["architectures"] == [ARCHITECTURE]
     auto = Pipeline.load(None, backend="torch_cuda", device="cpu", num_draft_tokens=4)
+    alone = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="eagle3", num_draft_tokens=4)
     plain = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="none")
-    assert auto.drafter.name == "eagle3" and auto.drafter.config == cfg
+    assert auto.drafter.name == "eagle3+ngram" and auto.drafter.model.config == cfg
+    assert alone.drafter.name == "eagle3" and alone.drafter.config == cfg
     for prompt in PROMPTS:
-        got = auto.generate(prompt, max_new_tokens=N_NEW)
-        assert got.token_ids == plain.generate(prompt, max_new_tokens=N_NEW).token_ids
-        assert got.stats.accepted > 0
+        want = plain.generate(prompt, max_new_tokens=N_NEW).token_ids
+        for pipe in (auto, alone):
+            got = pipe.generate(prompt, max_new_tokens=N_NEW)
+            assert got.token_ids == want
+            assert got.stats.accepted > 0

@@ -455,6 +455,52 @@ def DRAFT_TABLE():
     return DRAFT
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_lookup_first_uses_both_drafters_and_stays_lossless(temperature):
+    """eagle3+ngram: prompt lookup where the text repeats (a 4-token vocabulary: often), the head
+    elsewhere; the head's cache follows every accepted token either way.  Greedy output equals
+    plain decoding; sampling reproduces the target's distribution."""
+    from specrun.drafters import LookupFirstDrafter, NoDrafter
+    from specrun.interfaces import StepOutput
+    from specrun.sampling import SamplingParams
+
+    from .test_sampling import DRAFT, PROMPT, TARGET, BigramTarget, chi_square_pvalue, exact_joint
+
+    class HiddenBigram(BigramTarget):
+        def forward(self, tokens, *, all_logits=True):
+            out = super().forward(tokens, all_logits=all_logits)
+            return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+
+    target = HiddenBigram(TARGET)
+    used = {"lookup": 0, "head": 0}
+    counts: dict = {}
+    n = 1 if temperature == 0 else 1500
+    for seed in range(n):
+        eagle = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4)
+        drafter = LookupFirstDrafter(eagle, min_ngram=2)
+        assert drafter.name == "eagle3+ngram" and drafter.aux_hidden_layers == eagle.aux_hidden_layers
+        lookup, head = drafter.lookup.propose, eagle.propose
+
+        def count(name, fn):
+            def wrapped(*a):
+                d = fn(*a)
+                used[name] += bool(len(d.tokens))
+                return d
+            return wrapped
+
+        drafter.lookup.propose, eagle.propose = count("lookup", lookup), count("head", head)
+        dec = SpeculativeDecoder(target, drafter, 3)
+        params = SamplingParams(temperature, 0, 1.0, seed) if temperature else None
+        seq = tuple(t for c in dec.generate(PROMPT, 12 if not temperature else 4, params) for t in c)
+        counts[seq] = counts.get(seq, 0) + 1
+    assert used["lookup"] > 0 and used["head"] > 0, used
+    if temperature == 0:
+        plain = SpeculativeDecoder(target, NoDrafter(), 1)
+        assert list(seq) == [t for c in plain.generate(PROMPT, 12) for t in c]
+    else:
+        assert chi_square_pvalue(counts, exact_joint(SamplingParams(temperature=temperature)), n) > 1e-3
+
+
 def test_head_on_another_backend_than_the_target(head_dir, tiny_models):
     """--draft-backend: the head runs on its own backend (numpy crosses the boundary)."""
     from specrun.pipeline import Pipeline
