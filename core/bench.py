@@ -25,6 +25,7 @@ import click
 
 from . import bench_report as report
 from .bench_data import DATASETS, Prompt, load_prompts
+from .eagle3 import DEFAULT_MIN_PROB
 from .errors import SpecrunError
 from .interfaces import Draft, Drafter, Target
 from .plugins import Registry, load_registry
@@ -120,8 +121,6 @@ def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
 
 
 def _min_prob(s: BenchSettings) -> float:
-    from .eagle3 import DEFAULT_MIN_PROB
-
     return DEFAULT_MIN_PROB if s.draft_min_prob is None else s.draft_min_prob
 
 
@@ -664,7 +663,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--draft-min-prob", type=float, default=None,
-              help="eagle3 chain: stop drafting before a token the head gives less probability [default: 0.2].")
+              help=f"eagle3 chain: stop at the first step whose top draft probability is below this [default: {DEFAULT_MIN_PROB}].")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .eagle3 import DEFAULT_MIN_PROB
 from .errors import SpecrunError
 
 
@@ -55,7 +56,8 @@ def backend_options(f):
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--draft-min-prob", type=float, default=None,
-              help="eagle3 chain: stop drafting before a token the head gives less probability [default: 0.2; 0: always k].")
+              help=f"eagle3 chain: stop at the first step whose top draft probability is below this "
+              f"[default: {DEFAULT_MIN_PROB}; 0: always k].")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")

@@ -14,8 +14,10 @@ import torch
 from specrun.decode import SpeculativeDecoder
 from specrun.eagle3 import DraftHead, Eagle3Checkpoint, Eagle3Drafter, HeadOutput, vocab_map
 from specrun.errors import SpecrunError
+from specrun.interfaces import StepOutput
 
 from .test_lossless import PROMPTS, plain_greedy
+from .test_sampling import DRAFT, BigramTarget
 
 H, HEADS, KV, HD, INTER, V = 64, 4, 2, 16, 128, 49152
 
@@ -373,6 +375,14 @@ def test_backend_without_eagle3_support_is_a_clear_error(head_dir, tiny_models):
 # ------------------------------------------------------------------------------------ sampling losslessness
 
 
+class HiddenBigram(BigramTarget):
+    """test_sampling's bigram target, also returning (zero) hidden states for the EAGLE-3 drafter."""
+
+    def forward(self, tokens, *, all_logits=True):
+        out = super().forward(tokens, all_logits=all_logits)
+        return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+
+
 class ToyHead(DraftHead):
     """Draft logits depend on the entry's token only (a bigram table); the draft vocabulary
     misses target token 1, so the drafter must put zero probability there."""
@@ -408,15 +418,9 @@ class ToyHead(DraftHead):
 def test_eagle3_sampling_matches_target_distribution(temperature, top_p, min_prob):
     """Lossless sampling, also when chains stop early on low draft probability (the stopping
     rule reads the draft only, so the output distribution is still the target's)."""
-    from specrun.interfaces import StepOutput
     from specrun.sampling import SamplingParams
 
-    from .test_sampling import DRAFT, PROMPT, TARGET, BigramTarget, chi_square_pvalue, exact_joint
-
-    class HiddenBigram(BigramTarget):
-        def forward(self, tokens, *, all_logits=True):
-            out = super().forward(tokens, all_logits=all_logits)
-            return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+    from .test_sampling import PROMPT, TARGET, chi_square_pvalue, exact_joint
 
     n = 2000
     params = SamplingParams(temperature=temperature, top_p=top_p)
@@ -441,18 +445,12 @@ def test_min_prob_stops_on_the_heads_top_probability():
 
     for sampler in (None, Sampler(SamplingParams(temperature=1.0, seed=0))):
         for first, cut in ((3, 0.7), (0, 0.7), (0, 0.5)):
-            drafter = Eagle3Drafter(ToyHead(DRAFT_TABLE()), num_target_layers=3, target_vocab_size=4, min_prob=cut)
+            drafter = Eagle3Drafter(ToyHead(DRAFT), num_target_layers=3, target_vocab_size=4, min_prob=cut)
             drafter.start([first], 8)
             drafter.accepted([first, first], 1, np.zeros((1, 3), np.float32))
             draft = drafter.propose([first, first], 3, sampler)
             top = 0.59 if first == 0 else 0.84
             assert (len(draft.tokens) == 0) == (top < cut), (first, cut, draft.tokens)
-
-
-def DRAFT_TABLE():
-    from .test_sampling import DRAFT
-
-    return DRAFT
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -461,15 +459,9 @@ def test_lookup_first_uses_both_drafters_and_stays_lossless(temperature):
     elsewhere; the head's cache follows every accepted token either way.  Greedy output equals
     plain decoding; sampling reproduces the target's distribution."""
     from specrun.drafters import LookupFirstDrafter, NoDrafter
-    from specrun.interfaces import StepOutput
     from specrun.sampling import SamplingParams
 
-    from .test_sampling import DRAFT, PROMPT, TARGET, BigramTarget, chi_square_pvalue, exact_joint
-
-    class HiddenBigram(BigramTarget):
-        def forward(self, tokens, *, all_logits=True):
-            out = super().forward(tokens, all_logits=all_logits)
-            return StepOutput(out.logits, np.zeros((len(tokens), 3), np.float32))
+    from .test_sampling import PROMPT, TARGET, chi_square_pvalue, exact_joint
 
     target = HiddenBigram(TARGET)
     used = {"lookup": 0, "head": 0}

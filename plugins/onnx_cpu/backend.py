@@ -258,7 +258,7 @@ class OnnxBackend(Backend):
 
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
         """The head exported to ONNX (once, cached) and run by onnxruntime.  Default ``int8``
-        (block-wise 8-bit weights): a draft step of a head for the default model costs ~0.35 ms
+        (block-wise 8-bit weights): a draft step of a head for the default model costs ~0.45 ms
         instead of ~1.5-1.9 ms in f32 (measured here), and a head's precision changes only how often drafts are accepted,
         never the output (verification is exact)."""
         from . import head as hd
@@ -270,7 +270,7 @@ class OnnxBackend(Backend):
         ck = hd.load_head_checkpoint(checkpoint_dir, target_dir)
         # one thread, no spinning workers: the head runs between target calls, while the target's
         # session's workers still spin; a 2-thread spinning head on 2 cores made each target call
-        # of a decode ~2x slower (72.6 vs 37.8 ms measured here), one thread costs ~0.5 ms a step
+        # of a decode ~2x slower (72.6 vs 37.8 ms measured here); one thread: 0.43 ms a step (two: 0.44)
         head_options = dict(options or {}) | {"threads": int((options or {}).get("head_threads") or 1), "spin": False}
         session, path = _open(lambda force: hd.export_head(ck, checkpoint_dir, precision, force=force), head_options)
         return hd.OnnxDraftHead(session, ck, hd.head_meta(path), path, precision)
