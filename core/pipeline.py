@@ -86,15 +86,15 @@ class Pipeline:
     ) -> Pipeline:
         """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
         drafter, a target backend with ``tree_attention``), greedy or sampling.
-        ``draft_min_prob``: an eagle3 chain stops before a token the head gives less probability
-        (default ``eagle3.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
+        ``draft_min_prob``: an eagle3 chain stops at the first step whose top draft probability is
+        below it (default ``eagle3.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
             from .eagle3 import bundled_head
 
             head = bundled_head(target)
-            if drafter == AUTO:  # lookup first: it beat the shipped head on MT-bench (see README)
+            if drafter == AUTO:  # lookup beat the shipped head alone on MT-bench (README)
                 drafter = "ngram" if head is None else ("eagle3" if tree else "eagle3+ngram")
         elif drafter == AUTO:
             drafter = "ngram"
