@@ -128,7 +128,7 @@ def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
     h = hashlib.sha256()
     opts = {"v": EXPORT_VERSION, "opset": OPSET, "precision": precision, "aux": list(aux_layers)}
     if kv_layout != "head":
-        opts["kv_layout"] = f"{kv_layout}-2"  # 2: untied embedding
+        opts["kv_layout"] = f"{kv_layout}-3"  # 2: untied embedding; 3: block keys scattered into the cache rows
     h.update(json.dumps(opts).encode())
     h.update(json.dumps(cfg.raw, sort_keys=True).encode())
     for f in _weight_files(model_dir):
@@ -326,9 +326,12 @@ def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool
 
     stages.start("trace to ONNX")
     T, P = 3, 5  # distinct sizes so that nothing is specialised to one of them
+    start = P
+    if kv_layout == "layer":  # the whole buffer is passed: the block's rows lie inside it
+        start, P = 4, 9
     args = (
         torch.tensor([1, 2, 3][:T], dtype=torch.long),
-        torch.arange(P, P + T),
+        torch.arange(start, start + T),
         torch.tril(torch.ones(T, T, dtype=torch.bool)),
         torch.tensor([0, 2]),
         *(torch.randn(*meta.past_shape(P)) for _ in meta.past_names),

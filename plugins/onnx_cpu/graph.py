@@ -121,9 +121,19 @@ class StepGraph(nn.Module):
             new_ok = new_ok & (positions[None, :] > positions[:, None] - s.sliding_window)
         else:
             past_ok = past_ok.expand(n_new, n_past)
-        visible = torch.cat([past_ok, new_ok], dim=1)  # [T, P+T]
+        if self.kv_layout == "layer":
+            # the block's keys take their cache rows (start..start+T-1) in a copy of the buffer, so
+            # every query attends to one [rows] sequence in cache order, whatever block it is in
+            start = positions.min()
+            slots = start + torch.arange(n_new, dtype=positions.dtype)
+            rel = rows - start  # [P]
+            in_block = (rel >= 0) & (rel < n_new)
+            blk = torch.gather(new_ok, 1, rel.clamp(0, n_new - 1)[None, :].expand(n_new, n_past)) & in_block[None, :]
+            visible = past_ok | blk  # [T, P]
+        else:
+            visible = torch.cat([past_ok, new_ok], dim=1)  # [T, P+T]
         bias = torch.where(visible, torch.zeros((), dtype=x.dtype), torch.full((), float("-inf"), dtype=x.dtype))
-        bias = bias.repeat(g, 1)  # [g*T, P+T], rows ordered (group member, token)
+        bias = bias.repeat(g, 1)  # [g*T, P(+T)], rows ordered (group member, token)
 
         news: list[torch.Tensor] = []
         aux: list[torch.Tensor] = []
@@ -144,20 +154,19 @@ class StepGraph(nn.Module):
             v = v.transpose(0, 1)  # [nkv, T, D]
             news.append(torch.stack([k, v]))  # [2, nkv, T, D]
             qg = q.reshape(nkv, -1, D)  # [nkv, g*T, D]: query head kvh*g + j uses kv head kvh
-            s_new = torch.matmul(qg, k.transpose(1, 2))  # [nkv, g*T, T]
             if self.kv_layout == "layer":
-                past_k, past_v = past[2 * i], past[2 * i + 1]  # [nkv, P, D]
-                s_past = torch.matmul(qg, past_k.transpose(1, 2))  # [nkv, g*T, P]
+                k_all = past[2 * i].index_copy(1, slots, k)  # [nkv, P, D]
+                v_all = past[2 * i + 1].index_copy(1, slots, v)
+                p = torch.softmax(torch.matmul(qg, k_all.transpose(1, 2)) + bias, dim=-1)
+                o = torch.matmul(p, v_all)
             else:
+                s_new = torch.matmul(qg, k.transpose(1, 2))  # [nkv, g*T, T]
                 base = 2 * i * nkv
                 past_k, past_v = past[base : base + nkv], past[base + nkv : base + 2 * nkv]  # nkv x [P, D]
                 qs = torch.split(qg, 1, dim=0)
                 s_past = torch.cat([torch.matmul(qs[j], past_k[j].t()) for j in range(nkv)], dim=0)  # [nkv, g*T, P]
-            p = torch.softmax(torch.cat([s_past, s_new], dim=2) + bias, dim=-1)
-            p_past, p_new = p[:, :, :n_past], p[:, :, n_past:]
-            if self.kv_layout == "layer":
-                o = torch.matmul(p_past, past_v) + torch.matmul(p_new, v)
-            else:
+                p = torch.softmax(torch.cat([s_past, s_new], dim=2) + bias, dim=-1)
+                p_past, p_new = p[:, :, :n_past], p[:, :, n_past:]
                 ps = torch.split(p_past, 1, dim=0)
                 o = torch.cat([torch.matmul(ps[j], past_v[j]) for j in range(nkv)], dim=0) + torch.matmul(p_new, v)
             o = o.reshape(nh, -1, D).transpose(0, 1).reshape(-1, nh * D)
