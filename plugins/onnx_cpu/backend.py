@@ -66,6 +66,8 @@ class KVBufferTarget(Target):
     the buffer: no copy), runs the block, and writes the block's ``new_kv`` into rows
     ``length..length+T-1``.  ``rollback`` only moves ``length``.  A runtime implements ``_execute``."""
 
+    kv_dtype: type = np.float32  # the cache buffer's numpy type (a runtime may store bf16 bits as uint16)
+
     def __init__(self, meta: ex.GraphMeta, backend: str, device: str, precision: str, path: Path):
         self.meta, self.path = meta, path
         self.backend, self.device, self.precision = backend, device, precision
@@ -88,7 +90,7 @@ class KVBufferTarget(Target):
     def _allocate(self, capacity: int) -> None:
         m = self.meta
         old, n = self._kv, self._len
-        self._kv = np.zeros((m.num_layers, 2, m.num_kv_heads, capacity, m.head_dim), np.float32)
+        self._kv = np.zeros((m.num_layers, 2, m.num_kv_heads, capacity, m.head_dim), self.kv_dtype)
         if old is not None and n:
             self._kv[:, :, :, :n] = old[:, :, :, :n]
 

@@ -65,10 +65,17 @@ class StepGraph(nn.Module):
 
     ``past`` holds ``2 * L * kv_heads`` tensors ``[P, D]``, ordered layer-major, then key/value,
     then kv-head (``export.past_names``); with ``kv_layout="layer"``, ``2 * L`` tensors
-    ``[kv_heads, P, D]`` (layer-major, then key/value), attended by one batched MatMul per layer.
-    The second suits runtimes that pay per graph node and per input (OpenVINO: ~3,600 -> ~2,900
-    nodes and 180 -> 60 inputs for SmolLM2, a one-token step 30 -> 20 ms); the first lets ONNX
-    Runtime bind the used rows of a ``[capacity, D]`` buffer by pointer."""
+    ``[kv_heads, P, D]`` (layer-major, then key/value): the runtime's whole cache buffer, whose
+    rows at and after the block's start (``positions.min()``) are stale.  The block's keys and
+    values are written into a copy of it at rows ``start .. start+T-1`` and every query attends to
+    that one sequence with one MatMul for the scores and one for the values.  The second suits
+    runtimes that pay per graph node and per input (OpenVINO: ~3,600 -> ~2,900 nodes and 180 -> 60
+    inputs for SmolLM2, a one-token step 30 -> 20 ms), and is batch-invariant on OpenVINO: a
+    token's reductions see the same keys in the same columns whether it runs alone or in a chain
+    block, so its logits are the same bits (splitting attention into past and block parts rounded
+    the two partial sums differently: up to 0.55 apart at bf16).  Tree nodes whose ancestors sit
+    in other rows than in a chain (a sibling took the row) are only equal to rounding.  The first
+    layout lets ONNX Runtime bind the used rows of a ``[capacity, D]`` buffer by pointer."""
 
     def __init__(self, model: LlamaModel, aux_layers: tuple[int, ...] = (), kv_layout: str = "head"):
         super().__init__()
