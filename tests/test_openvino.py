@@ -236,3 +236,23 @@ def test_block_logits_are_bit_identical_to_single_steps(precision, tiny_models, 
     np.testing.assert_array_equal(out[0], steps[0])
     if precision == "f32":
         np.testing.assert_allclose(out[[2, 3]], steps[1:3], atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_hidden_state_outputs_do_not_change_the_logits(precision, tiny_models, ov_backend):
+    """The graph an EAGLE-3 drafter needs (hidden states of three layers out) computes the same
+    logits, bit for bit, as the plain graph: otherwise `--drafter eagle3` and plain decoding would
+    disagree at low precision (OpenVINO keeps an output's "tail" in f32, which without the graph's
+    x @ I barrier was the whole residual stream)."""
+    if precision not in ov_backend.precisions("cpu"):
+        pytest.skip(f"this CPU does not compute {precision}")
+    folder = str(tiny_models["llama"])
+    plain = ov_backend.load_target(folder, device="cpu", precision=precision)
+    aux = ov_backend.load_target(folder, device="cpu", precision=precision, aux_hidden_layers=(0, 1))
+    rng = np.random.default_rng(2)
+    toks = [int(x) for x in rng.integers(3, plain.info.vocab_size, 12)]
+    got = []
+    for t in (plain, aux):
+        t.reset(64)
+        got.append(np.concatenate([t.forward(PROMPT).logits] + [t.forward([x]).logits for x in toks]))
+    np.testing.assert_array_equal(got[0], got[1])

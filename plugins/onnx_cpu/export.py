@@ -128,7 +128,8 @@ def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
     h = hashlib.sha256()
     opts = {"v": EXPORT_VERSION, "opset": OPSET, "precision": precision, "aux": list(aux_layers)}
     if kv_layout != "head":
-        opts["kv_layout"] = f"{kv_layout}-3"  # 2: untied embedding; 3: block keys scattered into the cache rows
+        # 2: untied embedding; 3: block keys scattered into the cache rows; 4: hidden states through x @ I
+        opts["kv_layout"] = f"{kv_layout}-4"
     h.update(json.dumps(opts).encode())
     h.update(json.dumps(cfg.raw, sort_keys=True).encode())
     for f in _weight_files(model_dir):

@@ -103,6 +103,12 @@ class StepGraph(nn.Module):
         rot[torch.arange(half) + half, torch.arange(half)] = -1.0
         rot[torch.arange(half), torch.arange(half) + half] = 1.0
         self.register_buffer("rot", rot, persistent=False)
+        if self.aux_layers and kv_layout == "layer":
+            # hidden states leave through x @ I: OpenVINO's CPU plugin computes the "tail" between
+            # an output and the last MatMul before it in f32 even under a bf16 hint, and without
+            # this barrier the whole residual stream would be that tail: a graph with hidden-state
+            # outputs (EAGLE-3) would compute other logits than the plain graph
+            self.register_buffer("aux_identity", torch.eye(s.hidden_size), persistent=False)
 
     def forward(self, input_ids, positions, block_mask, output_index, *past):
         s = self.spec
@@ -188,5 +194,7 @@ class StepGraph(nn.Module):
         logits = torch.matmul(_rms(x, self.norm, eps), self.head_t)
         outs = [logits, torch.stack(news)]  # new_kv: [L, 2, nkv, T, D]
         if aux:
+            if self.kv_layout == "layer":
+                aux = [torch.matmul(a, self.aux_identity) for a in aux]
             outs.append(torch.cat(aux, dim=1))  # every row: drafters need all new positions
         return tuple(outs)

@@ -38,7 +38,7 @@ from specrun_onnx_cpu.backend import KVBufferTarget, check_aux_layers
 from specrun_onnx_cpu.head import KVBufferHead
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
-IR_VERSION = "3"
+IR_VERSION = "4"  # 4: the hidden-state barrier stays float
 ROWS = 64  # the cache buffer grows in steps of this many positions
 COMPUTE = ("f32", "bf16", "f16")
 WEIGHTS = ("int8", "int4")
@@ -367,5 +367,22 @@ def _compress(model, weights: str):
     else:  # layers narrower than the group (tiny test models) stay int8 instead of failing
         kw = dict(mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP, ratio=1.0,
                   advanced_parameters=AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.IGNORE))
+    # the hidden-state barrier (x @ I, see specrun_onnx_cpu.graph) stays float: compressed, its input
+    # would be quantized on the fly (int8 groups of 32 across SmolLM2's outlier channels)
+    barrier = [op.get_friendly_name() for op in model.get_ops()
+               if op.get_type_name() == "MatMul" and any(_is_identity(i.get_source_output().get_node()) for i in op.inputs())]
+    if barrier:
+        kw["ignored_scope"] = nncf.IgnoredScope(names=barrier)
     with contextlib.redirect_stdout(sys.stderr):  # nncf's progress bar must not mix with generated text / --json
         return nncf.compress_weights(model, **kw)
+
+
+def _is_identity(node) -> bool:
+    """A square identity-matrix Constant (the graph's hidden-state barrier)."""
+    if node.get_type_name() != "Constant":
+        return False
+    shape = list(node.get_output_shape(0))
+    if len(shape) != 2 or shape[0] != shape[1]:
+        return False
+    data = node.get_data()
+    return bool(np.array_equal(data, np.eye(shape[0], dtype=data.dtype)))
