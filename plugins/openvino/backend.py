@@ -72,6 +72,14 @@ def ov_device(device: str) -> str:
     return _OV_NAMES[base] + (f".{index}" if index else "")
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounding to nearest even as OpenVINO's CPU conversion does
+    (a block's keys are rounded by OpenVINO inside the graph and by this for the cache: the same
+    bits, or blocks would stop matching single steps)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 class OpenVinoTarget(KVBufferTarget):
     """The onnx_cpu plugin's cache scheme (one buffer ``[L, 2, kv_heads, rows, D]``, rollback
     moves ``length``) over the ``layer`` KV layout: each (layer, k/v) input is the whole
@@ -113,7 +121,7 @@ class OpenVinoTarget(KVBufferTarget):
             self._bound = kv
         req.infer(feed, share_inputs=True, share_outputs=True)
         out = req.get_tensor("new_kv").data
-        new_kv = np.array(out.view(np.uint16) if self.kv_dtype == np.uint16 else out)
+        new_kv = to_bf16_bits(out) if self.kv_dtype == np.uint16 else np.array(out)
         logits = np.array(req.get_tensor("logits").data, dtype=np.float32)
         hidden = np.array(req.get_tensor("hidden_states").data, dtype=np.float32) if self.aux_layers else None
         return logits, new_kv, hidden
@@ -231,7 +239,7 @@ class OpenVinoBackend(Backend):
         if options.get("threads") and device.startswith("cpu"):
             config["INFERENCE_NUM_THREADS"] = int(options["threads"])
         core = self._core()
-        bf16_cache = compute == "bf16"
+        bf16_cache = compute == "bf16" and device.startswith("cpu")  # other plugins may not take bf16 tensors
 
         def compile_ir(xml: Path):
             meta = ex.GraphMeta(**json.loads((xml.parent / "graph.json").read_text()))
@@ -239,9 +247,11 @@ class OpenVinoBackend(Backend):
                 return core.compile_model(str(xml), ov_device(device), config), meta
             ov = _import_ov()
             ppp = ov.preprocess.PrePostProcessor(core.read_model(str(xml)))
-            for name in meta.past_names:  # the cache crosses the boundary as bf16, as it is computed
+            for name in meta.past_names:  # the cache goes in as bf16, as attention reads it
                 ppp.input(name).tensor().set_element_type(ov.Type.bf16)
-            ppp.output("new_kv").tensor().set_element_type(ov.Type.bf16)
+            # new_kv stays f32: OpenVINO computes an output's "tail" (here RoPE, whose cos/sin the
+            # queries share) in f32; typed bf16 it would round the angles pos x freq to bf16 (keys
+            # 24% off at position 1,000).  _execute rounds the block's rows to bf16 itself.
             return core.compile_model(ppp.build(), ov_device(device), config), meta
 
         try:
