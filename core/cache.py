@@ -2,7 +2,7 @@
 heads, conformance models) and removing entries of it, with confirmation.
 
 The cache is everything specrun builds itself and can build again; nothing a user made lives
-there.  Entries are the folders ``<cache>/<kind>/<entry>``; hidden ones (``.<entry>.*``) are builds
+there.  Entries are the folders (and files: ``digests`` holds one per hashed file) ``<cache>/<kind>/<entry>``; hidden ones (``.<entry>.*``) are builds
 in progress or left behind by a killed process: those younger than an hour, or whose
 ``.<entry>.lock`` is held, are never removed."""
 
@@ -46,7 +46,7 @@ def entries(root: Path | None = None) -> list[Entry]:
         return found
     for kind in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         for entry in kind.iterdir():
-            if entry.name.endswith(".lock") or not entry.is_dir():
+            if entry.name.endswith(".lock") or entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
                 continue
             partial = entry.name.startswith(".")
             found.append(Entry(kind.name, entry, _size(entry), entry.stat().st_mtime, partial))
@@ -134,5 +134,8 @@ def clear_command(kinds, older_than, only_partial, yes) -> None:
         click.echo("nothing removed")
         return
     for e in chosen:
-        shutil.rmtree(e.path, ignore_errors=True)
+        if e.path.is_dir():
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            e.path.unlink(missing_ok=True)
     click.echo(f"removed {len(chosen)} entries ({total})")

@@ -9,11 +9,12 @@ import sys
 import click
 
 from .eagle3 import DEFAULT_MIN_PROB
-from .errors import SpecrunError
+from .errors import SpecrunError, disk_full
 
 
 class SpecrunGroup(click.Group):
-    """Turns every SpecrunError into one line on stderr and exit status 2 — never a traceback."""
+    """Turns every SpecrunError (and a full disk) into one line on stderr and exit status 2 — never a
+    traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -24,6 +25,12 @@ class SpecrunGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("specrun: interrupted", err=True)
             ctx.exit(130)
+        except Exception as exc:
+            message = disk_full(exc)
+            if message is None:
+                raise
+            click.echo(f"specrun: error: {message}", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=SpecrunGroup)

@@ -108,18 +108,59 @@ def _gguf_file(name: str) -> Path:
     return path
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+_SAMPLE = 1 << 16
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Size and a digest of the whole file if small, else of 16 samples spread over it (a few ms
+    for GBs): what a cache marker records to detect a truncated or damaged file."""
+    size = path.stat().st_size
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        if size <= 16 * _SAMPLE:
+            h.update(f.read())
+        else:
+            for i in range(16):
+                f.seek((size - _SAMPLE) * i // 15)
+                h.update(f.read(_SAMPLE))
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes, remembered per (path, size, mtime, inode) under the cache's
+    ``digests`` folder, so it is computed once per file version (about 1 s per GB).  Cache keys use
+    it instead of paths and mtimes: every virtual environment holding the same package, or a copy
+    of the same model, finds the same cache entry; any change to the bytes is a new key."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    memo = cache_dir() / "digests" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    try:
+        known = memo.read_text()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:  # best effort: a read-only cache only costs the hash next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
 
 
 def _converted_gguf(name: str) -> Path:
     gguf = _gguf_file(name)
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    # keyed by content, not path or mtime: every virtual environment holding the same package
+    # shares one converted copy (517 MB)
+    key = hashlib.sha256(f"{gguf.name}:{content_digest(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
     if _complete(target):
         return target

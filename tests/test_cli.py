@@ -110,3 +110,30 @@ def test_backends_lists_torch():
     rows = {b["name"]: b for b in json.loads(r.stdout)["backends"]}
     assert rows["torch_cuda"]["available"] and "cpu" in rows["torch_cuda"]["devices"]
     assert rows["torch_cuda"]["precisions"]["cpu"][0] == "f32"
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(28, "No space left on device", "/cache/onnx/m/model.onnx.data"),
+    RuntimeError("Exception from src/inference/src/cpp/core.cpp:  [ GENERAL_ERROR ] write failed: No space left on device"),
+])
+def test_full_disk_is_one_line(monkeypatch, exc):
+    import specrun.models
+
+    def full(*_a, **_k):
+        raise exc
+
+    monkeypatch.setattr(specrun.models, "resolve_model", full)
+    r = invoke("export", "--backend", "onnx_cpu")
+    assert_one_line_error(r, "no space left on the disk")
+    assert "specrun cache clear" in r.stderr
+
+
+def test_other_crashes_are_not_called_a_full_disk(monkeypatch):
+    import specrun.models
+
+    def broken(*_a, **_k):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(specrun.models, "resolve_model", broken)
+    r = invoke("export", "--backend", "onnx_cpu")
+    assert isinstance(r.exception, ValueError)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from specrun.errors import SpecrunError
+from specrun.models import file_fingerprint
 
 from .conftest import ARCHS, make_tiny_model
 
@@ -181,6 +182,27 @@ def test_changed_weights_change_the_key(tmp_path, cache):
     assert ex.export_key(model) != key
 
 
+def test_copied_model_shares_the_export_key(tiny_models, tmp_path, cache):
+    """Keys come from the bytes, not from paths or mtimes: a copy (new mtimes, new folder) reuses
+    the export; a one-byte change deep inside a large weights file is a new key."""
+    import shutil
+
+    src = tiny_models["llama"]
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy, copy_function=shutil.copy)  # shutil.copy does not keep mtimes
+    assert ex.export_key(copy) == ex.export_key(src)
+    big = tmp_path / "big"
+    big.mkdir()
+    shutil.copy(src / "config.json", big)
+    weights = big / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 12_000)  # 3 MB: a fingerprint would only sample it
+    key = ex.export_key(big)
+    data = bytearray(weights.read_bytes())
+    data[1_500_123] ^= 1
+    weights.write_bytes(bytes(data))
+    assert ex.export_key(big) != key
+
+
 @pytest.mark.parametrize("victim", [ex.DATA_FILE, ex.GRAPH_FILE])
 def test_truncated_export_is_detected_and_rebuilt(victim, tiny_models, backend, cache):
     model = tiny_models["mistral"]
@@ -205,7 +227,7 @@ def test_unloadable_export_with_valid_marker_is_rebuilt(tiny_models, backend, ca
     graph = folder / ex.GRAPH_FILE
     graph.write_bytes(b"\x08garbage" * (graph.stat().st_size // 8) + b"\x00" * (graph.stat().st_size % 8))
     marker = json.loads((folder / ex.MARKER_FILE).read_text())
-    marker["files"][ex.GRAPH_FILE] = ex._fingerprint(graph)
+    marker["files"][ex.GRAPH_FILE] = file_fingerprint(graph)
     (folder / ex.MARKER_FILE).write_text(json.dumps(marker))
     assert ex.is_complete(folder)
     before = ex.export_count

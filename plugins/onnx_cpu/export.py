@@ -29,7 +29,7 @@ Files in the cache folder (``export_model`` returns the first): ``model.onnx`` (
 ``model.onnx.data`` (its weights, ONNX external data), ``graph.json`` (``GraphMeta``: shapes and
 names, so a runtime needs neither torch nor the config) and ``specrun-complete.json`` (written
 last: sizes and digests, so a partial or damaged export is detected and rebuilt).  The folder is
-keyed by the weights (names, sizes, mtimes of the safetensors files), the config, the aux layers,
+keyed by the weights (names and SHA-256 of the safetensors files), the config, the aux layers,
 the precision and ``EXPORT_VERSION``; it is built in a temporary folder and renamed into place,
 under a file lock, so concurrent exports never leave a half-written cache.  Any ONNX consumer can
 run it (OpenVINO: ``openvino.Core().read_model(path)``).
@@ -52,7 +52,7 @@ from pathlib import Path
 import attrs
 
 from specrun.errors import SpecrunError
-from specrun.models import ModelConfig, cache_dir
+from specrun.models import ModelConfig, cache_dir, content_digest, file_fingerprint
 
 EXPORT_VERSION = "1"
 OPSET = 17
@@ -61,7 +61,6 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 META_FILE = "graph.json"
 MARKER_FILE = "specrun-complete.json"
-_SAMPLE = 1 << 16
 
 # Counts real exports in this process (tests use it to prove a cached export is reused).
 export_count = 0
@@ -122,7 +121,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> str:
-    """Hash of what the export depends on: weights (name, size, mtime), config, options, code version."""
+    """Hash of what the export depends on: weights (name and SHA-256, so a copied or
+    re-converted model with the same weights reuses the export), config, options, code version."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.load(model_dir)
     h = hashlib.sha256()
@@ -133,8 +133,7 @@ def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
     h.update(json.dumps(opts).encode())
     h.update(json.dumps(cfg.raw, sort_keys=True).encode())
     for f in _weight_files(model_dir):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.name}:{content_digest(f)}".encode())
     return h.hexdigest()[:20]
 
 
@@ -147,20 +146,6 @@ def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
     return cache_dir() / "onnx" / f"{model_dir.name}-{precision}{aux}{layout}-{key}"
 
 
-def _fingerprint(path: Path) -> dict:
-    """Size and a digest: the whole file if small, else samples at 16 places (a few ms for GBs)."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= 16 * _SAMPLE:
-            h.update(f.read())
-        else:
-            for i in range(16):
-                f.seek((size - _SAMPLE) * i // 15)
-                h.update(f.read(_SAMPLE))
-    return {"size": size, "sha256": h.hexdigest()}
-
-
 def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
     """True iff the export in ``folder`` finished and its files are intact (sizes and digests)."""
     try:
@@ -168,7 +153,7 @@ def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
         files = marker["files"]
         if marker.get("export_version") != EXPORT_VERSION or main_file not in files:
             return False
-        return all((folder / name).is_file() and _fingerprint(folder / name) == fp for name, fp in files.items())
+        return all((folder / name).is_file() and file_fingerprint(folder / name) == fp for name, fp in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -283,7 +268,7 @@ def export_model(
 
 
 def _publish(tmp: Path, folder: Path) -> None:
-    files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: file_fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MARKER_FILE).write_text(json.dumps({"export_version": EXPORT_VERSION, "files": files}, indent=1))
     if folder.exists():  # a damaged export (or a forced rebuild): replace it
         invalidate(folder)

@@ -38,7 +38,7 @@ import numpy as np
 
 from specrun.eagle3 import DraftHead, Eagle3Checkpoint, HeadOutput
 from specrun.errors import SpecrunError
-from specrun.models import cache_dir
+from specrun.models import cache_dir, content_digest
 
 from . import export as ex
 
@@ -72,12 +72,11 @@ def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def head_export_dir(checkpoint_dir: str | Path, precision: str = "f32") -> Path:
-    """The cache folder of this head's export, keyed by its files (names, sizes, mtimes)."""
+    """The cache folder of this head's export, keyed by its files (names and content digests)."""
     checkpoint_dir = Path(checkpoint_dir).resolve()
     h = hashlib.sha256(json.dumps({"v": HEAD_EXPORT_VERSION, "opset": ex.OPSET}).encode())
     for f in _checkpoint_files(checkpoint_dir):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.name}:{content_digest(f)}".encode())
     return cache_dir() / "onnx-heads" / f"{checkpoint_dir.name}-{precision}-{h.hexdigest()[:20]}"
 
 

