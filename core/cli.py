@@ -34,9 +34,16 @@ class SpecrunGroup(click.Group):
 
 
 @click.group(cls=SpecrunGroup)
+@click.option("--backend", "-b", "backend", default=None, metavar="NAME",
+              help="Backend for the command that follows, e.g. `specrun --backend openvino generate PROMPT` "
+              "(the command's own --backend wins).")
 @click.version_option(package_name="specrun")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, backend: str | None) -> None:
     """Speculative decoding for LLMs with pluggable execution backends."""
+    if backend:  # the default of every command's --backend option
+        ctx.default_map = {name: {"backend": backend} for name, cmd in main.commands.items()
+                           if any(p.name == "backend" for p in cmd.params)}
 
 
 def backend_options(f):

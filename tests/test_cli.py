@@ -137,3 +137,16 @@ def test_other_crashes_are_not_called_a_full_disk(monkeypatch):
     monkeypatch.setattr(specrun.models, "resolve_model", broken)
     r = invoke("export", "--backend", "onnx_cpu")
     assert isinstance(r.exception, ValueError)
+
+
+@pytest.mark.parametrize("command", [["generate", "Hi"], ["bench", "--limit", "1"], ["conformance"], ["export"]])
+def test_top_level_backend_is_every_commands_default(command):
+    """`specrun --backend NAME COMMAND`: the design card's spelling reaches each command."""
+    assert_one_line_error(invoke("--backend", "nope", *command), "unknown backend 'nope'")
+
+
+def test_the_commands_own_backend_wins(tiny_models):
+    r = invoke("--backend", "nope", "generate", "Hi", "--target", str(tiny_models["llama"]), "-n", "3",
+               "--backend", "torch_cuda", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["stats"]["backend"] == "torch_cuda"
