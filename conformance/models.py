@@ -76,6 +76,9 @@ def _built_once(target: Path, build) -> Path:
     """``target``, built by ``build(folder)`` in a temporary folder and renamed into place on
     first use (a ``complete`` marker; concurrent builders: the first rename wins)."""
     if (target / "complete").exists():
+        from specrun.models import mark_used
+
+        mark_used(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

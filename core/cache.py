@@ -24,12 +24,12 @@ class Entry:
     kind: str
     path: Path
     size: int
-    built: float  # mtime, seconds since the epoch
+    used: float  # last use (the entry's mtime: builds set it, loads refresh it), seconds since the epoch
     partial: bool  # a build left behind by a killed process
 
     @property
     def age_days(self) -> float:
-        return (time.time() - self.built) / 86400
+        return (time.time() - self.used) / 86400
 
 
 def _size(path: Path) -> int:
@@ -39,7 +39,7 @@ def _size(path: Path) -> int:
 
 
 def entries(root: Path | None = None) -> list[Entry]:
-    """Every entry of the cache, oldest first."""
+    """Every entry of the cache, least recently used first."""
     root = cache_dir() if root is None else root
     found = []
     if not root.is_dir():
@@ -50,7 +50,7 @@ def entries(root: Path | None = None) -> list[Entry]:
                 continue
             partial = entry.name.startswith(".")
             found.append(Entry(kind.name, entry, _size(entry), entry.stat().st_mtime, partial))
-    return sorted(found, key=lambda e: e.built)
+    return sorted(found, key=lambda e: e.used)
 
 
 def _human(n: float) -> str:
@@ -102,13 +102,13 @@ def cache_command(ctx: click.Context) -> None:
         partial = sum(e.partial for e in es)
         extra = f", {partial} left partial by killed builds" if partial else ""
         click.echo(f"{kind:16} {len(es):4} entries  {_human(sum(e.size for e in es)):>9}  "
-                   f"oldest {max(e.age_days for e in es):.0f} days{extra}")
+                   f"least recently used {max(e.age_days for e in es):.0f} days ago{extra}")
     click.echo(f"{'total':16} {len(found):4} entries  {_human(sum(e.size for e in found)):>9}")
 
 
 @cache_command.command("clear")
 @click.option("--kind", "kinds", multiple=True, help="Only these kinds (models, onnx, openvino, ...); repeatable.")
-@click.option("--older-than", type=float, default=None, metavar="DAYS", help="Only entries built more than DAYS ago.")
+@click.option("--older-than", type=float, default=None, metavar="DAYS", help="Only entries not used for more than DAYS.")
 @click.option("--partial", "only_partial", is_flag=True, help="Only builds left behind by killed processes.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clear_command(kinds, older_than, only_partial, yes) -> None:

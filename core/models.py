@@ -111,6 +111,15 @@ def _gguf_file(name: str) -> Path:
 _SAMPLE = 1 << 16
 
 
+def mark_used(folder: Path) -> None:
+    """Record that a cache entry was just used (its folder's mtime): `specrun cache` ages entries,
+    and `specrun cache clear --older-than` removes them, by last use, not by build time."""
+    try:
+        os.utime(folder)
+    except OSError:  # a read-only cache works, it only stops aging
+        pass
+
+
 def file_fingerprint(path: Path) -> dict:
     """Size and a digest of the whole file if small, else of 16 samples spread over it (a few ms
     for GBs): what a cache marker records to detect a truncated or damaged file."""
@@ -163,6 +172,7 @@ def _converted_gguf(name: str) -> Path:
     key = hashlib.sha256(f"{gguf.name}:{content_digest(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
     if _complete(target):
+        mark_used(target)
         return target
     if target.exists():  # partial or corrupt: rebuild
         shutil.rmtree(target, ignore_errors=True)

@@ -47,7 +47,7 @@ def test_lists_kinds_sizes_and_partial_builds(cache):
     lines = {ln.split()[0]: ln for ln in r.output.splitlines()[1:]}
     assert str(root) in r.output.splitlines()[0]
     assert "4 entries" in lines["onnx"] and "2 left partial" in lines["onnx"]
-    assert "1 entries" in lines["models"] and "oldest 40 days" in lines["models"]
+    assert "1 entries" in lines["models"] and "least recently used 40 days ago" in lines["models"]
     assert "6 entries" in lines["total"] and "10.9 KB" in lines["total"]  # 11,200 bytes
 
 

@@ -175,6 +175,18 @@ def test_second_load_reuses_the_export(tiny_models, backend, cache):
     assert ex.export_dir(tiny_models["llama"], (), "int8") != path.parent
 
 
+def test_loading_an_export_marks_it_used(tiny_models, backend, cache):
+    """`specrun cache clear --older-than` goes by last use: a load refreshes the entry's age."""
+    import time
+
+    backend.load_target(str(tiny_models["llama"]), device="cpu")
+    folder = ex.find_export(tiny_models["llama"]).parent
+    old = time.time() - 40 * 86400
+    os.utime(folder, (old, old))
+    backend.load_target(str(tiny_models["llama"]), device="cpu")
+    assert time.time() - folder.stat().st_mtime < 3600
+
+
 def test_changed_weights_change_the_key(tmp_path, cache):
     model = make_tiny_model(tmp_path / "m", "llama")
     key = ex.export_key(model)

@@ -52,7 +52,7 @@ from pathlib import Path
 import attrs
 
 from specrun.errors import SpecrunError
-from specrun.models import ModelConfig, cache_dir, content_digest, file_fingerprint
+from specrun.models import ModelConfig, cache_dir, content_digest, file_fingerprint, mark_used
 
 EXPORT_VERSION = "1"
 OPSET = 17
@@ -147,15 +147,19 @@ def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
 
 
 def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
-    """True iff the export in ``folder`` finished and its files are intact (sizes and digests)."""
+    """True iff the export in ``folder`` finished and its files are intact (sizes and digests); a
+    complete one is marked as used (the cache ages entries by last use)."""
     try:
         marker = json.loads((folder / MARKER_FILE).read_text())
         files = marker["files"]
         if marker.get("export_version") != EXPORT_VERSION or main_file not in files:
             return False
-        return all((folder / name).is_file() and file_fingerprint(folder / name) == fp for name, fp in files.items())
+        if not all((folder / name).is_file() and file_fingerprint(folder / name) == fp for name, fp in files.items()):
+            return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    mark_used(folder)
+    return True
 
 
 def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> Path | None:
