@@ -629,7 +629,9 @@ def _command_line(ctx: click.Context) -> str:
 
     parts = ["specrun", ctx.info_name or "bench"]
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+        # DEFAULT_MAP: `specrun --backend X bench ...` (the group's option) is written as bench's own
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) not in (
+                ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP):
             continue
         value = ctx.params[param.name]
         flag = max(param.opts, key=len)

@@ -133,9 +133,18 @@ def clear_command(kinds, older_than, only_partial, yes) -> None:
     if not yes and not click.confirm(f"remove {len(chosen)} cache entries ({total}) from {root}?", default=False):
         click.echo("nothing removed")
         return
+    removed, freed = 0, 0
     for e in chosen:
+        try:
+            used = e.path.stat().st_mtime
+        except OSError:
+            continue
+        if older_than is not None and used > e.used:  # used while the question was open: no longer unused
+            continue
+        removed, freed = removed + 1, freed + e.size
         if e.path.is_dir():
             shutil.rmtree(e.path, ignore_errors=True)
         else:
             e.path.unlink(missing_ok=True)
-    click.echo(f"removed {len(chosen)} entries ({total})")
+    skipped = f"; {len(chosen) - removed} kept: used meanwhile" if removed < len(chosen) else ""
+    click.echo(f"removed {removed} entries ({_human(freed)}){skipped}")

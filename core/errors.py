@@ -13,6 +13,10 @@ def disk_full(exc: BaseException) -> str | None:
     """The one-line message for an error caused by a full disk (or quota), else None.  Exports and
     conversions write GBs; runtimes (ONNX, OpenVINO) re-raise the OSError as their own type, so the
     cause chain and the message are both searched."""
+    import click
+
+    if isinstance(exc, click.exceptions.ClickException | click.exceptions.Exit | click.exceptions.Abort):
+        return None  # click's own exits and usage errors (which may echo user input) stay as they are
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
@@ -23,7 +27,7 @@ def disk_full(exc: BaseException) -> str | None:
         if "No space left on device" in str(cur):
             where = ""
             break
-        cur = cur.__cause__ or cur.__context__
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     else:
         return None
     from .models import cache_dir

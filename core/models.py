@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import attrs
@@ -135,14 +136,19 @@ def file_fingerprint(path: Path) -> dict:
     return {"size": size, "sha256": h.hexdigest()}
 
 
+_SETTLE_NS = 2_000_000_000  # coarser than any filesystem's timestamp tick
+
+
 def content_digest(path: Path) -> str:
-    """SHA-256 of the file's bytes, remembered per (path, size, mtime, inode) under the cache's
-    ``digests`` folder, so it is computed once per file version (about 1 s per GB).  Cache keys use
-    it instead of paths and mtimes: every virtual environment holding the same package, or a copy
-    of the same model, finds the same cache entry; any change to the bytes is a new key."""
+    """SHA-256 of the file's bytes, remembered per (device, inode, path, size, mtime, ctime) under
+    the cache's ``digests`` folder, so each version of a file is hashed once (about 1 s per GB).
+    Cache keys use it instead of paths and mtimes: every virtual environment holding the same
+    package, or a copy of a model, reuses the same conversion and exports, and rewritten weights are
+    a new key (ctime changes on any write, even one that restores the mtime).  A file still being
+    written (changed while hashed, or written within the last 2 s) is hashed but not remembered."""
     path = Path(path).resolve()
     st = path.stat()
-    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    stamp = f"{st.st_dev}:{st.st_ino}:{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     memo = cache_dir() / "digests" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
     try:
         known = memo.read_text()
@@ -155,13 +161,17 @@ def content_digest(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     digest = h.hexdigest()
-    try:  # best effort: a read-only cache only costs the hash next time
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
-    except OSError:
-        pass
+    after = path.stat()
+    settled = (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == (st.st_mtime_ns, st.st_ctime_ns, st.st_size) \
+        and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLE_NS
+    if settled:
+        try:  # best effort: a read-only cache only costs the hash next time
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(digest)
+            os.replace(tmp, memo)
+        except OSError:
+            pass
     return digest
 
 

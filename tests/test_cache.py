@@ -90,3 +90,32 @@ def invoke_input(text, *args):
     from specrun.cli import main
 
     return CliRunner().invoke(main, list(args), input=text)
+
+
+def test_digest_memos_are_entries_and_cleared(cache):
+    root, _ = cache
+    memo = root / "digests" / ("a" * 32)
+    memo.parent.mkdir()
+    memo.write_text("0" * 64)
+    (root / "digests" / ".aaaa.123").write_text("0" * 64)  # a memo being written: partial, fresh
+    lines = {ln.split()[0]: ln for ln in invoke("cache").output.splitlines()[1:]}
+    assert "2 entries" in lines["digests"]
+    r = invoke("cache", "clear", "--kind", "digests", "--yes")
+    assert r.exit_code == 0, r.output
+    assert "removed 1 entries" in r.output and not memo.exists()
+
+
+def test_entry_used_while_asking_is_kept(cache, monkeypatch):
+    """`--older-than`: an entry loaded while the question was open is no longer unused."""
+    import click
+
+    _, made = cache
+
+    def confirm_after_a_load(*_a, **_k):
+        os.utime(made["old_onnx"])  # what a load does (mark_used)
+        return True
+
+    monkeypatch.setattr(click, "confirm", confirm_after_a_load)
+    r = invoke("cache", "clear", "--older-than", "30", "--kind", "onnx")
+    assert r.exit_code == 0, r.output
+    assert made["old_onnx"].exists() and "1 kept: used meanwhile" in r.output

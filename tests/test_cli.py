@@ -150,3 +150,43 @@ def test_the_commands_own_backend_wins(tiny_models):
                "--backend", "torch_cuda", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["stats"]["backend"] == "torch_cuda"
+
+
+def test_top_level_backend_before_a_command_without_one():
+    r = invoke("--backend", "openvino", "cache")
+    assert r.exit_code == 2 and "'cache' takes no --backend" in r.output
+
+
+def test_bench_records_the_top_level_backend(monkeypatch):
+    """The command written into bench reports reruns what ran."""
+    import click
+
+    from specrun import bench
+
+    seen = {}
+
+    @click.command()
+    @click.option("--backend")
+    @click.option("--limit", type=int)
+    @click.pass_context
+    def fake(ctx, backend, limit):
+        seen["line"] = bench._command_line(ctx)
+
+    group = click.Group(commands={"bench": fake})
+    click.testing.CliRunner().invoke(group, ["bench", "--limit", "5"], default_map={"bench": {"backend": "openvino"}})
+    assert seen["line"] == "specrun bench --backend openvino --limit 5"
+
+
+def test_usage_errors_that_quote_the_message_are_not_a_full_disk():
+    import click
+
+    from specrun.errors import disk_full
+
+    assert disk_full(click.BadParameter("'No space left on device' is not a number")) is None
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise ValueError("unrelated") from None
+    except ValueError as exc:
+        assert disk_full(exc) is None  # `from None` hides the context

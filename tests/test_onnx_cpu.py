@@ -183,7 +183,9 @@ def test_loading_an_export_marks_it_used(tiny_models, backend, cache):
     folder = ex.find_export(tiny_models["llama"]).parent
     old = time.time() - 40 * 86400
     os.utime(folder, (old, old))
+    before = ex.export_count
     backend.load_target(str(tiny_models["llama"]), device="cpu")
+    assert ex.export_count == before  # reused, not rebuilt
     assert time.time() - folder.stat().st_mtime < 3600
 
 

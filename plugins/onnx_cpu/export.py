@@ -121,8 +121,9 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def export_key(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> str:
-    """Hash of what the export depends on: weights (name and SHA-256, so a copied or
-    re-converted model with the same weights reuses the export), config, options, code version."""
+    """Hash of what the export depends on: weights (name and SHA-256, so a
+    reinstalled or re-converted model with the same weights reuses the export; the folder's name is
+    part of the entry's name), config, options, code version."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.load(model_dir)
     h = hashlib.sha256()
