@@ -38,6 +38,7 @@ DistributedDataParallel, and rank 0 alone writes checkpoints and the head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -329,10 +330,21 @@ def lr_at(step: int, total: int, base: float, warmup: float) -> float:
 
 
 def split_data(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = min(len(records) - 1, max(1, int(round(len(records) * val_fraction)))) if len(records) > 1 else 0
-    recs = [records[i] for i in order]
-    return recs[n_val:], recs[:n_val]
+    """(training, validation) records, in file order.  A record is held out when a hash of (seed,
+    its id) falls below ``val_fraction``, so the split of the records already there does not change
+    when the data stage adds more and the run is resumed: nothing validated on is trained on later.
+    At least one record of each kind when there are two or more."""
+    def score(i: int, rec: dict) -> float:
+        digest = hashlib.sha256(f"{seed}:{rec.get('id', i)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    scores = [score(i, r) for i, r in enumerate(records)]
+    held = {i for i, sc in enumerate(scores) if sc < val_fraction}
+    if len(records) > 1 and val_fraction > 0 and not held:
+        held = {int(np.argmin(scores))}
+    if len(held) == len(records) and len(records) > 1:
+        held.discard(int(np.argmax(scores)))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:

@@ -90,6 +90,21 @@ def test_schedule_and_batches_are_functions_of_the_step():
     assert sorted(seen) == list(range(10))  # one epoch covers every item once
 
 
+def test_validation_split_is_stable_when_data_grows():
+    """Resuming after the data stage added records must not move a record between the sets."""
+    from specrun.train_draft import split_data
+
+    records = [{"id": i} for i in range(2000)]
+    train_a, val_a = split_data(records[:600], 0.05, 0)
+    train_b, val_b = split_data(records, 0.05, 0)
+    ids = lambda rs: {r["id"] for r in rs}  # noqa: E731
+    assert ids(val_a) <= ids(val_b) and ids(train_a) <= ids(train_b)
+    assert ids(val_b).isdisjoint(ids(train_b)) and len(val_b) + len(train_b) == 2000
+    assert 60 < len(val_b) < 140  # ~5%
+    assert ids(split_data(records, 0.05, 1)[1]) != ids(val_b)  # the seed picks another set
+    assert [len(x) for x in split_data(records[:2], 0.05, 0)] == [1, 1]  # tiny data: one of each
+
+
 def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend):
     from click.testing import CliRunner
 
