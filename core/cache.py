@@ -84,8 +84,9 @@ def _busy(entry: Entry) -> bool:
 
 
 @click.group("cache", invoke_without_command=True)
+@click.option("--list", "-l", "each", is_flag=True, help="One line per entry (largest first), not per kind.")
 @click.pass_context
-def cache_command(ctx: click.Context) -> None:
+def cache_command(ctx: click.Context, each: bool) -> None:
     """Show what specrun's cache holds (`specrun cache clear` to remove entries)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -94,6 +95,12 @@ def cache_command(ctx: click.Context) -> None:
     click.echo(f"cache: {root}  ($SPECRUN_CACHE_DIR moves it)")
     if not found:
         click.echo("empty")
+        return
+    if each:
+        for e in sorted(found, key=lambda e: -e.size):
+            state = "  (partial build)" if e.partial else ""
+            click.echo(f"{_human(e.size):>9}  used {e.age_days:5.1f} days ago  {e.kind}/{e.path.name}{state}")
+        click.echo(f"{_human(sum(e.size for e in found)):>9}  total, {len(found)} entries")
         return
     kinds: dict[str, list[Entry]] = {}
     for e in found:

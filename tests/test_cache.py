@@ -119,3 +119,14 @@ def test_entry_used_while_asking_is_kept(cache, monkeypatch):
     r = invoke("cache", "clear", "--older-than", "30", "--kind", "onnx")
     assert r.exit_code == 0, r.output
     assert made["old_onnx"].exists() and "1 kept: used meanwhile" in r.output
+
+
+def test_list_shows_each_entry_largest_first(cache):
+    r = invoke("cache", "--list")
+    assert r.exit_code == 0, r.output
+    rows = r.output.splitlines()[1:-1]
+    assert len(rows) == 6
+    assert rows[0].endswith("models/smollm2-1234") and "used  40.0 days ago" in rows[0]
+    assert rows[1].endswith("onnx/m-f32-aaaa")
+    assert any(row.endswith(".m-f32-cccc.tmp-x1y2  (partial build)") for row in rows)
+    assert "total, 6 entries" in r.output.splitlines()[-1]
