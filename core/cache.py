@@ -2,8 +2,8 @@
 heads, conformance models) and removing entries of it, with confirmation.
 
 The cache is everything specrun builds itself and can build again; nothing a user made lives
-there.  Entries are the folders (and files: ``digests`` holds one per hashed file) ``<cache>/<kind>/<entry>``; hidden ones (``.<entry>.*``) are builds
-in progress or left behind by a killed process: those younger than an hour, or whose
+there.  Entries are the folders (and files: ``digests`` holds one per hashed file)
+``<cache>/<kind>/<entry>``; hidden ones (``.<entry>.*``) are builds in progress or left behind by a killed process: those younger than an hour, or whose
 ``.<entry>.lock`` is held, are never removed."""
 
 from __future__ import annotations

@@ -43,14 +43,13 @@ def main(ctx: click.Context, backend: str | None) -> None:
     """Speculative decoding for LLMs with pluggable execution backends."""
     if not backend:
         return
-    command = main.commands.get(ctx.invoked_subcommand or "")
-    if command is not None and not any(p.name == "backend" for p in command.params):
+    takers = [name for name, cmd in main.commands.items() if any(p.name == "backend" for p in cmd.params)]
+    if ctx.invoked_subcommand in main.commands and ctx.invoked_subcommand not in takers:
         raise click.UsageError(f"'{ctx.invoked_subcommand}' takes no --backend; put --backend only before "
-                               f"a command that has one (generate, bench, conformance, export)")
+                               f"a command that has one ({', '.join(takers)})")
     ctx.default_map = dict(ctx.default_map or {})  # the default of every command's --backend option
-    for name, cmd in main.commands.items():
-        if any(p.name == "backend" for p in cmd.params):
-            ctx.default_map[name] = {**ctx.default_map.get(name, {}), "backend": backend}
+    for name in takers:
+        ctx.default_map[name] = {**ctx.default_map.get(name, {}), "backend": backend}
 
 
 def backend_options(f):

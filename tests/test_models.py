@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 
 import pytest
 
@@ -41,6 +42,7 @@ def test_content_digest_is_remembered_and_follows_the_bytes(tmp_path, digest_cac
     assert memo.read_text() == first
     memo.write_text("0" * 64)  # proves the memo is what answers for an unchanged file
     assert models.content_digest(f) == "0" * 64
+    time.sleep(0.05)  # past a coarse timestamp tick, so the rewrite gets a new ctime
     f.write_bytes(b"a" * 2_500_000 + b"b" + b"a" * 2_499_999)  # not where a fingerprint samples
     assert models.content_digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
 
@@ -50,6 +52,7 @@ def test_rewrite_that_restores_the_mtime_is_a_new_digest(tmp_path, digest_cache)
     f.write_bytes(b"old weights")
     st = f.stat()
     first = models.content_digest(f)
+    time.sleep(0.05)  # past a coarse timestamp tick, so the rewrite gets a new ctime
     f.write_bytes(b"new weights")  # same size
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # like rsync -t
     assert f.stat().st_mtime_ns == st.st_mtime_ns
