@@ -45,7 +45,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -63,9 +62,13 @@ class TrainOptions:
     target: str | None
     out: str
     data: str = "sharegpt"  # "sharegpt", a JSONL file, or both joined with "+"
-    num_prompts: int = 2000
-    max_new_tokens: int = 256
-    gen_batch_size: int = 16
+    num_prompts: int = 0  # conversations to regenerate (0: all)
+    max_new_tokens: int = 512
+    gen_batch_size: int = 64  # slots of the data engine
+    max_context: int = 2048  # tokens of a conversation (prompts + answers); later turns are left out
+    data_kv_dtype: str = "bf16"  # the data engine's KV cache
+    data_dir: str | None = None  # the shards (default OUT/work/shards)
+    data_seconds: float | None = None  # start no new conversation after this many seconds
     max_prompt_tokens: int = 512
     steps: int = 2000
     batch_size: int = 4
@@ -218,76 +221,66 @@ def _read_records(path: Path) -> list[dict]:
     return out
 
 
+def data_dir(opts: TrainOptions) -> Path:
+    return Path(opts.data_dir) if opts.data_dir else work_dir(opts) / "shards"
+
+
+def record_spans(rec: dict) -> list[tuple[int, int]]:
+    """The [start, end) token ranges of a record's answers (the loss is on these tokens)."""
+    if "spans" in rec:
+        return [(int(a), int(b)) for a, b in rec["spans"]]
+    return [(int(rec["prompt_len"]), len(rec["input_ids"]))]
+
+
+def load_records(opts: TrainOptions) -> list[dict]:
+    """The training records: the data stage's shards (one record per conversation, its answers'
+    token spans) and, from runs before the shards, ``work/data.jsonl``."""
+    from .train_data import records_from_shards
+
+    return _read_records(work_dir(opts) / "data.jsonl") + records_from_shards(data_dir(opts))
+
+
 def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
-    """Stage 1.  Returns the shard path; appends only the prompts not yet done."""
+    """Stage 1: regenerate the answers of every conversation not yet in the shards (continuous
+    batching, see ``train_data``).  Returns the shard folder."""
     import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
 
+    from .models import ModelConfig, content_digest
     from .pipeline import load_tokenizer
+    from .train_data import conversations, read_shards, regenerate
 
-    wd = work_dir(opts)
-    wd.mkdir(parents=True, exist_ok=True)
-    shard = wd / "data.jsonl"
-    prompts = collect_prompts(opts.data, opts.num_prompts)
-    done = {r["id"] for r in _read_records(shard)}
-    tok = load_tokenizer(model_dir, full=True)
-    tok.padding_side = "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    todo = []
-    too_long = 0
-    for i, p in enumerate(prompts):
-        if i in done:
-            continue
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            ids = tok.encode(text, add_special_tokens=False)
-        else:
-            ids = tok.encode(p)
-        if len(ids) > opts.max_prompt_tokens:  # cutting would break the chat template: skip
-            too_long += 1
-            continue
-        todo.append((i, ids))
-    if too_long:
-        _log(opts, f"data: skipping {too_long} prompts longer than {opts.max_prompt_tokens} tokens")
+    folder = data_dir(opts)
+    folder.mkdir(parents=True, exist_ok=True)
+    tc = ModelConfig.load(model_dir)
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    meta = {"target": Path(model_dir).name, "weights_sha256": [content_digest(w) for w in weights],
+            "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context, "kv_cache": opts.data_kv_dtype,
+            "engine": "specrun slot engine (torch f32 weights), greedy"}
+    done = set()
+    for m, c in read_shards(folder):
+        if m.get("max_new_tokens") != opts.max_new_tokens or m.get("weights_sha256") != meta["weights_sha256"]:
+            raise SpecrunError(f"the shards in {folder} were made with other settings or another target "
+                               f"({m.get('target')}, max_new_tokens {m.get('max_new_tokens')}); use another --data-dir")
+        done.add(c["id"])
+    limit = opts.num_prompts if opts.num_prompts > 0 else None
+    todo = [c for c in conversations(opts.data, limit) if c.id not in done]
     if not todo:
-        _log(opts, f"data: all {len(prompts)} prompts already in {shard}")
-        return shard
+        _log(opts, f"data: all conversations already in {folder}")
+        return folder
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    eos = set()
-    for e in (model.generation_config.eos_token_id, tok.eos_token_id):
-        eos.update(e if isinstance(e, list) else [] if e is None else [e])
-    todo.sort(key=lambda t: len(t[1]))  # similar lengths per batch: little padding
-    bs = max(1, opts.gen_batch_size)
-    t0, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="data (regenerating answers)", unit="prompt",
-               disable=opts.quiet, file=sys.stderr)
-    with open(shard, "a", encoding="utf-8") as f:
-        for b in range(0, len(todo), bs):
-            batch = todo[b : b + bs]
-            width = max(len(ids) for _, ids in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, ids) in enumerate(batch):
-                input_ids[r, width - len(ids) :] = torch.tensor(ids)
-                attn[r, width - len(ids) :] = 1
-            with torch.inference_mode():
-                gen = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=opts.max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-            for r, (i, ids) in enumerate(batch):
-                answer = gen[r, width:].tolist()
-                cut = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
-                answer = answer[:cut]
-                new_tokens += len(answer)
-                f.write(json.dumps({"id": i, "prompt_len": len(ids), "input_ids": ids + answer}) + "\n")
-            f.flush()
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
-    _log(opts, f"data: {len(todo)} answers, {new_tokens} tokens in {time.perf_counter() - t0:.0f} s -> {shard}")
-    return shard
+    engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
+                                          kv_dtype=opts.data_kv_dtype)
+    tok = load_tokenizer(model_dir, full=True)
+    eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
+    _log(opts, f"data: {len(todo)} conversations ({sum(len(c.turns) for c in todo)} human turns) to regenerate, "
+               f"{len(done)} already in {folder}")
+    counts = regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=opts.max_new_tokens, eos=eos,
+                        vocab_size=tc.vocab_size, total_turns=sum(len(c.turns) for c in todo), quiet=opts.quiet,
+                        stop_after=opts.data_seconds)
+    _log(opts, f"data: {counts['conversations']} conversations, {counts['turns']} answers, {counts['answer_tokens']} "
+               f"answer tokens in {counts['seconds']:.0f} s ({counts['answer_tokens_per_s']:.0f} tokens/s) -> {folder}")
+    return folder
 
 
 # ============================================================================ stage 2: vocabulary
@@ -298,16 +291,19 @@ def build_vocab(opts: TrainOptions, vocab_size: int) -> Path:
     path = wd / "vocab.safetensors"
     if path.exists() and opts.resume:
         return path
-    records = _read_records(wd / "data.jsonl")
+    records = load_records(opts)
     if not records:
-        raise SpecrunError(f"no training data in {wd / 'data.jsonl'}; run the data stage first")
+        raise SpecrunError(f"no training data in {data_dir(opts)}; run the data stage first")
     counts = np.zeros(vocab_size, dtype=np.int64)
     prompt_counts = np.zeros(vocab_size, dtype=np.int64)
     for r in records:
         ids = np.asarray(r["input_ids"], dtype=np.int64)
         ids = ids[ids < vocab_size]
-        np.add.at(counts, ids[r["prompt_len"] :], 1)
-        np.add.at(prompt_counts, ids[: r["prompt_len"]], 1)
+        answer = np.zeros(len(ids), dtype=bool)
+        for a, b in record_spans(r):
+            answer[a:b] = True
+        np.add.at(counts, ids[answer], 1)
+        np.add.at(prompt_counts, ids[~answer], 1)
     # answer counts rank the tokens; prompt counts break ties (the many answer-count-0 tokens
     # left when the answers use fewer distinct tokens than the draft vocabulary holds)
     d2t, t2d = vocab_map(counts * (int(prompt_counts.max()) + 1) + prompt_counts, min(opts.draft_vocab_size, vocab_size))
@@ -356,12 +352,16 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def _torch_backend():
+    from .plugins import load_registry
+
+    return load_registry(["torch_cuda"]).get("torch_cuda")
+
+
 def _torch_kit():
     """(load_model, Eagle3Module) from the torch backend, found through the plugin registry (the
     core never imports a plugin by name)."""
-    from .plugins import load_registry
-
-    backend = load_registry(["torch_cuda"]).get("torch_cuda")
+    backend = _torch_backend()
     kit = getattr(backend, "training_kit", None)
     if kit is None:
         raise SpecrunError("the installed torch_cuda backend has no training kit; reinstall specrun")
@@ -451,7 +451,10 @@ def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_len
         target_p[b, :n] = torch.softmax(restricted.float(), dim=-1)
         in_vocab = t2d[argmax]
         pos = torch.arange(n, device=device)
-        loss_mask[b, :n] = (pos + 1 >= r["prompt_len"]) & (pos + 1 < n) & in_vocab
+        answer = torch.zeros(n, dtype=torch.bool, device=device)
+        for a, e in record_spans(r):
+            answer[max(0, a - 1) : max(0, e - 1)] = True  # row t labels token t+1
+        loss_mask[b, :n] = answer & (pos + 1 < n) & in_vocab
     return ids, hidden, valid, target_p, loss_mask
 
 
@@ -599,7 +602,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
     cfg = Eagle3Config.for_target(tc.raw, draft_vocab_size=len(d2t))
-    records = _read_records(wd / "data.jsonl")
+    records = load_records(opts)
     train_recs, _ = split_data(records, opts.val_fraction, opts.seed)
     if not train_recs:
         raise SpecrunError("no training data; run the data stage first")
@@ -727,7 +730,7 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
 
     from .models import ModelConfig
 
-    records = _read_records(work_dir(opts) / "data.jsonl")
+    records = load_records(opts)
     _, val = split_data(records, opts.val_fraction, opts.seed)
     if not val:
         return {}
@@ -786,10 +789,16 @@ def _command():
     @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
     @click.option("--out", required=True, help="Output folder: the head (SpecForge format) and work/ (data, checkpoints).")
     @click.option("--data", default="sharegpt", show_default=True, help="'sharegpt', a JSONL file of prompts, or both joined by '+'.")
-    @click.option("--num-prompts", type=int, default=2000, show_default=True)
-    @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Answer length when regenerating data.")
-    @click.option("--gen-batch-size", type=int, default=16, show_default=True, help="Batch of the data generation.")
-    @click.option("--max-prompt-tokens", type=int, default=512, show_default=True, help="Longer prompts are skipped.")
+    @click.option("--num-prompts", type=int, default=0, show_default=True, help="Conversations to regenerate (0: all).")
+    @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Answer length when regenerating data.")
+    @click.option("--gen-batch-size", type=int, default=64, show_default=True, help="Sequences the data engine decodes together.")
+    @click.option("--max-prompt-tokens", type=int, default=512, show_default=True, help="(unused by the slot engine; kept for old scripts)")
+    @click.option("--max-context", type=int, default=2048, show_default=True,
+                  help="Tokens per regenerated conversation; turns that would not fit are left out.")
+    @click.option("--data-kv-dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
+                  help="KV cache of the data engine (bf16 halves attention's memory traffic).")
+    @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
+    @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
     @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
     @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per training step.")
     @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per training sequence.")
@@ -815,16 +824,22 @@ def _command():
                   help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
-    def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, steps, batch_size, max_length,
+    def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
+                    data_kv_dtype, data_dir, data_seconds, steps, batch_size, max_length,
                     ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
-        for name, value in (("--num-prompts", num_prompts), ("--max-new-tokens", max_new_tokens), ("--steps", steps),
+        if num_prompts < 0:
+            raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
+        if max_context < max_new_tokens + 8:
+            raise SpecrunError(f"--max-context ({max_context}) must leave room for a prompt and --max-new-tokens ({max_new_tokens})")
+        for name, value in (("--max-new-tokens", max_new_tokens), ("--steps", steps),
                             ("--batch-size", batch_size), ("--ttt-steps", ttt_steps), ("--save-every", save_every),
                             ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-                            gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, steps=steps, batch_size=batch_size, max_length=max_length,
+                            gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
+                            data_kv_dtype=data_kv_dtype, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
                             seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet)
         work = work_dir(opts)

@@ -14,9 +14,9 @@ import torch
 from specrun.eagle3 import Eagle3Checkpoint, Eagle3Drafter, read_safetensors
 from specrun.train_draft import (
     TrainOptions,
-    _read_records,
     batch_indices,
     jsonl_prompts,
+    load_records,
     lr_at,
     sharegpt_prompts,
     train,
@@ -105,6 +105,12 @@ def test_validation_split_is_stable_when_data_grows():
     assert [len(x) for x in split_data(records[:2], 0.05, 0)] == [1, 1]  # tiny data: one of each
 
 
+def copy_data(src, dst):
+    """The data and vocabulary stages' output of one run, for another."""
+    shutil.copytree(src / "work" / "shards", dst / "work" / "shards")
+    shutil.copy(src / "work" / "vocab.safetensors", dst / "work" / "vocab.safetensors")
+
+
 def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend):
     from click.testing import CliRunner
 
@@ -121,7 +127,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     assert r.exit_code == 0, (r.output, r.exception)
     summary = json.loads(r.stdout)
     assert summary["step"] == 16 and 1.0 <= summary["acceptance_length_estimate"] <= 3.0
-    records = _read_records(out / "work" / "data.jsonl")
+    records = load_records(TrainOptions(target=target, out=str(out)))
     assert sorted(rec["id"] for rec in records) == [0, 1, 2, 3, 4]
     assert all(len(rec["input_ids"]) > rec["prompt_len"] for rec in records)
     assert len(list((out / "work" / "target-cache").glob("*.safetensors"))) == 5  # 4 train + 1 validation
@@ -143,8 +149,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     assert again.exit_code == 2 and "--resume" in again.stderr
     part = tmp_path / "part"
     (part / "work").mkdir(parents=True)
-    for name in ("data.jsonl", "vocab.safetensors"):
-        shutil.copy(out / "work" / name, part / "work" / name)
+    copy_data(out, part)
     opts = TrainOptions(target=target, out=str(part), batch_size=2, ttt_steps=2, lr=5e-3, save_every=4, quiet=True,
                         steps=16, stop_at=8)
     assert len(train(opts, tiny_models["llama"])["losses"]) == 8
@@ -167,8 +172,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     for init in (True, False):
         zero = tmp_path / f"zero-{init}"
         (zero / "work").mkdir(parents=True)
-        for name in ("data.jsonl", "vocab.safetensors"):
-            shutil.copy(out / "work" / name, zero / "work" / name)
+        copy_data(out, zero)
         train(TrainOptions(target=target, out=str(zero), batch_size=2, ttt_steps=2, lr=0.0, steps=1, quiet=True,
                            init_from_target=init), tiny_models["llama"])
         st = read_safetensors(next((zero / "work").glob("ckpt-*")) / "state.safetensors")

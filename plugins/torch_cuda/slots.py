@@ -1,0 +1,99 @@
+"""Continuous batching for the Llama-family model: many sequences decode together, each in its own
+slot of one preallocated KV cache, and a slot whose sequence ended takes the next one at once.
+
+This is the engine of ``specrun train-draft --stage data`` (regenerating answers with the target).
+A slot holds a whole conversation: the next human turn is prefilled on top of the slot's cache, so
+multi-turn answers are regenerated in context without recomputing the earlier turns.
+
+Decoding one token for every active slot is one batched pass through the weights (the matmuls see
+B rows instead of 1, which is what makes it fast on a CPU); attention runs per slot on views of
+the cache (no copy, no padding to the longest sequence).  At long contexts attention, not the weights,
+dominates a step (reading every slot's keys and values): a bf16 cache halves that traffic."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import LlamaModel, apply_rope, rope_tables
+
+
+class SlotEngine:
+    def __init__(self, model: LlamaModel, slots: int, capacity: int, dtype: torch.dtype = torch.float32):
+        s = model.spec
+        self.model = model
+        self.spec = s
+        self.slots = slots
+        self.capacity = capacity
+        shape = (s.num_layers, slots, s.num_kv_heads, capacity, s.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.length = [0] * slots  # tokens in each slot's cache
+
+    def reset(self, slot: int) -> None:
+        self.length[slot] = 0
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> int:
+        """Append ``ids`` to ``slot``'s sequence; returns the greedy next token."""
+        start = self.length[slot]
+        if start + len(ids) > self.capacity:
+            raise ValueError(f"slot {slot}: {start + len(ids)} tokens exceed the capacity {self.capacity}")
+        x = torch.tensor([ids], dtype=torch.long)
+        end = start + len(ids)
+        if self.k.dtype == torch.float32:
+            logits, _ = self.model(x, start, self.k[:, slot : slot + 1], self.v[:, slot : slot + 1], last_only=True)
+        else:  # the model computes in f32: run on an f32 copy of the slot's prefix, store the rows rounded
+            k = self.k[:, slot : slot + 1, :, :end].float()
+            v = self.v[:, slot : slot + 1, :, :end].float()
+            logits, _ = self.model(x, start, k, v, last_only=True)
+            self.k[:, slot : slot + 1, :, start:end] = k[:, :, :, start:end]
+            self.v[:, slot : slot + 1, :, start:end] = v[:, :, :, start:end]
+        self.length[slot] = start + len(ids)
+        return int(logits[-1].argmax())
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], tokens: list[int]) -> list[int]:
+        """One decode step: ``tokens[b]`` is appended to slot ``slots[b]``; returns each greedy next
+        token."""
+        s = self.spec
+        B = len(slots)
+        pos = [self.length[i] for i in slots]
+        if max(pos) >= self.capacity:
+            raise ValueError("a slot is full")
+        m = self.model
+        x = m.model.embed_tokens(torch.tensor(tokens, dtype=torch.long))[:, None]  # [B, 1, H]
+        pos_t = torch.tensor(pos, dtype=torch.long)
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        cos, sin = rope_tables(m.inv_freq, pos_t, x.dtype)  # [B, D]
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        window = s.sliding_window
+        gqa = s.num_kv_heads != s.num_heads
+        kv_dtype = self.k.dtype
+        for li, layer in enumerate(m.model.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = att.q_proj(h).view(B, 1, s.num_heads, s.head_dim)
+            k = att.k_proj(h).view(B, 1, s.num_kv_heads, s.head_dim)
+            v = att.v_proj(h).view(B, 1, s.num_kv_heads, s.head_dim)
+            if s.qk_norm:
+                q, k = att.q_norm(q), att.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, 1, D]
+            k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv, 1, D]
+            kc, vc = self.k[li], self.v[li]
+            kc[slot_t, :, pos_t] = k[:, :, 0].to(kc.dtype)
+            vc[slot_t, :, pos_t] = v[:, 0].to(vc.dtype)
+            qk = q.to(kv_dtype)
+            out = torch.empty(B, s.num_heads, 1, s.head_dim, dtype=kv_dtype)
+            for b, (slot, p) in enumerate(zip(slots, pos, strict=True)):
+                lo = 0 if window is None else max(0, p + 1 - window)
+                out[b : b + 1] = F.scaled_dot_product_attention(
+                    qk[b : b + 1], kc[slot : slot + 1, :, lo : p + 1], vc[slot : slot + 1, :, lo : p + 1], enable_gqa=gqa
+                )
+            out = out.to(x.dtype)
+            x = x + att.o_proj(out.transpose(1, 2).reshape(B, 1, s.num_heads * s.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = m.lm_head(m.model.norm(x[:, 0]))
+        for slot in slots:
+            self.length[slot] += 1
+        return logits.argmax(-1).tolist()

@@ -1,0 +1,188 @@
+"""The data stage's engine: continuous batching computes what one-at-a-time greedy decoding does,
+multi-turn conversations are tokenized as the chat template renders them, shards round-trip and a
+rerun resumes, MT-bench questions never become training prompts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from specrun.train_data import (
+    BenchmarkFilter,
+    Conversation,
+    TurnTokenizer,
+    data_summary,
+    read_shard,
+    read_shards,
+    records_from_shards,
+    regenerate,
+    write_shard,
+)
+
+
+def greedy_alone(model, ids: list[int], n: int) -> list[int]:
+    """Reference: batch 1, the model's own cache, one token at a time."""
+    k, v = model.new_cache(len(ids) + n + 1, "cpu", torch.float32)
+    out = []
+    with torch.inference_mode():
+        logits, _ = model(torch.tensor([ids]), 0, k, v, last_only=True)
+        pos = len(ids)
+        for _ in range(n):
+            t = int(logits[-1].argmax())
+            out.append(t)
+            logits, _ = model(torch.tensor([[t]]), pos, k, v)
+            pos += 1
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_slot_engine_decodes_what_batch_one_decodes(tiny_models, torch_backend, arch):
+    """Slots of different lengths stepping together, one slot refilled mid-run and one given a
+    second turn on top of its cache: every generated token equals the batch-1 greedy prediction
+    from the sequence before it (f32 cache)."""
+    engine = torch_backend.slot_engine(str(tiny_models[arch]), slots=3, capacity=128, kv_dtype="f32")
+    model = engine.model
+    rng = np.random.default_rng(0)
+
+    def rand(n):
+        return [int(t) for t in rng.integers(10, 40000, n)]
+
+    seqs = [rand(5), rand(17), rand(9)]
+    generated: list[set[int]] = [set(), set(), set()]  # positions holding generated tokens
+    nxt = [engine.prefill(s, seqs[s]) for s in range(3)]
+    for step in range(12):
+        if step == 5:  # slot 1's sequence ends; a new prompt takes the slot at once
+            engine.reset(1)
+            seqs[1], generated[1] = rand(11), set()
+            nxt[1] = engine.prefill(1, seqs[1])
+        if step == 8:  # slot 2: the answer's last token enters the cache, then a new turn on top
+            generated[2].add(len(seqs[2]))
+            seqs[2].append(nxt[2])
+            engine.step([2], [nxt[2]])
+            turn = rand(4)
+            seqs[2] += turn
+            nxt[2] = engine.prefill(2, turn)
+        got = engine.step([0, 1, 2], nxt)
+        for s in range(3):
+            generated[s].add(len(seqs[s]))
+            seqs[s].append(nxt[s])
+        nxt = got
+    for s in range(3):
+        k, v = model.new_cache(len(seqs[s]) + 1, "cpu", torch.float32)
+        with torch.inference_mode():
+            logits, _ = model(torch.tensor([seqs[s]]), 0, k, v)
+        pred = logits.argmax(-1).tolist()
+        assert generated[s] and all(seqs[s][i] == pred[i - 1] for i in generated[s]), (arch, s)
+        assert nxt[s] == pred[-1]
+
+
+def test_slot_engine_bf16_cache_stays_close(tiny_models, torch_backend):
+    a = torch_backend.slot_engine(str(tiny_models["llama"]), slots=2, capacity=64, kv_dtype="bf16")
+    ref = greedy_alone(a.model, [5, 6, 7, 8], 6)
+    t = a.prefill(0, [5, 6, 7, 8])
+    got = [t]
+    for _ in range(5):
+        t = a.step([0], [t])[0]
+        got.append(t)
+    # a random tiny model has near-ties everywhere; the first token comes from an f32 prefill
+    assert got[0] == ref[0] and sum(x == y for x, y in zip(got, ref, strict=True)) >= 3
+
+
+def test_turn_tokenizer_matches_the_chat_template(default_model_dir):
+    """Tokens built turn by turn (the generated end-of-turn token standing for the template's)
+    decode to exactly the chat template's text of the whole conversation."""
+    from specrun.pipeline import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir, full=True)
+    tt = TurnTokenizer(tok)
+    turns = ["Name a colour.", "And a fruit?", "Thanks!\nBye."]
+    answers = ["Blue.", "An apple, of course.", "Goodbye!"]
+    ids = tt.first(turns[0])
+    msgs: list[dict] = []
+    for i, turn in enumerate(turns):
+        if i:
+            seg = tt.next(msgs, True, turn)
+            assert seg is not None
+            ids += seg
+        answer_ids = tok.encode(answers[i], add_special_tokens=False) + [tok.eos_token_id]
+        ids += answer_ids
+        msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": answers[i]}]
+    want = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ids) + "\n" == want
+    # a truncated answer (no end-of-turn token) gets the template's closing text
+    seg = tt.next(msgs[:2], False, "More?")
+    assert tok.decode(seg).startswith("<|im_end|>\n<|im_start|>user\nMore?")
+
+
+def test_shards_round_trip_and_records(tmp_path):
+    convs = [{"id": 7, "tokens": [1, 2, 3, 4, 5, 6], "turns": [(0, 2, 4, 0), (4, 5, 6, 1)]},
+             {"id": 9, "tokens": [60000, 2], "turns": [(0, 1, 2, 0)]}]
+    p = write_shard(tmp_path, 3, convs, {"max_new_tokens": 5}, 65536)
+    meta, back = read_shard(p)
+    assert meta == {"max_new_tokens": 5} and back == convs
+    recs = records_from_shards(tmp_path)
+    assert recs[0] == {"id": 7, "prompt_len": 2, "input_ids": [1, 2, 3, 4, 5, 6], "spans": [[2, 4], [5, 6]]}
+    s = data_summary(tmp_path)
+    assert (s["conversations"], s["turns"], s["tokens"], s["answer_tokens"], s["truncated_answers"]) == (2, 3, 8, 4, 1)
+    # a damaged shard is one clear error, never half-read
+    from specrun.errors import SpecrunError
+
+    p.write_bytes(p.read_bytes()[:-40])
+    with pytest.raises(SpecrunError, match="damaged"):
+        list(read_shards(tmp_path))
+
+
+def test_regenerate_writes_conversations_and_resumes(tmp_path, tiny_models, torch_backend):
+    from specrun.pipeline import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["llama"], full=True)
+    engine = torch_backend.slot_engine(str(tiny_models["llama"]), slots=2, capacity=256, kv_dtype="f32")
+    convs = [Conversation(i, [f"Question {i}?", "Go on.", "Why?"][: 1 + i % 3]) for i in range(5)]
+    counts = regenerate(engine, tok, iter(convs[:3]), out=tmp_path, meta={"m": 1}, max_new_tokens=6, eos={2},
+                        vocab_size=49152, quiet=True, shard_conversations=2)
+    assert counts["conversations"] == 3 and counts["turns"] == 1 + 2 + 3
+    assert len(list(tmp_path.glob("shard-*.npz"))) == 2  # a shard of 2 and the rest at the end
+    got = {c["id"]: c for _, c in read_shards(tmp_path)}
+    assert sorted(got) == [0, 1, 2] and [len(got[i]["turns"]) for i in range(3)] == [1, 2, 3]
+    for c in got.values():  # turns follow each other: prompt, answer, next prompt...
+        prev = 0
+        for ps, a, e, _ in c["turns"]:
+            assert ps == prev and ps < a < e and e - a <= 6
+            prev = e
+        assert prev == len(c["tokens"])
+    # the rest later: new shards after the old ones, nothing rewritten
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.npz")}
+    regenerate(engine, tok, iter(convs[3:]), out=tmp_path, meta={"m": 1}, max_new_tokens=6, eos={2},
+               vocab_size=49152, quiet=True)
+    assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
+    assert sorted(c["id"] for _, c in read_shards(tmp_path)) == [0, 1, 2, 3, 4]
+
+
+def test_mtbench_questions_are_never_training_prompts():
+    from specrun.train_data import mtbench_questions
+
+    qs = mtbench_questions()
+    assert len(qs) == 160
+    f = BenchmarkFilter(qs)
+    assert f(Conversation(0, ["hello", qs[0]]))
+    assert f(Conversation(0, ["Please help: " + qs[5] + " Thanks."]))
+    assert not f(Conversation(0, ["Write a poem about the sea."]))
+
+
+def test_data_stage_cli_refuses_other_settings(tmp_path, tiny_models):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"turns": ["Hi.", "Again."]}) + "\n" + json.dumps({"prompt": "Tea?"}) + "\n")
+    args = ["train-draft", "--target", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), "--data", str(prompts),
+            "--stage", "data", "--gen-batch-size", "2", "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert data_summary(tmp_path / "o" / "work" / "shards")["turns"] == 3
+    r = CliRunner().invoke(main, [*args, "--max-new-tokens", "5"])
+    assert r.exit_code == 2 and "other settings" in r.stderr
