@@ -19,7 +19,7 @@ import click
 
 
 def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
-    from specrun.train_data import TurnTokenizer, conversations
+    from specrun_train.data import TurnTokenizer, conversations
 
     tt = TurnTokenizer(tok)
     out = []
@@ -35,7 +35,7 @@ def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
 def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok) -> tuple[float, list[list[int]]]:
     """(answer tokens/s, answers in prompt order) of the slot engine on single-turn prompts."""
     from specrun.plugins import load_registry
-    from specrun.train_data import Conversation, regenerate
+    from specrun_train.data import Conversation, regenerate
 
     engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=2048, kv_dtype=kv)
     import tempfile
@@ -55,7 +55,7 @@ def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok) -> tuple[flo
         pre.encode = lambda text, **kw: list(prompts[int(text)])  # noqa: E731
         counts = regenerate(engine, pre, iter(convs), out=Path(d), meta={}, max_new_tokens=new_tokens, eos=eos,
                             vocab_size=49152, quiet=True)
-        from specrun.train_data import read_shards
+        from specrun_train.data import read_shards
 
         answers = {c["id"]: c["tokens"][c["turns"][0][1] : c["turns"][0][2]] for _, c in read_shards(Path(d))}
     return counts["answer_tokens_per_s"], [answers[i] for i in range(len(prompts))]

@@ -14,7 +14,49 @@ from .errors import SpecrunError, disk_full
 
 class SpecrunGroup(click.Group):
     """Turns every SpecrunError (and a full disk) into one line on stderr and exit status 2 — never a
-    traceback."""
+    traceback.  Commands of tool packages (bench, train-draft, conformance, serve ...) come from
+    ``specrun.commands`` entry points through the ``register_commands`` hook and are imported only
+    when they run or help lists them; a tool that fails to load is reported in one line and never
+    breaks the other commands."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tool_errors: dict[str, str] = {}
+        self._loaded: set[str] = set()
+
+    def _tool_entry_points(self) -> dict:
+        import importlib.metadata as md
+
+        return {ep.name: ep for ep in md.entry_points(group=COMMANDS_GROUP)}
+
+    def _load_tool(self, name: str, ep) -> None:
+        if name in self._loaded:
+            return
+        self._loaded.add(name)
+        from .plugins import load_tool
+
+        error = load_tool(ep, self)
+        if error:
+            self.tool_errors[name] = error
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        ep = self._tool_entry_points().get(name)
+        if ep is None:
+            return None
+        self._load_tool(name, ep)
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            error = self.tool_errors.get(name, f"the plugin behind entry point '{ep.value}' registered no '{name}' command")
+            return _broken_tool(name, ep, error)
+        return cmd
+
+    def list_commands(self, ctx):
+        for name, ep in self._tool_entry_points().items():
+            self._load_tool(name, ep)
+        return sorted(set(super().list_commands(ctx)) | set(self._tool_entry_points()))
 
     def invoke(self, ctx: click.Context):
         try:
@@ -33,6 +75,22 @@ class SpecrunGroup(click.Group):
             ctx.exit(2)
 
 
+COMMANDS_GROUP = "specrun.commands"
+
+
+def _broken_tool(name: str, ep, error: str) -> click.Command:
+    """Stands in for a tool command whose plugin failed to load: help says so, running it is one line."""
+    package = getattr(getattr(ep, "dist", None), "metadata", {}).get("Name", "?") if getattr(ep, "dist", None) else "?"
+
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   help=f"(unavailable: {error})", add_help_option=False)
+    def broken():
+        raise SpecrunError(f"the '{name}' command could not be loaded ({error}); reinstall its package "
+                           f"({package}) or set SPECRUN_DEBUG=1 for the traceback")
+
+    return broken
+
+
 @click.group(cls=SpecrunGroup)
 @click.option("--backend", "-b", "backend", default=None, metavar="NAME",
               help="Backend for the command that follows, e.g. `specrun --backend openvino generate PROMPT` "
@@ -43,12 +101,15 @@ def main(ctx: click.Context, backend: str | None) -> None:
     """Speculative decoding for LLMs with pluggable execution backends."""
     if not backend:
         return
-    takers = [name for name, cmd in main.commands.items() if any(p.name == "backend" for p in cmd.params)]
-    if ctx.invoked_subcommand in main.commands and ctx.invoked_subcommand not in takers:
-        raise click.UsageError(f"'{ctx.invoked_subcommand}' takes no --backend; put --backend only before "
+    name = ctx.invoked_subcommand
+    cmd = main.get_command(ctx, name) if name else None
+    if cmd is not None and not any(p.name == "backend" for p in cmd.params):
+        takers = [n for n in main.list_commands(ctx)
+                  if any(p.name == "backend" for p in (main.get_command(ctx, n) or click.Command(n)).params)]
+        raise click.UsageError(f"'{name}' takes no --backend; put --backend only before "
                                f"a command that has one ({', '.join(takers)})")
-    ctx.default_map = dict(ctx.default_map or {})  # the default of every command's --backend option
-    for name in takers:
+    ctx.default_map = dict(ctx.default_map or {})  # the default of the command's --backend option
+    if name:
         ctx.default_map[name] = {**ctx.default_map.get(name, {}), "backend": backend}
 
 
@@ -89,7 +150,7 @@ def backend_options(f):
 def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
              num_draft_tokens, tree, draft_min_prob, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
     """Generate text for PROMPT with speculative decoding."""
-    from .bench import parse_tree
+    from .eagle3 import parse_tree
     from .pipeline import Pipeline
     from .sampling import SamplingParams
 
@@ -159,26 +220,6 @@ def backends(as_json):
             click.echo(f"conflict: {c}")
     if os.environ.get("SPECRUN_PLUGINS"):
         click.echo(f"(plugins restricted by SPECRUN_PLUGINS={os.environ['SPECRUN_PLUGINS']})", err=True)
-
-
-from .bench import bench_command  # noqa: E402 - registered after the group is defined
-
-main.add_command(bench_command, "bench")
-
-
-def _add_kit_commands() -> None:
-    """Commands that live with their kit (the conformance suite ships as its own package)."""
-    from specrun_conformance.cli import conformance_command
-
-    main.add_command(conformance_command)
-
-
-_add_kit_commands()
-
-
-from .train_draft import train_draft_command  # noqa: E402 - registered after the group is defined
-
-main.add_command(train_draft_command, "train-draft")
 
 
 @main.command("export")

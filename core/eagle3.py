@@ -689,3 +689,13 @@ class Eagle3Drafter(Drafter):
         ranked.sort(key=lambda i: (level[i], -score[i], i))
         index = {0: 0} | {node: j + 1 for j, node in enumerate(ranked)}
         return DraftTree([tok[n] for n in ranked], [index[parent[n]] for n in ranked])
+
+
+def parse_tree(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        depth, topk, nodes = (int(x) for x in value.split(","))
+    except ValueError:
+        raise SpecrunError(f"--tree takes DEPTH,TOPK,NODES (three integers, e.g. 5,4,16), got '{value}'") from None
+    return depth, topk, nodes

@@ -19,3 +19,10 @@ hookimpl = pluggy.HookimplMarker("specrun")
 @hookspec
 def register_backends(register: Callable) -> None:
     """Call ``register(backend)`` once per backend this plugin provides."""
+
+
+@hookspec
+def register_commands(cli) -> None:
+    """Add click commands to the ``specrun`` group: ``cli.add_command(command)``.  A tool package
+    declares one entry point per command in the ``specrun.commands`` group (the entry point's name
+    is the command's), so the CLI imports a tool only when its command runs or help lists it."""

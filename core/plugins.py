@@ -122,3 +122,20 @@ def _add(registry: Registry, entry: BackendEntry) -> None:
 def register_backend_for_tests(registry: Registry, backend: Backend, package: str = "test") -> None:
     """Add an in-process backend (used by tests and the conformance kit's examples)."""
     _add(registry, BackendEntry(backend.name, package, "0", backend))
+
+
+def load_tool(ep: md.EntryPoint, cli) -> str:
+    """Import one ``specrun.commands`` entry point and let it add its commands to ``cli``.  Returns
+    "" or, when the plugin fails to import or its hook raises, the one-line reason."""
+    pm = pluggy.PluginManager("specrun")
+    pm.add_hookspecs(hookspecs)
+    try:
+        module = ep.load()
+        pm.register(module, name=f"tool:{ep.name}")
+        pm.hook.register_commands(cli=cli)
+    except Exception as exc:
+        detail = _one_line(exc)
+        if os.environ.get("SPECRUN_DEBUG"):
+            detail += "\n" + traceback.format_exc()
+        return detail
+    return ""

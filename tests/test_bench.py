@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from specrun.bench_data import load_prompts
 from specrun.cli import main
 from specrun.errors import SpecrunError
+from specrun_bench.prompts import load_prompts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPTS = [
@@ -213,7 +213,7 @@ def test_force_overwrites(tmp_path, tiny_models):
 
 
 def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_models, monkeypatch):
-    import specrun.bench as bench
+    import specrun_bench.run as bench
 
     real = bench.specrun_runner
     calls = {"n": 0}
@@ -268,7 +268,7 @@ def test_eagle3_head_beside_ngram(tmp_path, tiny_models, tree):
 
 
 def test_draft_paths():
-    from specrun.bench import draft_paths
+    from specrun_bench.run import draft_paths
 
     assert draft_paths(None, ["none", "ngram"]) == {}
     assert draft_paths("d", ["ngram", "model"]) == {"model": "d"}
@@ -281,7 +281,7 @@ def test_draft_paths():
 
 
 def test_per_backend_values():
-    from specrun.bench import per_backend
+    from specrun_bench.run import per_backend
 
     assert per_backend(None, ["a", "b"], "precision", None) == {"a": None, "b": None}
     assert per_backend("f32", ["a", "b"], "precision", None) == {"a": "f32", "b": "f32"}
@@ -310,7 +310,7 @@ def test_unknown_backend_on_cli(tmp_path):
 
 
 def test_unavailable_backend_on_cli(tmp_path, monkeypatch):
-    import specrun.bench as bench
+    import specrun_bench.run as bench
     from specrun.interfaces import Availability, Backend
     from specrun.plugins import Registry, register_backend_for_tests
 

@@ -161,7 +161,7 @@ def test_bench_records_the_top_level_backend(monkeypatch):
     """The command written into bench reports reruns what ran."""
     import click
 
-    from specrun import bench
+    import specrun_bench.run as bench
 
     seen = {}
 

@@ -85,3 +85,48 @@ def test_builtin_backends_come_from_entry_points():
         text = f.read_text()
         for plugin in ("specrun_torch_cuda", "specrun_onnx_cpu", "specrun_openvino"):
             assert plugin not in text, f"{f.name} imports {plugin}"
+
+
+def test_tool_commands_load_only_when_used():
+    """`specrun generate` / `backends` never import the tool packages (bench, training, conformance,
+    serve); help lists their commands."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from specrun.cli import main\n"
+            "try:\n    main(['backends'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('specrun_bench', 'specrun_train', 'specrun_conformance', 'specrun_server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ,
+                         "SPECRUN_PLUGINS": "torch_cuda"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    r = CliRunner().invoke(main, ["--help"])
+    for name in ("bench", "train-draft", "conformance", "serve"):
+        assert f"  {name} " in r.output, name
+
+
+def test_a_broken_tool_plugin_breaks_only_its_command(monkeypatch):
+    import importlib.metadata as md
+
+    from click.testing import CliRunner
+
+    from specrun.cli import SpecrunGroup, main
+
+    real = SpecrunGroup._tool_entry_points
+    broken = md.EntryPoint(name="explode", value="specrun_no_such_tool_pkg", group="specrun.commands")
+    monkeypatch.setattr(SpecrunGroup, "_tool_entry_points", lambda self: {**real(self), "explode": broken})
+    monkeypatch.setattr(main, "_loaded", set())
+    monkeypatch.setattr(main, "tool_errors", {})
+    r = CliRunner().invoke(main, ["explode", "--x"])
+    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "the 'explode' command could not be loaded (ModuleNotFoundError" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["--help"])  # help still lists everything, the broken one marked
+    assert r.exit_code == 0 and "explode" in r.output and "unavailable" in r.output
+    r = CliRunner().invoke(main, ["backends"])
+    assert r.exit_code == 0

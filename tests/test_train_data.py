@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from specrun.train_data import (
+from specrun_train.data import (
     BenchmarkFilter,
     Conversation,
     TurnTokenizer,
@@ -162,7 +162,7 @@ def test_regenerate_writes_conversations_and_resumes(tmp_path, tiny_models, torc
 
 
 def test_mtbench_questions_are_never_training_prompts():
-    from specrun.train_data import mtbench_questions
+    from specrun_train.data import mtbench_questions
 
     qs = mtbench_questions()
     assert len(qs) == 160

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from specrun.eagle3 import Eagle3Checkpoint, Eagle3Drafter, read_safetensors
-from specrun.train_draft import (
+from specrun_train.trainer import (
     TrainOptions,
     batch_indices,
     jsonl_prompts,
@@ -92,7 +92,7 @@ def test_schedule_and_batches_are_functions_of_the_step():
 
 def test_validation_split_is_stable_when_data_grows():
     """Resuming after the data stage added records must not move a record between the sets."""
-    from specrun.train_draft import split_data
+    from specrun_train.trainer import split_data
 
     records = [{"id": i} for i in range(2000)]
     train_a, val_a = split_data(records[:600], 0.05, 0)
@@ -186,7 +186,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
 
     # ... and has learnt its training answers: drafts get accepted there
     from specrun.decode import SpeculativeDecoder
-    from specrun.train_draft import split_data
+    from specrun_train.trainer import split_data
 
     train_recs, _ = split_data(records, 0.05, 0)
     head = torch_backend.load_eagle3_head(str(out), target, device="cpu")
@@ -221,7 +221,7 @@ def test_training_stage_under_torchrun_with_two_processes(tmp_path, tiny_models)
     assert r.exit_code == 0, r.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "specrun.train_draft", *common, "--stage", "train", "--steps", "3", "--batch-size", "2", "--ttt-steps", "2",
+           "-m", "specrun_train.trainer", *common, "--stage", "train", "--steps", "3", "--batch-size", "2", "--ttt-steps", "2",
            "--save-every", "3", "--resume"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -238,7 +238,7 @@ def test_preconditioned_training_exports_the_same_function(tmp_path, tiny_models
     from click.testing import CliRunner
 
     from specrun.cli import main
-    from specrun.train_draft import SCALE_FILE
+    from specrun_train.trainer import SCALE_FILE
 
     target = str(tiny_models["llama"])
     prompts = tmp_path / "p.jsonl"

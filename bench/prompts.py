@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from .errors import SpecrunError
+from specrun.errors import SpecrunError
 
 DATASETS = ("mt-bench", "humaneval", "sharegpt")
 

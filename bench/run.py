@@ -23,12 +23,13 @@ from pathlib import Path
 import attrs
 import click
 
-from . import bench_report as report
-from .bench_data import DATASETS, Prompt, load_prompts
-from .eagle3 import DEFAULT_MIN_PROB
-from .errors import SpecrunError
-from .interfaces import Draft, Drafter, Target
-from .plugins import Registry, load_registry
+from specrun.eagle3 import DEFAULT_MIN_PROB, parse_tree
+from specrun.errors import SpecrunError
+from specrun.interfaces import Draft, Drafter, Target
+from specrun.plugins import Registry, load_registry
+
+from . import report
+from .prompts import DATASETS, Prompt, load_prompts
 
 OUTPUT_FILES = ("report.md", "results.json", report.ACCEPTANCE_PNG, report.TOKENS_PNG)
 BASELINE = "transformers"
@@ -101,7 +102,7 @@ def default_device(backend) -> str:
 
 def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
     """``DIR`` (for whichever of model / eagle3 is asked for) or ``model=DIR,eagle3=DIR``."""
-    from .pipeline import DRAFTERS
+    from specrun.pipeline import DRAFTERS
 
     if not value:
         return {}
@@ -122,16 +123,6 @@ def draft_paths(value: str | None, drafters: Sequence[str]) -> dict[str, str]:
 
 def _min_prob(s: BenchSettings) -> float:
     return DEFAULT_MIN_PROB if s.draft_min_prob is None else s.draft_min_prob
-
-
-def parse_tree(value: str | None) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    try:
-        depth, topk, nodes = (int(x) for x in value.split(","))
-    except ValueError:
-        raise SpecrunError(f"--tree takes DEPTH,TOPK,NODES (three integers, e.g. 5,4,16), got '{value}'") from None
-    return depth, topk, nodes
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -245,8 +236,8 @@ def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int],
                    ) -> Callable[[list[int], int], dict]:
     """A runner for one configuration.  ``template``: a decoder whose kind and settings to reuse
     (a pipeline's own decoder, e.g. a tree decoder for eagle3); default: the chain loop."""
-    from .decode import SpeculativeDecoder
-    from .drafters import NoDrafter
+    from specrun.decode import SpeculativeDecoder
+    from specrun.drafters import NoDrafter
 
     plain = isinstance(drafter, NoDrafter)
     rec = None if plain else RecordingDrafter(drafter)
@@ -443,9 +434,9 @@ def _require_matplotlib() -> None:
 def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Measure, write the outputs to ``s.out`` and return the results.  On Ctrl-C the partial results
     are written (marked partial) and KeyboardInterrupt propagates."""
-    from .drafters import NgramDrafter, NoDrafter
-    from .models import resolve_model
-    from .pipeline import DRAFTERS, Pipeline
+    from specrun.drafters import NgramDrafter, NoDrafter
+    from specrun.models import resolve_model
+    from specrun.pipeline import DRAFTERS, Pipeline
 
     log = log or (lambda msg: click.echo(msg, err=True))
     # --- everything that can be checked before loading a model

@@ -31,7 +31,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from .errors import SpecrunError
+from specrun.errors import SpecrunError
 
 SHARD_GLOB = "shard-*.npz"
 
@@ -48,7 +48,7 @@ class Conversation:
 def sharegpt_conversations(path: str | Path | None = None) -> Iterator[Conversation]:
     """Every complete ShareGPT conversation that starts with a human turn, as its human turns.  The
     packaged file is cut off mid-record: the array is decoded element by element up to the cut."""
-    from .train_draft import sharegpt_file
+    from .trainer import sharegpt_file
 
     path = Path(path) if path is not None else sharegpt_file()
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -76,7 +76,7 @@ def sharegpt_conversations(path: str | Path | None = None) -> Iterator[Conversat
 def jsonl_conversations(path: str | Path) -> Iterator[Conversation]:
     """A JSONL file: a line with ``messages``/``conversations`` gives its user turns, a line with
     ``turns`` its turns, anything else one prompt (see ``train_draft.jsonl_prompts``)."""
-    from .train_draft import _prompt_of
+    from .trainer import _prompt_of
 
     path = Path(path)
     if not path.is_file():

@@ -28,7 +28,7 @@ Big targets, several GPUs (torch DDP)::
 
     specrun train-draft --target T --out OUT --stage data    # once, on one process
     specrun train-draft --target T --out OUT --stage vocab
-    torchrun --nproc-per-node 8 -m specrun.train_draft --target T --out OUT --stage train --device cuda --steps 20000
+    torchrun --nproc-per-node 8 -m specrun_train.trainer --target T --out OUT --stage train --device cuda --steps 20000
     specrun train-draft --target T --out OUT --stage export
 
 Under ``torchrun`` (WORLD_SIZE > 1) each rank computes its own share of every batch on
@@ -51,8 +51,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from .eagle3 import Eagle3Checkpoint, Eagle3Config, read_safetensors, vocab_map, write_safetensors
-from .errors import SpecrunError
+from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, read_safetensors, vocab_map, write_safetensors
+from specrun.errors import SpecrunError
 
 LOSS_DECAY = 0.8
 
@@ -235,7 +235,7 @@ def record_spans(rec: dict) -> list[tuple[int, int]]:
 def load_records(opts: TrainOptions) -> list[dict]:
     """The training records: the data stage's shards (one record per conversation, its answers'
     token spans) and, from runs before the shards, ``work/data.jsonl``."""
-    from .train_data import records_from_shards
+    from .data import records_from_shards
 
     return _read_records(work_dir(opts) / "data.jsonl") + records_from_shards(data_dir(opts))
 
@@ -245,9 +245,10 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     batching, see ``train_data``).  Returns the shard folder."""
     import torch
 
-    from .models import ModelConfig, content_digest
-    from .pipeline import load_tokenizer
-    from .train_data import conversations, read_shards, regenerate
+    from specrun.models import ModelConfig, content_digest
+    from specrun.pipeline import load_tokenizer
+
+    from .data import conversations, read_shards, regenerate
 
     folder = data_dir(opts)
     folder.mkdir(parents=True, exist_ok=True)
@@ -353,7 +354,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 def _torch_backend():
-    from .plugins import load_registry
+    from specrun.plugins import load_registry
 
     return load_registry(["torch_cuda"]).get("torch_cuda")
 
@@ -594,8 +595,8 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     import torch
     from tqdm import tqdm
 
-    from .eagle3 import read_target_embedding
-    from .models import ModelConfig
+    from specrun.eagle3 import read_target_embedding
+    from specrun.models import ModelConfig
 
     wd = work_dir(opts)
     tc = ModelConfig.load(model_dir)
@@ -689,8 +690,8 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     """Write the head (SpecForge format) from the latest checkpoint, and estimate acceptance."""
     import torch
 
-    from .eagle3 import read_target_embedding
-    from .models import ModelConfig
+    from specrun.eagle3 import read_target_embedding
+    from specrun.models import ModelConfig
 
     wd = work_dir(opts)
     tc = ModelConfig.load(model_dir)
@@ -728,7 +729,7 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
     target's (greedy) next token."""
     import torch
 
-    from .models import ModelConfig
+    from specrun.models import ModelConfig
 
     records = load_records(opts)
     _, val = split_data(records, opts.val_fraction, opts.seed)
@@ -763,7 +764,7 @@ STAGES = ("data", "vocab", "train", "export")
 
 
 def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
-    from .models import ModelConfig, resolve_model
+    from specrun.models import ModelConfig, resolve_model
 
     if _world() > 1 and set(stages) != {"train"}:
         raise SpecrunError("under torchrun run only --stage train (run the data, vocab and export stages in one process)")
@@ -857,7 +858,7 @@ def _command():
 
 train_draft_command = _command()
 
-if __name__ == "__main__":  # torchrun -m specrun.train_draft ...
-    from .cli import SpecrunGroup
+if __name__ == "__main__":  # torchrun -m specrun_train.trainer ...
+    from specrun.cli import SpecrunGroup
 
     SpecrunGroup(commands={"train-draft": train_draft_command})(["train-draft", *sys.argv[1:]])
