@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -63,7 +61,7 @@ def make_tiny_model(
 def tiny_model(name: str) -> Path:
     """A cached tiny model (built on first use under specrun's cache folder): ``name`` is an
     architecture, optionally with another vocabulary size (``llama-v1000``)."""
-    from specrun.models import cache_dir
+    from specrun.store import cache_dir
 
     arch, _, vocab = name.partition("-v")
     if arch not in ARCHS:
@@ -73,26 +71,11 @@ def tiny_model(name: str) -> Path:
 
 
 def _built_once(target: Path, build) -> Path:
-    """``target``, built by ``build(folder)`` in a temporary folder and renamed into place on
-    first use (a ``complete`` marker; concurrent builders: the first rename wins)."""
-    if (target / "complete").exists():
-        from specrun.models import mark_used
+    """``target``, built by ``build(folder)`` once and verified whole before each use
+    (``specrun.store.build_once``)."""
+    from specrun.store import build_once
 
-        mark_used(target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / "complete").write_text("ok")
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(target, "config.json", build)
     return target
 
 
@@ -145,7 +128,7 @@ def eagle3_head(model_label: str, model_dir: Path, aux_layer_ids) -> Path:
     import hashlib
     import json
 
-    from specrun.models import cache_dir
+    from specrun.store import cache_dir
 
     key = hashlib.sha256(json.dumps([HEAD_VERSION, str(model_dir), list(aux_layer_ids)]).encode()).hexdigest()[:12]
     return _built_once(cache_dir() / "conformance" / f"head-{model_label}-{key}",

@@ -16,7 +16,7 @@ import attrs
 import click
 
 from .errors import SpecrunError
-from .models import cache_dir
+from .store import cache_dir
 
 
 @attrs.frozen

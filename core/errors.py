@@ -30,7 +30,7 @@ def disk_full(exc: BaseException) -> str | None:
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     else:
         return None
-    from .models import cache_dir
+    from .store import cache_dir
 
     return (f"no space left on the disk{where}; free some (`specrun cache` shows what specrun's cache "
             f"holds in {cache_dir()}, `specrun cache clear` removes it) and run again")

@@ -17,7 +17,7 @@ def private_cache(tmp_path_factory) -> Path:
     the tiny models made for each run do not pile up in the user's cache.  Only the converted
     default model is shared with the user cache (its ``models`` folder: content-keyed, the same
     conversion `specrun generate` makes), so it is not converted again on every run."""
-    from specrun.models import cache_dir
+    from specrun.store import cache_dir
 
     models = cache_dir() / "models"
     models.mkdir(parents=True, exist_ok=True)

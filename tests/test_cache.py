@@ -130,3 +130,39 @@ def test_list_shows_each_entry_largest_first(cache):
     assert rows[1].endswith("onnx/m-f32-aaaa")
     assert any(row.endswith(".m-f32-cccc.tmp-x1y2  (partial build)") for row in rows)
     assert "total, 6 entries" in r.output.splitlines()[-1]
+
+
+def test_store_verifies_the_whole_content_before_use(tmp_path, monkeypatch):
+    """A same-size, in-place change anywhere in a cached file (even with its mtime restored) makes
+    the entry incomplete, and build_once rebuilds it; --force rebuilds a good one."""
+    import os
+    import time
+
+    from specrun import store
+
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(tmp_path / "cache"))
+    builds = []
+
+    def build(tmp):
+        builds.append(1)
+        (tmp / "w.bin").write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+        (tmp / "meta.json").write_text("{}")
+
+    folder = tmp_path / "cache" / "entry"
+    path = store.build_once(folder, "w.bin", build)
+    assert store.is_complete(folder, "w.bin") and len(builds) == 1
+    time.sleep(2.1)  # past the digest memo's settle time: the good digest is remembered
+    assert store.is_complete(folder, "w.bin")
+    st = path.stat()
+    with open(path, "r+b") as f:  # 64 random bytes in the middle, same size
+        f.seek(700_001)
+        f.write(os.urandom(64))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored: ctime still moved
+    assert not store.is_complete(folder, "w.bin")
+    store.build_once(folder, "w.bin", build)
+    assert len(builds) == 2 and store.is_complete(folder, "w.bin")
+    store.build_once(folder, "w.bin", build)
+    assert len(builds) == 2  # complete: reused
+    store.build_once(folder, "w.bin", build, force=True)
+    assert len(builds) == 3
+    assert not store.is_complete(folder, "w.bin", version="2")  # another format version is not used

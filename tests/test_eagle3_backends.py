@@ -96,7 +96,7 @@ def test_chain_and_tree_lossless_on_backend(name, registry, head_dir, tiny_model
 
 
 def test_head_export_is_cached_and_rebuilt_when_damaged(registry, head_dir, tiny_models):
-    from specrun_onnx_cpu import head as hd
+    from specrun_kit import head as hd
 
     be = _backend(registry, "onnx_cpu")
     folder = str(tiny_models["llama"])

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from specrun.errors import SpecrunError
-from specrun.models import file_fingerprint
+from specrun.store import file_fingerprint
 
 from .conftest import ARCHS, make_tiny_model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from specrun_onnx_cpu import export as ex  # noqa: E402
+from specrun_kit import export as ex  # noqa: E402
 from specrun_onnx_cpu.backend import OnnxBackend  # noqa: E402
 
 PROMPT = [5, 17, 300, 42, 9, 1200, 77, 8, 8, 613, 2000, 31, 5, 17, 300, 42, 9, 1200, 77, 8]
@@ -252,7 +252,7 @@ def test_unloadable_export_with_valid_marker_is_rebuilt(tiny_models, backend, ca
 
 def test_concurrent_exports_leave_one_valid_cache(tiny_models, cache):
     code = textwrap.dedent(f"""
-        from specrun_onnx_cpu import export as ex
+        from specrun_kit import export as ex
         print(ex.export_model({str(tiny_models["qwen2"])!r}))
     """)
     env = {**os.environ, "SPECRUN_CACHE_DIR": str(cache)}

@@ -28,7 +28,7 @@ from .test_eagle3 import make_head
 def test_ttt_equals_chain_drafting_with_the_inference_head(tmp_path, tiny_models, torch_backend):
     """Step i of the training-time test at position t == the i-th chain draft step after the final
     entries 0..t, fed with the real next tokens (what greedy acceptance would feed)."""
-    from specrun_torch_cuda.eagle3 import Eagle3Module
+    from specrun_kit.torch_eagle3 import Eagle3Module
 
     hd = make_head(tmp_path / "h", seed=9)
     ck = Eagle3Checkpoint.load(hd, tiny_models["llama"])

@@ -245,8 +245,9 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     batching, see ``train_data``).  Returns the shard folder."""
     import torch
 
-    from specrun.models import ModelConfig, content_digest
+    from specrun.models import ModelConfig
     from specrun.pipeline import load_tokenizer
+    from specrun.store import content_digest
 
     from .data import conversations, read_shards, regenerate
 

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from specrun import store
 from specrun.errors import SpecrunError
 from specrun.interfaces import Availability, Backend, Target
-from specrun.models import cache_dir
-from specrun_onnx_cpu.backend import KVBufferTarget, check_aux_layers
-from specrun_onnx_cpu.head import KVBufferHead
+from specrun.store import cache_dir
+from specrun_kit.head import KVBufferHead
+from specrun_kit.kvbuffer import KVBufferTarget, check_aux_layers
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "4"  # 4: the hidden-state barrier stays float
@@ -56,11 +55,11 @@ def _import_ov():
 
 
 def _onnx_export():
-    """The ONNX exporter of the onnx_cpu plugin (it needs torch and onnx, not onnxruntime)."""
+    """The graph kit's ONNX exporter (it needs torch and onnx, not onnxruntime)."""
     try:
-        from specrun_onnx_cpu import export
+        from specrun_kit import export
     except Exception as exc:
-        raise SpecrunError(f"the openvino backend builds on the onnx_cpu plugin's export, which failed to import: {exc}") from None
+        raise SpecrunError(f"the openvino backend builds on the graph kit's ONNX export (specrun_kit.export), which failed to import: {exc}") from None
     return export
 
 
@@ -206,11 +205,13 @@ class OpenVinoBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"openvino": _import_ov().__version__}
 
-    def ir_path(self, model_dir: str, precision: str, aux: tuple[int, ...], progress: bool = False) -> Path:
-        """The cached IR for this model/weight format, converting (and compressing) it first if needed."""
+    def ir_path(self, model_dir: str, precision: str, aux: tuple[int, ...], progress: bool = False,
+                force: bool = False) -> Path:
+        """The cached IR for this model/weight format, converting (and compressing) it first if needed;
+        ``force`` rebuilds the ONNX export and the IR."""
         ex = _onnx_export()
         ov = _import_ov()
-        onnx_path = ex.export_model(model_dir, aux, "f32", progress=progress, kv_layout="layer")
+        onnx_path = ex.export_model(model_dir, aux, "f32", progress=progress, kv_layout="layer", force=force)
         weights = precision if precision in WEIGHTS else "f32"
         folder = cache_dir() / "openvino" / f"{onnx_path.parent.name}-{weights}-ir{IR_VERSION}-ov{ov.__version__.split('-')[0]}"
 
@@ -221,12 +222,12 @@ class OpenVinoBackend(Backend):
             ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
             (tmp / "graph.json").write_text((onnx_path.parent / "graph.json").read_text())
 
-        return _cached(folder, "model.xml", build)
+        return _cached(folder, "model.xml", build, force=force)
 
     def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
                force: bool = False, progress: bool = True) -> Path:
         precision = self.check_precision("cpu", precision)
-        return self.ir_path(model_dir, precision, tuple(aux_hidden_layers), progress=progress)
+        return self.ir_path(model_dir, precision, tuple(aux_hidden_layers), progress=progress, force=force)
 
     def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
         device = self.check_device(device)
@@ -283,7 +284,7 @@ class OpenVinoBackend(Backend):
         weights, computed in f32 on CPU): the draft-vocabulary projection dominates a draft step
         and reads 4x fewer bytes; a head's precision changes only the acceptance, never the output.
         ``f32`` / ``bf16`` / ``f16`` run the float weights at that compute precision."""
-        from specrun_onnx_cpu import head as hd
+        from specrun_kit import head as hd
 
         ex = _onnx_export()
         device = self.check_device(device)
@@ -321,22 +322,9 @@ class OpenVinoBackend(Backend):
         return OpenVinoDraftHead(compiled, ck, hd.head_meta(path), precision, device, path)
 
 
-def _cached(folder: Path, main_file: str, build) -> Path:
-    """``folder / main_file``, built by ``build(tmp_folder)`` once: under a file lock, in a temporary
-    folder published by rename with a fingerprint marker (the onnx_cpu export's scheme)."""
-    ex = _onnx_export()
-    if ex.is_complete(folder, main_file):
-        return folder / main_file
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with ex._locked(folder.parent / f".{folder.name}.lock"):
-        if not ex.is_complete(folder, main_file):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-            try:
-                build(tmp)
-                ex._publish(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return folder / main_file
+def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
+    """``folder / main_file``, built by ``build(tmp_folder)`` once (``specrun.store.build_once``)."""
+    return store.build_once(folder, main_file, build, version=IR_VERSION, force=force)
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:

@@ -48,7 +48,8 @@ class TorchBackend(Backend):
         precision = self.check_precision(device, precision)
         import torch
 
-        from .model import load_model
+        from specrun_kit.llama import load_model
+
         from .target import DTYPES, TorchTarget
 
         threads = (options or {}).get("threads")
@@ -59,8 +60,8 @@ class TorchBackend(Backend):
 
     def training_kit(self):
         """The torch pieces ``specrun train-draft`` builds on: (load_model, Eagle3Module)."""
-        from .eagle3 import Eagle3Module
-        from .model import load_model
+        from specrun_kit.llama import load_model
+        from specrun_kit.torch_eagle3 import Eagle3Module
 
         return load_model, Eagle3Module
 
@@ -69,14 +70,16 @@ class TorchBackend(Backend):
         the CPU; ``kv_dtype`` bf16 or f32)."""
         import torch
 
-        from .model import load_model
+        from specrun_kit.llama import load_model
+
         from .slots import SlotEngine
 
         model = load_model(model_dir, torch.float32, "cpu")
         return SlotEngine(model, slots, capacity, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[kv_dtype])
 
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
-        from .eagle3 import load_torch_head
+        from specrun_kit.torch_eagle3 import load_torch_head
+
         from .target import DTYPES
 
         device = self.check_device(device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import LlamaModel, apply_rope, rope_tables
+from specrun_kit.llama import LlamaModel, apply_rope, rope_tables
 
 
 class SlotEngine:

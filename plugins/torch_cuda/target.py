@@ -8,8 +8,7 @@ import torch
 
 from specrun.errors import SpecrunError
 from specrun.interfaces import ModelInfo, StepOutput, Target
-
-from .model import LlamaModel, tree_mask
+from specrun_kit.llama import LlamaModel, tree_mask
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 

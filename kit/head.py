@@ -28,7 +28,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +35,10 @@ from pathlib import Path
 import attrs
 import numpy as np
 
+from specrun import store
 from specrun.eagle3 import DraftHead, Eagle3Checkpoint, HeadOutput
 from specrun.errors import SpecrunError
-from specrun.models import cache_dir, content_digest
+from specrun.store import cache_dir, content_digest
 
 from . import export as ex
 
@@ -91,20 +91,15 @@ def export_head(ck: Eagle3Checkpoint, checkpoint_dir: str | Path, precision: str
     if not force and ex.is_complete(folder, HEAD_FILE):
         return folder / HEAD_FILE
     source = export_head(ck, checkpoint_dir, "f32", progress=progress) if precision == "int8" else None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with ex._locked(folder.parent / f".{folder.name}.lock"):
-        if not force and ex.is_complete(folder, HEAD_FILE):
-            return folder / HEAD_FILE
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            if source is None:
-                _export(ck, tmp, progress)
-            else:
-                _quantize(source, tmp)
-            ex._publish(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder / HEAD_FILE
+
+    def build(tmp: Path) -> None:
+        if source is None:
+            _export(ck, tmp, progress)
+        else:
+            _quantize(source, tmp)
+
+    return store.build_once(folder, HEAD_FILE, build, version=ex.EXPORT_VERSION, force=force,
+                            info={"head": Path(checkpoint_dir).name, "precision": precision})
 
 
 def _quantize(source: Path, out: Path) -> None:
@@ -124,10 +119,10 @@ def _export(ck: Eagle3Checkpoint, out: Path, progress: bool) -> None:
         import onnx
         import torch
 
-        from specrun_torch_cuda.eagle3 import TorchDraftHead
+        from specrun_kit.torch_eagle3 import TorchDraftHead
     except ImportError as exc:
         raise SpecrunError(f"exporting a head to ONNX needs torch and onnx ({exc}); pip install 'specrun[onnx]'") from None
-    from .graph import _rms, _t
+    from .graph import as_weight, rms_norm
 
     cfg = ck.config
     module = TorchDraftHead(ck, "cpu", torch.float32, "f32").module
@@ -138,12 +133,12 @@ def _export(ck: Eagle3Checkpoint, out: Path, progress: bool) -> None:
             m = module.midlayer
             att = m.self_attn
             scale = cfg.head_dim**-0.5
-            self.w_fc = _t(module.fc.weight)
-            self.w_qkv = _t(torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight]))
-            self.w_o = _t(att.o_proj.weight)
-            self.w_gu = _t(torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]))
-            self.w_down = _t(m.mlp.down_proj.weight)
-            self.w_head = _t(module.lm_head.weight)
+            self.w_fc = as_weight(module.fc.weight)
+            self.w_qkv = as_weight(torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight]))
+            self.w_o = as_weight(att.o_proj.weight)
+            self.w_gu = as_weight(torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]))
+            self.w_down = as_weight(m.mlp.down_proj.weight)
+            self.w_head = as_weight(module.lm_head.weight)
             self.ln_in, self.ln_hid = m.input_layernorm.weight.detach(), m.hidden_norm.weight.detach()
             self.ln_post, self.ln_out = m.post_attention_layernorm.weight.detach(), module.norm.weight.detach()
             self.register_buffer("inv_freq", module.inv_freq.detach().float().clone(), persistent=False)
@@ -154,12 +149,12 @@ def _export(ck: Eagle3Checkpoint, out: Path, progress: bool) -> None:
             self.register_buffer("rot", rot, persistent=False)
 
         def forward(self, embeds, aux, prev, gate, positions, mask, past_k, past_v):
-            from specrun_torch_cuda.model import rope_tables
+            from specrun_kit.llama import rope_tables
 
             nh, nkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
             g = nh // nkv
             h = gate * torch.matmul(aux, self.w_fc) + (1.0 - gate) * prev
-            x = torch.cat([_rms(embeds, self.ln_in, eps), _rms(h, self.ln_hid, eps)], dim=-1)
+            x = torch.cat([rms_norm(embeds, self.ln_in, eps), rms_norm(h, self.ln_hid, eps)], dim=-1)
             q, k, v = torch.split(torch.matmul(x, self.w_qkv).reshape(-1, nh + 2 * nkv, D), [nh, nkv, nkv], dim=1)
             cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # [T, D]
             qk = torch.cat([q, k], dim=1).transpose(0, 1)  # [nh+nkv, T, D]
@@ -173,9 +168,9 @@ def _export(ck: Eagle3Checkpoint, out: Path, progress: bool) -> None:
             p = torch.softmax(torch.matmul(qg, keys.transpose(1, 2)) + bias, dim=-1)
             o = torch.matmul(p, values).reshape(nh, -1, D).transpose(0, 1).reshape(-1, nh * D)
             r = h + torch.matmul(o, self.w_o)
-            gate_, up = torch.split(torch.matmul(_rms(r, self.ln_post, eps), self.w_gu), [cfg.intermediate_size] * 2, dim=1)
+            gate_, up = torch.split(torch.matmul(rms_norm(r, self.ln_post, eps), self.w_gu), [cfg.intermediate_size] * 2, dim=1)
             out = r + torch.matmul(torch.nn.functional.silu(gate_) * up, self.w_down)
-            return torch.matmul(_rms(out, self.ln_out, eps), self.w_head), out, new_k, new_v
+            return torch.matmul(rms_norm(out, self.ln_out, eps), self.w_head), out, new_k, new_v
 
     graph = HeadGraph().eval()
     meta = HeadMeta(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.draft_vocab_size,

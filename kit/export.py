@@ -37,30 +37,27 @@ run it (OpenVINO: ``openvino.Core().read_model(path)``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
+from specrun import store
 from specrun.errors import SpecrunError
-from specrun.models import ModelConfig, cache_dir, content_digest, file_fingerprint, mark_used
+from specrun.models import ModelConfig
+from specrun.store import cache_dir, content_digest
 
 EXPORT_VERSION = "1"
+MARKER_FILE = store.MARKER_FILE
 OPSET = 17
 PRECISIONS = ("f32", "int8")
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 META_FILE = "graph.json"
-MARKER_FILE = "specrun-complete.json"
 
 # Counts real exports in this process (tests use it to prove a cached export is reused).
 export_count = 0
@@ -148,19 +145,9 @@ def export_dir(model_dir: str | Path, aux_layers: Sequence[int] = (), precision:
 
 
 def is_complete(folder: Path, main_file: str = GRAPH_FILE) -> bool:
-    """True iff the export in ``folder`` finished and its files are intact (sizes and digests); a
-    complete one is marked as used (the cache ages entries by last use)."""
-    try:
-        marker = json.loads((folder / MARKER_FILE).read_text())
-        files = marker["files"]
-        if marker.get("export_version") != EXPORT_VERSION or main_file not in files:
-            return False
-        if not all((folder / name).is_file() and file_fingerprint(folder / name) == fp for name, fp in files.items()):
-            return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    mark_used(folder)
-    return True
+    """True iff the export in ``folder`` finished and every file still has its recorded SHA-256
+    (``specrun.store.is_complete``)."""
+    return store.is_complete(folder, main_file, EXPORT_VERSION)
 
 
 def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision: str = "f32", kv_layout: str = "head") -> Path | None:
@@ -169,33 +156,7 @@ def find_export(model_dir: str | Path, aux_layers: Sequence[int] = (), precision
     return folder / GRAPH_FILE if is_complete(folder) else None
 
 
-def invalidate(folder: Path) -> None:
-    """Remove a (damaged) export folder: renamed aside first, so no reader sees it half-deleted."""
-    folder = Path(folder)
-    if not folder.exists():
-        return
-    trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(folder, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (a second exporter waits, then finds the export done)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: temp folder + rename still keep the cache consistent
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+invalidate = store.invalidate
 
 
 class _Stages:
@@ -252,36 +213,18 @@ def export_model(
     folder = export_dir(model_dir, aux, precision, kv_layout)
     if not force and is_complete(folder):
         return folder / GRAPH_FILE
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.parent / f".{folder.name}.lock"):
-        if not force and is_complete(folder):  # another process exported it while we waited
-            return folder / GRAPH_FILE
-        if precision == "int8":
-            source = export_model(model_dir, aux, "f32", progress=progress, kv_layout=kv_layout)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            if precision == "f32":
-                _export_f32(model_dir, aux, tmp, progress, kv_layout)
-            else:
-                _quantize_int8(source.parent, tmp, model_dir.name, progress)
-            _publish(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    global export_count
-    export_count += 1
-    return folder / GRAPH_FILE
+    source = export_model(model_dir, aux, "f32", progress=progress, kv_layout=kv_layout) if precision == "int8" else None
 
+    def build(tmp: Path) -> None:
+        global export_count
+        if source is None:
+            _export_f32(model_dir, aux, tmp, progress, kv_layout)
+        else:
+            _quantize_int8(source.parent, tmp, model_dir.name, progress)
+        export_count += 1
 
-def _publish(tmp: Path, folder: Path) -> None:
-    files = {p.name: file_fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MARKER_FILE).write_text(json.dumps({"export_version": EXPORT_VERSION, "files": files}, indent=1))
-    if folder.exists():  # a damaged export (or a forced rebuild): replace it
-        invalidate(folder)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not is_complete(folder):  # someone else's complete export is as good as ours
-            raise
+    return store.build_once(folder, GRAPH_FILE, build, version=EXPORT_VERSION, force=force,
+                            info={"model": model_dir.name, "precision": precision, "aux_layers": list(aux)})
 
 
 def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool, kv_layout: str = "head") -> None:
@@ -295,7 +238,7 @@ def _export_f32(model_dir: Path, aux: tuple[int, ...], out: Path, progress: bool
         import onnx
         import torch
 
-        from specrun_torch_cuda.model import load_model
+        from specrun_kit.llama import load_model
 
         from .graph import StepGraph
     except ImportError as exc:

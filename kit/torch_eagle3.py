@@ -13,7 +13,7 @@ from torch import nn
 from specrun.eagle3 import DraftHead, Eagle3Checkpoint, Eagle3Config, HeadOutput
 from specrun.errors import SpecrunError
 
-from .model import MLP, Attention, LlamaSpec, RMSNorm, apply_rope, attention_mask, rope_inv_freq, rope_tables
+from .llama import MLP, Attention, LlamaSpec, RMSNorm, apply_rope, attention_mask, rope_inv_freq, rope_tables
 
 
 def head_spec(cfg: Eagle3Config) -> LlamaSpec:

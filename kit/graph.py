@@ -24,14 +24,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specrun_torch_cuda.model import LlamaModel, rope_tables
+from specrun_kit.llama import LlamaModel, rope_tables
 
 
-def _t(w: torch.Tensor) -> nn.Parameter:
+def as_weight(w: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(w.detach().t().contiguous(), requires_grad=False)
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as specrun_torch_cuda.model.RMSNorm computes it (fp32)."""
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -44,14 +44,14 @@ class _Layer(nn.Module):
         if not s.qk_norm:  # fold the softmax scale into the query projection
             q_w = q_w * scale
             q_b = None if q_b is None else q_b * scale
-        self.w_qkv = _t(torch.cat([q_w, att.k_proj.weight, att.v_proj.weight]))
+        self.w_qkv = as_weight(torch.cat([q_w, att.k_proj.weight, att.v_proj.weight]))
         self.b_qkv = None
         if att.q_proj.bias is not None:
             self.b_qkv = nn.Parameter(torch.cat([q_b, att.k_proj.bias, att.v_proj.bias]).detach(), requires_grad=False)
-        self.w_o = _t(att.o_proj.weight)
+        self.w_o = as_weight(att.o_proj.weight)
         self.b_o = None if att.o_proj.bias is None else nn.Parameter(att.o_proj.bias.detach(), requires_grad=False)
-        self.w_gu = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.w_down = _t(mlp.down_proj.weight)
+        self.w_gu = as_weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.w_down = as_weight(mlp.down_proj.weight)
         self.ln1 = nn.Parameter(layer.input_layernorm.weight.detach(), requires_grad=False)
         self.ln2 = nn.Parameter(layer.post_attention_layernorm.weight.detach(), requires_grad=False)
         if s.qk_norm:
@@ -94,7 +94,7 @@ class StepGraph(nn.Module):
         # layout (OpenVINO) keeps a [V, H] embedding: nncf-compressed weights gathered by column
         # give wrong rows on OpenVINO 2026.4
         self.tied = (s.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight) and kv_layout == "head"
-        self.head_t = _t(model.lm_head.weight)  # [H, V]
+        self.head_t = as_weight(model.lm_head.weight)  # [H, V]
         if not self.tied:
             self.embed = nn.Parameter(model.model.embed_tokens.weight.detach(), requires_grad=False)
         self.register_buffer("inv_freq", model.inv_freq.detach().float().clone(), persistent=False)
@@ -153,14 +153,14 @@ class StepGraph(nn.Module):
         for i, ly in enumerate(self.layers):
             if i in self.aux_layers:
                 aux.append(x)
-            h = _rms(x, ly.ln1, eps)
+            h = rms_norm(x, ly.ln1, eps)
             qkv = torch.matmul(h, ly.w_qkv)
             if ly.b_qkv is not None:
                 qkv = qkv + ly.b_qkv
             q, k, v = torch.split(qkv.reshape(-1, nh + 2 * nkv, D), [nh, nkv, nkv], dim=1)
             if s.qk_norm:
-                q = _rms(q, ly.q_norm, eps) * self.scale
-                k = _rms(k, ly.k_norm, eps)
+                q = rms_norm(q, ly.q_norm, eps) * self.scale
+                k = rms_norm(k, ly.k_norm, eps)
             qk = torch.cat([q, k], dim=1).transpose(0, 1)  # [nh+nkv, T, D]
             qk = qk * cos + torch.matmul(qk, self.rot) * sin
             q, k = torch.split(qk, [nh, nkv], dim=0)
@@ -187,11 +187,11 @@ class StepGraph(nn.Module):
             if ly.b_o is not None:
                 o = o + ly.b_o
             x = x + o
-            gate, up = torch.split(torch.matmul(_rms(x, ly.ln2, eps), ly.w_gu), [s.intermediate_size] * 2, dim=1)
+            gate, up = torch.split(torch.matmul(rms_norm(x, ly.ln2, eps), ly.w_gu), [s.intermediate_size] * 2, dim=1)
             x = x + torch.matmul(torch.nn.functional.silu(gate) * up, ly.w_down)
 
         x = torch.index_select(x, 0, output_index)
-        logits = torch.matmul(_rms(x, self.norm, eps), self.head_t)
+        logits = torch.matmul(rms_norm(x, self.norm, eps), self.head_t)
         outs = [logits, torch.stack(news)]  # new_kv: [L, 2, nkv, T, D]
         if aux:
             if self.kv_layout == "layer":
