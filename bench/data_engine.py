@@ -4,7 +4,7 @@
 and the share of the engine's greedy answers identical to specrun's plain greedy decoding
 (torch_cuda, CPU, f32, one sequence at a time).
 
-    .venv/bin/python bench/data_engine.py [--prompts 96] [--new-tokens 128] [--identity 50] [--out bench-out/data-engine.json]
+    .venv/bin/python bench/data_engine.py [--prompts 96] [--new-tokens 128] [--identity 50] [--variant bf16-bf16] [--out FILE]
 
 Pause a background data run first (``kill -STOP $(cat OUT/data.pid)``): both measure the same CPU.
 """
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import click
+
+VARIANTS = ["f32-f32", "f32-bf16", "bf16-bf16"]
 
 
 def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -32,12 +34,13 @@ def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
     return out
 
 
-def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok) -> tuple[float, list[list[int]]]:
+def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok, weights="f32") -> tuple[float, list[list[int]]]:
     """(answer tokens/s, answers in prompt order) of the slot engine on single-turn prompts."""
     from specrun.plugins import load_registry
     from specrun_train.data import Conversation, regenerate
 
-    engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=2048, kv_dtype=kv)
+    engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=2048, kv_dtype=kv,
+                                                                         weights=weights)
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -92,8 +95,10 @@ def run_transformers(model_dir, prompts, new_tokens, batch, eos) -> float:
 @click.option("--batch", default=16, show_default=True, help="Batch of the transformers stage.")
 @click.option("--identity", default=50, show_default=True, help="Prompts compared with plain greedy decoding.")
 @click.option("--max-prompt-tokens", default=512, show_default=True)
+@click.option("--variant", multiple=True, type=click.Choice(VARIANTS),
+              help="Engine precisions WEIGHTS-KVCACHE (repeatable) [default: all].")
 @click.option("--out", default="bench-out/data-engine.json", show_default=True)
-def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, out):
+def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant, out):
     import torch
 
     from specrun.models import ModelConfig, resolve_model
@@ -105,11 +110,13 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, out):
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
     ps = first_turns(tok, prompts, max_prompt_tokens)
     res: dict = {"prompts": len(ps), "new_tokens": new_tokens, "slots": slots, "transformers_batch": batch}
-    for kv in ("bf16", "f32"):
-        tps, answers = run_engine(model_dir, ps, new_tokens, slots, kv, eos, tok)
-        res[f"engine_{kv}_tokens_per_s"] = round(tps, 1)
-        res.setdefault("answers", {})[kv] = answers
-        click.echo(f"slot engine ({slots} slots, {kv} KV cache): {tps:.1f} answer tokens/s", err=True)
+    variants = [v for v in VARIANTS if v in set(variant)] or VARIANTS
+    for name in variants:
+        weights, kv = name.split("-")
+        tps, answers = run_engine(model_dir, ps, new_tokens, slots, kv, eos, tok, weights)
+        res[f"engine_{name}_tokens_per_s"] = round(tps, 1)
+        res.setdefault("answers", {})[name] = answers
+        click.echo(f"slot engine ({slots} slots, {weights} weights, {kv} KV cache): {tps:.1f} answer tokens/s", err=True)
     tps = run_transformers(model_dir, ps, new_tokens, batch, eos)
     res["transformers_tokens_per_s"] = round(tps, 1)
     click.echo(f"transformers generate (batch {batch}): {tps:.1f} answer tokens/s", err=True)
@@ -120,7 +127,7 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, out):
         for chunk in pipe.decoder.generate(p, new_tokens, eos_token_ids=sorted(eos)):
             got += chunk
         plain.append(got)
-    for kv in ("bf16", "f32"):
+    for kv in variants:
         same = 0
         first_diff = []
         for a, b in zip(res["answers"][kv][:identity], plain, strict=True):
@@ -130,10 +137,10 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, out):
                 first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))))
         res[f"identical_{kv}"] = f"{same}/{len(plain)}"
         res[f"first_difference_{kv}"] = sorted(first_diff)
-        click.echo(f"{kv} KV cache: {same}/{len(plain)} answers identical to plain greedy decoding; "
+        click.echo(f"{kv} (weights-KV cache): {same}/{len(plain)} answers identical to plain greedy decoding; "
                    f"first differing token at {sorted(first_diff)}", err=True)
     del res["answers"]
-    for kv in ("bf16", "f32"):
+    for kv in variants:
         res[f"speedup_{kv}"] = round(res[f"engine_{kv}_tokens_per_s"] / res["transformers_tokens_per_s"], 2)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))

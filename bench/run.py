@@ -23,7 +23,9 @@ from pathlib import Path
 import attrs
 import click
 
-from specrun.eagle3 import DEFAULT_MIN_PROB, parse_tree
+from specrun.cli import threads_option
+from specrun.drafters import DEFAULT_MIN_PROB
+from specrun.eagle3 import parse_tree
 from specrun.errors import SpecrunError
 from specrun.interfaces import Draft, Drafter, Target
 from specrun.plugins import Registry, load_registry
@@ -128,11 +130,16 @@ def _min_prob(s: BenchSettings) -> float:
 def check_outputs(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SpecrunError(f"--out {out} is a file; give a folder")
+    clash = [f for f in OUTPUT_FILES if (out / f).exists() and not (out / f).is_file()]
+    if clash:
+        raise SpecrunError(f"{out / clash[0]} exists and is not a file; give another --out")
     if force:
         return
-    existing = [f for f in ("results.json", "report.md") if (out / f).exists()]
+    # every file the run writes (OUTPUT_FILES), results first: a user's own plot is not overwritten either
+    existing = [f for f in dict.fromkeys(("results.json", *OUTPUT_FILES)) if (out / f).exists()]
     if existing:
-        raise SpecrunError(f"{out / existing[0]} exists; use --force or another --out")
+        more = f" (and {', '.join(existing[1:])})" if len(existing) > 1 else ""
+        raise SpecrunError(f"{out / existing[0]} exists{more}; use --force to overwrite, or another --out")
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -652,7 +659,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
 @click.option("--device", "-d", default=None, help="Device for every backend, or backend=device pairs [default: cpu].")
 @click.option("--precision", default=None, help="Precision for every backend (f32 ...), or backend=precision pairs.")
-@click.option("--threads", type=int, default=None, help="CPU threads for the backends.")
+@threads_option("CPU threads for the backends.")
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--draft-min-prob", type=float, default=None,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from specrun.cli import threads_option
 from specrun.errors import SpecrunError
 
 
@@ -22,13 +23,20 @@ from specrun.errors import SpecrunError
 @click.option("--expected-failures", type=click.Path(path_type=Path), default=None, help="Extra expected-failure list (TOML).")
 @click.option("--tolerances", type=click.Path(path_type=Path), default=None, help="Extra tolerance overrides (TOML).")
 @click.option("--report", type=click.Path(path_type=Path), default=Path("reports/conformance"), show_default=True)
-def conformance_command(backend, device, precision, target, models, checks, expected_failures, tolerances, report):
+@threads_option("CPU threads for the backend under test.")
+def conformance_command(backend, device, precision, target, models, checks, expected_failures, tolerances, report, threads):
     """Check a backend for numerical parity and losslessness against the reference (torch_cuda, CPU, fp32)."""
     from specrun.plugins import load_registry
 
-    from .reports import markdown, write_reports
-    from .suite import run_suite
+    from .reports import check_report_dir, markdown, write_reports
+    from .suite import check_selection, load_expected_failures, load_tolerances, run_suite
 
+    # everything that can be wrong with the arguments, before the first (long) run
+    check_selection(checks)
+    check_report_dir(report)
+    load_expected_failures(expected_failures)
+    if tolerances is not None:
+        load_tolerances("", "f32", tolerances)
     registry = load_registry()
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     plan: list[tuple[str, str | None, str]] = []  # (backend, precision, device)
@@ -61,7 +69,8 @@ def conformance_command(backend, device, precision, target, models, checks, expe
             click.echo(f"conformance: {label} ...", err=True)
             run = run_suite(name, device=dev, precision=prec, models=model_list, target=target, registry=registry,
                             expected_failures=expected_failures, tolerances=tolerances, only=list(checks) or None,
-                            progress=lambda msg, label=label: click.echo(f"  {label}: {msg}", err=True))
+                            progress=lambda msg, label=label: click.echo(f"  {label}: {msg}", err=True),
+                            options={"threads": threads} if threads else None)
             runs.append(run)
             s = run.summary()
             click.echo(f"conformance: {label}: {'PASS' if run.ok else 'FAIL'} "

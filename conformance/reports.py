@@ -9,6 +9,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
+from specrun.errors import SpecrunError
+
 from .suite import CHECKS, Run
 
 SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "xfail": "xfail", "xpass": "**XPASS**",
@@ -16,12 +18,46 @@ SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "xfail":
 ORDER = ["error", "failed", "xpass", "xfail", "passed", "not_applicable"]
 
 
+REPORT_FILES = {"json": "conformance.json", "markdown": "conformance.md", "junit": "conformance.xml"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(path: Path, text: str) -> None:
+    """Atomically, readable like any file the user writes (mkstemp makes 0600 files; CI jobs that
+    collect the reports as another user could not read them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_report_dir(out: Path) -> None:
+    """Refuse, before a run starts, a --report that cannot take the reports: a file, a folder whose
+    report names are folders, or a place that cannot be written (found only after a long run, else)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecrunError(f"--report {out} is a file; give a folder for {', '.join(REPORT_FILES.values())}")
+    for name in REPORT_FILES.values():
+        if (out / name).exists() and not (out / name).is_file():
+            raise SpecrunError(f"{out / name} exists and is not a file; give another --report folder")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpecrunError(f"--report {out}: {parent} is a file, so the folder cannot be made; give another --report")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecrunError(f"cannot write the reports into {out}: {parent} is not writable; give another --report")
 
 
 def column(run: Run) -> str:
@@ -113,7 +149,7 @@ def junit(runs: Sequence[Run]) -> str:
 
 def write_reports(runs: Sequence[Run], out: Path) -> dict[str, Path]:
     out = Path(out)
-    paths = {"json": out / "conformance.json", "markdown": out / "conformance.md", "junit": out / "conformance.xml"}
+    paths = {k: out / name for k, name in REPORT_FILES.items()}
     _write(paths["json"], json.dumps({"ok": all(r.ok for r in runs), "runs": [r.as_dict() for r in runs]}, indent=2, default=str))
     _write(paths["markdown"], markdown(runs))
     _write(paths["junit"], junit(runs))

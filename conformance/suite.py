@@ -21,6 +21,7 @@ from specrun.errors import SpecrunError
 from specrun.interfaces import Backend, Draft, Drafter, Target
 from specrun.plugins import Registry, load_registry
 from specrun.sampling import Sampler, SamplingParams
+from specrun.tokenizer import render_chat
 
 from .models import ARCHS, tiny_model
 
@@ -42,22 +43,59 @@ class Tolerance:
     source: str  # "f32" or "override openvino/bf16: <reason>"
 
 
+TOLERANCE_KEYS = ("logits_atol", "self_atol", "hidden_rtol", "near_tie")
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    """A TOML file of the suite's data, or one line saying why it cannot be used."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecrunError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecrunError(f"cannot read {what} {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecrunError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load_tolerances(backend: str, precision: str, extra: Path | None = None) -> Tolerance:
-    data = tomllib.loads((HERE / "tolerances.toml").read_text())
+    data = _read_toml(HERE / "tolerances.toml", "tolerance file")
+    where = HERE / "tolerances.toml"
     if extra is not None:
-        more = tomllib.loads(Path(extra).read_text())
-        for k, v in more.get("overrides", {}).items():
+        more = _read_toml(extra, "tolerance file")
+        overrides = more.get("overrides", {})
+        if not isinstance(overrides, dict) or not all(
+                isinstance(v, dict) and all(isinstance(o, dict) for o in v.values()) for v in overrides.values()):
+            raise SpecrunError(f"tolerance file {extra}: overrides must be tables [overrides.BACKEND.PRECISION]")
+        for k, v in overrides.items():
             data.setdefault("overrides", {}).setdefault(k, {}).update(v)
+        where = f"{where} + {extra}"
+    for be_name, tables in data.get("overrides", {}).items():  # every override, not only this run's
+        for prec, override in tables.items():
+            if not override.get("reason"):
+                raise SpecrunError(f"tolerance override for {be_name}/{prec} has no reason; every override needs one")
+            unknown = sorted(set(override) - {*TOLERANCE_KEYS, "reason"})
+            if unknown:
+                raise SpecrunError(f"tolerance override for {be_name}/{prec} sets unknown key '{unknown[0]}'; "
+                                   f"known: {', '.join(TOLERANCE_KEYS)}, reason ({where})")
+            for k in TOLERANCE_KEYS:
+                if k in override:
+                    _tolerance_value(override[k], f"tolerance {k} for {be_name}/{prec}", where)
     base_precision = precision if precision in data else "f32"
     values = dict(data[base_precision])
     source = base_precision
     override = data.get("overrides", {}).get(backend, {}).get(precision)
     if override:
-        if not override.get("reason"):
-            raise SpecrunError(f"tolerance override for {backend}/{precision} has no reason; every override needs one")
         values.update({k: v for k, v in override.items() if k != "reason"})
         source = f"{base_precision}, override for {backend}: {override['reason']}"
-    return Tolerance(source=source, **{k: float(values[k]) for k in ("logits_atol", "self_atol", "hidden_rtol", "near_tie")})
+    out = {k: _tolerance_value(values.get(k), f"tolerance {k} for {backend}/{precision}", where) for k in TOLERANCE_KEYS}
+    return Tolerance(source=source, **out)
+
+
+def _tolerance_value(v, what: str, where) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0):
+        raise SpecrunError(f"{what} must be a number >= 0, got {v!r} ({where})")
+    return float(v)
 
 
 @attrs.frozen
@@ -82,13 +120,18 @@ class ExpectedFailure:
 def load_expected_failures(extra: Path | None = None) -> list[ExpectedFailure]:
     entries = []
     for path in [HERE / "expected_failures.toml", *([Path(extra)] if extra else [])]:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SpecrunError(f"cannot read expected-failure list {path}: {exc}") from None
-        for i, e in enumerate(data.get("xfail", [])):
+        data = _read_toml(path, "expected-failure list")
+        listed = data.get("xfail", [])
+        if not isinstance(listed, list):
+            raise SpecrunError(f"{path}: 'xfail' must be an array of tables ([[xfail]] entries)")
+        for i, e in enumerate(listed):
+            if not isinstance(e, dict):
+                raise SpecrunError(f"{path}: xfail entry {i + 1} is not a table; write it as [[xfail]]")
             if not e.get("reason"):
                 raise SpecrunError(f"{path}: xfail entry {i + 1} has no reason; every entry needs one")
+            wrong = next((k for k, v in e.items() if not isinstance(v, str)), None)
+            if wrong is not None:
+                raise SpecrunError(f"{path}: xfail entry {i + 1}: {wrong} must be a string, got {e[wrong]!r}")
             try:
                 entries.append(ExpectedFailure(**e))
             except TypeError as exc:
@@ -159,7 +202,7 @@ class Context:
         tok = load_tokenizer(self.model_dir)
         msgs = [{"role": "user", "content": "Rewrite with one word changed: the quick brown fox jumps over the lazy dog."}]
         if getattr(tok, "chat_template", None):
-            return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+            return tok.encode(render_chat(tok, msgs, add_generation_prompt=True), add_special_tokens=False)
         return tok.encode(msgs[0]["content"])
 
     def label(self) -> str:
@@ -180,7 +223,8 @@ class Context:
                 be, dev, prec = self.run.reference_backend, REFERENCE[1], REFERENCE[2]
             else:
                 be, dev, prec = self.run.backend, self.run.device, self.run.precision
-            self._targets[key] = be.load_target(str(model_dir), device=dev, precision=prec, aux_hidden_layers=layers)
+            self._targets[key] = be.load_target(str(model_dir), device=dev, precision=prec, aux_hidden_layers=layers,
+                                                **self.run.load_options(reference))
         return self._targets[key]
 
     def draft_model_dir(self) -> Path:
@@ -672,7 +716,7 @@ def c12_eagle3(ctx: Context) -> dict:
     """An EAGLE-3 head in the SpecForge format (random weights, exact tensor names) runs on the
     backend like on the reference, and chain (and tree) drafting with it are lossless."""
     from specrun.decode import TreeSpeculativeDecoder
-    from specrun.eagle3 import Eagle3Drafter
+    from specrun.drafters import Eagle3Drafter
 
     from .models import eagle3_head
 
@@ -680,7 +724,7 @@ def c12_eagle3(ctx: Context) -> dict:
     head_dir = eagle3_head(ctx.model, ctx.model_dir, aux)
     be = ctx.run.backend
     head = be.load_eagle3_head(str(head_dir), str(ctx.model_dir), device=ctx.run.device,
-                               precision="f32" if ctx.run.precision == "f32" else None)
+                               precision="f32" if ctx.run.precision == "f32" else None, **ctx.run.load_options())
     ref = ctx.run.reference_backend.load_eagle3_head(str(head_dir), str(ctx.model_dir), device="cpu", precision="f32")
     tol = load_tolerances(ctx.run.backend_name, head.precision) if head.precision != ctx.run.precision else ctx.tol
     width = head.config.num_aux * head.config.target_hidden_size
@@ -743,6 +787,32 @@ CHECKS: tuple[Check, ...] = (
 #: check disappearing silently from the tuple above)
 STABLE_IDS = tuple(f"C{i:02d}" for i in range(1, 13))
 
+#: the capabilities the suite knows (docs/writing-a-backend.md, section 4), besides the
+#: informational ``weights:<format>``; a name outside them is a typo (``hidden_state``), never n/a
+KNOWN_CAPABILITIES = frozenset({"hidden_states", "tree_attention", "eagle3"})
+
+
+def unknown_capabilities(names) -> list[str]:
+    return sorted(str(c) for c in names if c not in KNOWN_CAPABILITIES
+                  and not (isinstance(c, str) and c.startswith("weights:") and len(c) > len("weights:")))
+
+
+def _known_capabilities_text() -> str:
+    return ", ".join(sorted(KNOWN_CAPABILITIES)) + ", weights:<format>"
+
+
+def check_selection(only: Sequence[str] | None) -> list[str] | None:
+    """The ``--check`` ids/names, each one the suite has, else one line listing the known ones (a
+    typo must never select nothing and pass)."""
+    if not only:
+        return None
+    known = {c.id for c in CHECKS} | {c.name for c in CHECKS}
+    for name in only:
+        if name not in known:
+            listing = ", ".join(f"{c.id} {c.name}" for c in CHECKS)
+            raise SpecrunError(f"unknown conformance check '{name}'; give ids or names of: {listing}")
+    return list(only)
+
 
 def model_dirs(names: Sequence[str], target: str | None = None) -> dict[str, Path]:
     """Resolve model labels: tiny-<arch>, default, or a path given with --target."""
@@ -779,10 +849,17 @@ class Run:
     expected_count: int = 0
     problems: list[str] = attrs.field(factory=list)  # run-level failures (count guard, unused xfails)
     seconds: float = 0.0
+    options: dict | None = None  # load options of the backend under test (threads)
+
+    def load_options(self, reference: bool = False) -> dict:
+        """Keyword arguments for loads of the backend under test (none when no option was given)."""
+        return {"options": dict(self.options)} if self.options and not reference else {}
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(r.status in ("passed", "xfail", "not_applicable") for r in self.results)
+        """No run problem, no failure, and at least one check that ran (all n/a is not a pass)."""
+        return (not self.problems and any(r.status != "not_applicable" for r in self.results)
+                and all(r.status in ("passed", "xfail", "not_applicable") for r in self.results))
 
     def summary(self) -> dict[str, int]:
         return {s: sum(r.status == s for r in self.results) for s in STATUSES}
@@ -842,8 +919,15 @@ def run_suite(
     tolerances: Path | None = None,
     only: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    options: dict | None = None,
 ) -> Run:
-    """Run every check for one backend/device/precision and return the results."""
+    """Run every check for one backend/device/precision and return the results.  ``options``: the
+    load options of the backend under test (``{"threads": N}``)."""
+    only = check_selection(only)
+    for c in CHECKS:
+        if unknown_capabilities(c.needs):
+            raise SpecrunError(f"check {c.id} {c.name} needs unknown capability "
+                               f"'{unknown_capabilities(c.needs)[0]}'; known: {_known_capabilities_text()}")
     registry = registry or load_registry()
     backend = registry.get(backend_name)
     reference = registry.get(REFERENCE[0])
@@ -851,13 +935,20 @@ def run_suite(
     precision = backend.check_precision(device, precision)
     entry = registry.entries[backend_name]
     run = Run(backend_name, device, precision, backend, reference, load_tolerances(backend_name, precision, tolerances),
-              package=entry.package, package_version=entry.version)
+              package=entry.package, package_version=entry.version, options=options)
     xfails = [x for x in load_expected_failures(expected_failures) if fnmatch.fnmatch(backend_name, x.backend)]
     used: set[int] = set()
     dirs = model_dirs(models, target)
     items = [(c, m) for c, m in plan(models) if not only or c.id in only or c.name in only]
     run.expected_count = len(items)
-    caps = backend.capabilities()
+    caps = set(backend.capabilities())
+    for name in unknown_capabilities(caps):
+        import difflib
+
+        close = difflib.get_close_matches(name, sorted(KNOWN_CAPABILITIES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        run.problems.append(f"the backend declares capability '{name}', which specrun does not know{hint}; "
+                            f"known: {_known_capabilities_text()}: refusing to report success")
     t_run = time.perf_counter()
     for model, group in itertools.groupby(sorted(items, key=lambda cm: list(models).index(cm[1])), key=lambda cm: cm[1]):
         ctx = Context(run, model, dirs[model])
@@ -893,6 +984,9 @@ def run_suite(
         run.problems.append(f"the suite lacks checks {', '.join(missing)}: refusing to report success")
     if len(run.results) < run.expected_count:
         run.problems.append(f"collected {len(run.results)} checks, expected {run.expected_count}: refusing to report success")
+    if not any(r.status != "not_applicable" for r in run.results):
+        what = "no check was planned" if not run.results else "every check was not applicable"
+        run.problems.append(f"no check ran ({what}; models: {', '.join(models) or 'none'}): refusing to report success")
     return run
 
 

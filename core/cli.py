@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .eagle3 import DEFAULT_MIN_PROB
+from .drafters import DEFAULT_MIN_PROB
 from .errors import SpecrunError, disk_full
 
 
@@ -113,12 +113,26 @@ def main(ctx: click.Context, backend: str | None) -> None:
         ctx.default_map[name] = {**ctx.default_map.get(name, {}), "backend": backend}
 
 
+def at_least_one(ctx: click.Context, param: click.Parameter, value):
+    """click callback of options that count something (``--threads``): < 1 is one line, checked
+    while the command line is parsed, before anything is loaded or converted."""
+    if value is not None and value < 1:
+        raise SpecrunError(f"{param.opts[0]} must be >= 1, got {value}")
+    return value
+
+
+def threads_option(help: str = "CPU threads for the backend."):
+    """``--threads N`` (N >= 1) for every command that runs a backend (generate, bench, conformance,
+    train-draft)."""
+    return click.option("--threads", type=int, default=None, callback=at_least_one, help=help)
+
+
 def backend_options(f):
     f = click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Execution backend (see `specrun backends`).")(f)
     f = click.option("--device", "-d", default="cpu", show_default=True, help="Device of the backend (cpu, cuda, GPU, NPU ...).")(f)
     f = click.option("--precision", default=None, help="Compute precision (f32, bf16, f16, int8 ...); default: the backend's.")(f)
     f = click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")(f)
-    f = click.option("--threads", type=int, default=None, help="CPU threads for the backend.")(f)
+    f = threads_option()(f)
     return f
 
 
@@ -152,16 +166,19 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     """Generate text for PROMPT with speculative decoding."""
     from .eagle3 import parse_tree
     from .pipeline import Pipeline
-    from .sampling import SamplingParams
+    from .sampling import SamplingParams, check_stop_strings
+    from .tokenizer import check_text
 
     tree = parse_tree(tree)
     if tree is not None and drafter not in ("eagle3", "auto"):
         raise SpecrunError("--tree applies to --drafter eagle3")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    stop = check_stop_strings(stop)
     if num_draft_tokens < 1:
         raise SpecrunError(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
     if not prompt.strip():
         raise SpecrunError("the prompt is empty; give some text")
+    check_text(prompt, "the prompt")
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
         draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,

@@ -11,7 +11,13 @@ from .drafters import NoDrafter
 from .errors import SpecrunError
 from .interfaces import Draft, Drafter, DraftTree, Target
 from .sampling import Sampler, SamplingParams
-from .verify import GreedyVerifier, SpeculativeSamplingVerifier, Verifier
+from .verify import (
+    GreedyVerifier,
+    SpeculativeSamplingVerifier,
+    Verifier,
+    verify_tree_greedy,
+    verify_tree_sampling,
+)
 
 
 @attrs.define
@@ -193,55 +199,6 @@ class SpeculativeDecoder:
         tokens.extend(accepted)
         d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[: n + 1])
         return accepted, len(draft), len(draft)
-
-
-def verify_tree_greedy(logits, tree: DraftTree) -> tuple[list[int], list[int]]:
-    """Longest root-to-node path whose tokens are the target's argmax at each step, plus the bonus
-    token.  ``logits[i]`` belongs to node i (0 = the root).  Returns (tokens, path of node indices)."""
-    import numpy as np
-
-    children: dict[int, dict[int, int]] = {}
-    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents, strict=True), start=1):
-        children.setdefault(p, {})[tok] = i
-    cur, out, path = 0, [], [0]
-    while True:
-        best = int(np.argmax(logits[cur]))
-        out.append(best)
-        nxt = children.get(cur, {}).get(best)
-        if nxt is None:
-            return out, path
-        path.append(nxt)
-        cur = nxt
-
-
-def verify_tree_sampling(logits, tree: DraftTree, sampler: Sampler) -> tuple[list[int], list[int]]:
-    """Lossless tree verification for sampling.  At each node the children are deterministic
-    candidates (the drafter's top-k): candidate c is accepted with probability p(c) under the
-    target's processed distribution p, else p(c) is set to 0 and p renormalised before the next
-    candidate; when none is accepted a token is drawn from what remains.  This is sampling from p,
-    one candidate at a time, so the output is distributed exactly as the target's sampling."""
-    import numpy as np
-
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(tree.parents, start=1):
-        children.setdefault(p, []).append(i)
-    cur, out, path = 0, [], [0]
-    while True:
-        p = np.array(sampler.probs(logits[cur]), dtype=np.float64)
-        nxt = None
-        for c in children.get(cur, []):
-            tok = tree.tokens[c - 1]
-            total = p.sum()
-            if p[tok] > 0 and sampler.uniform() * total < p[tok]:
-                nxt = c
-                break
-            p[tok] = 0.0
-        if nxt is None:
-            out.append(sampler.sample(p / p.sum()))
-            return out, path
-        out.append(tree.tokens[nxt - 1])
-        path.append(nxt)
-        cur = nxt
 
 
 class TreeSpeculativeDecoder(SpeculativeDecoder):

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
+
+if TYPE_CHECKING:
+    from .sampling import Sampler
 
 
 @attrs.frozen
@@ -135,9 +139,10 @@ class Drafter(abc.ABC):
         """A new request begins with ``prompt``."""
 
     @abc.abstractmethod
-    def propose(self, tokens: Sequence[int], k: int, rng: np.random.Generator | None) -> Draft:
+    def propose(self, tokens: Sequence[int], k: int, sampler: Sampler | None) -> Draft:
         """Propose up to ``k`` tokens continuing ``tokens`` (the whole sequence so far).
-        ``rng`` is given when sampling; the drafter then returns the distributions it drew from."""
+        ``sampler`` is given when sampling; the drafter then draws with it and returns the
+        distributions it drew from (``Draft.probs``)."""
 
     def propose_tree(self, tokens: Sequence[int], depth: int, max_nodes: int) -> DraftTree | None:
         """Optional (greedy tree decoding): a token tree of at most ``depth`` levels and ``max_nodes``
@@ -152,6 +157,12 @@ class Drafter(abc.ABC):
         ``hidden_states`` (when the drafter asked for ``aux_hidden_layers``) are the target's, for
         the positions that just became final: row i belongs to position ``len(tokens) - 1 - len(rows) + i``
         and is paired with the token after it."""
+
+
+class Verifier(abc.ABC):
+    @abc.abstractmethod
+    def verify(self, logits: np.ndarray, draft: Draft) -> list[int]:
+        """Return the accepted prefix of ``draft.tokens`` followed by one token drawn from the target."""
 
 
 @attrs.frozen
@@ -190,7 +201,6 @@ class Backend(abc.ABC):
         """Optional features: ``hidden_states``, ``tree_attention``, ``weights:int8`` ..."""
         return set()
 
-    @abc.abstractmethod
     def load_target(
         self,
         model_dir: str,
@@ -200,7 +210,24 @@ class Backend(abc.ABC):
         aux_hidden_layers: Sequence[int] = (),
         options: dict | None = None,
     ) -> Target:
-        """Build a target for the transformers-format model folder ``model_dir``."""
+        """Build a target for the transformers-format model folder ``model_dir``.  The checks every
+        backend needs run here, once — the device is present, the precision supported (None: the
+        backend's default), the aux hidden layers exist (distinct, ascending), ``options`` well
+        formed — then ``build_target`` gets the checked values."""
+        device = self.check_device(device)
+        precision = self.check_precision(device, precision)
+        aux = check_aux_layers(model_dir, aux_hidden_layers)
+        return self.build_target(str(model_dir), device=device, precision=precision, aux_hidden_layers=aux,
+                                 options=check_options(options))
+
+    def build_target(self, model_dir: str, *, device: str, precision: str, aux_hidden_layers: tuple[int, ...],
+                     options: dict) -> Target:
+        """The backend's own loader, called by ``load_target`` with checked arguments: ``device``
+        present, ``precision`` one of ``precisions(device)``, ``aux_hidden_layers`` valid layers of
+        the model, ``options`` with ``threads`` (int >= 1) when given."""
+        from .errors import SpecrunError
+
+        raise SpecrunError(f"backend '{self.name}' implements neither build_target nor load_target; it cannot load models")
 
     def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None,
                          options: dict | None = None):
@@ -239,3 +266,40 @@ class Backend(abc.ABC):
                 f"backend '{self.name}' cannot run precision '{precision}' on {device}; supported: {', '.join(supported)}"
             )
         return precision
+
+
+OPTION_KEYS = ("threads",)  # the options a backend may receive (docs/writing-a-backend.md)
+
+
+def check_options(options: dict | None) -> dict:
+    """``options`` for a backend: only known keys; ``threads`` an integer >= 1."""
+    from .errors import SpecrunError
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise SpecrunError(f"unknown backend option(s) {', '.join(unknown)}; known: {', '.join(OPTION_KEYS)}")
+    threads = options.get("threads")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SpecrunError(f"threads must be an integer >= 1, got {threads!r}")
+    else:
+        options.pop("threads", None)
+    return options
+
+
+def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
+    """Validated aux hidden layers (distinct, ascending, in range) of the model in ``model_dir``."""
+    from .errors import SpecrunError
+    from .models import ModelConfig
+
+    aux = tuple(int(a) for a in aux_hidden_layers)
+    if not aux:
+        return aux
+    n = ModelConfig.load(model_dir).num_layers
+    bad = [a for a in aux if not 0 <= a < n]
+    if bad:
+        raise SpecrunError(f"aux hidden layer {bad[0]} out of range: the model has {n} layers (0..{n - 1})")
+    if len(set(aux)) != len(aux) or list(aux) != sorted(aux):
+        raise SpecrunError(f"aux hidden layers must be distinct and ascending, got {list(aux)}")
+    return aux

@@ -4,6 +4,7 @@ stop strings.  The CLI and the benchmarks use this; library users can too."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import attrs
 
@@ -13,8 +14,13 @@ from .errors import SpecrunError
 from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
 from .plugins import Registry, load_registry
-from .sampling import SamplingParams
-from .tokenizer import load_tokenizer  # noqa: F401 - re-exported (bench, conformance)
+from .sampling import SamplingParams, check_stop_strings
+from .tokenizer import (  # load_tokenizer: re-exported (bench, conformance)
+    check_text,
+    load_tokenizer,
+    render_chat,
+    vocabulary_difference,
+)
 
 DRAFTERS = ("none", "ngram", "model", "eagle3", "eagle3+ngram")
 AUTO = "auto"  # eagle3+ngram with the head shipped for the target if there is one, else ngram
@@ -54,6 +60,24 @@ class Result:
         }
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_same_tokenizer(model_dir, draft_dir):
+    """The target's tokenizer, after checking that the draft model's is the same (the same token
+    texts at the same ids): a draft with another tokenizer of the same size would propose ids that
+    mean other text, and be accepted silently at a lower rate.  Returns the target's tokenizer."""
+    if not any((Path(draft_dir) / f).exists() for f in _TOKENIZER_FILES):
+        raise SpecrunError(f"the draft model {draft_dir} has no tokenizer to compare with the target's; if it "
+                           f"shares the target's tokenizer, copy the target's tokenizer files into it")
+    tok = load_tokenizer(model_dir)
+    differs = vocabulary_difference(tok, load_tokenizer(draft_dir))
+    if differs:
+        raise SpecrunError(f"the draft model {draft_dir} has another tokenizer than the target {model_dir} "
+                           f"({differs}); use a draft model that shares the target's tokenizer")
+    return tok
+
+
 class Pipeline:
     def __init__(self, target: Target, tokenizer, drafter: Drafter, num_draft_tokens: int, config: ModelConfig):
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
@@ -87,11 +111,11 @@ class Pipeline:
         """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
         drafter, a target backend with ``tree_attention``), greedy or sampling.
         ``draft_min_prob``: an eagle3 chain stops at the first step whose top draft probability is
-        below it (default ``eagle3.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
+        below it (default ``drafters.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
         if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
-            from .eagle3 import bundled_head
+            from .drafters import bundled_head
 
             head = bundled_head(target)
             if drafter == AUTO:  # lookup beat the shipped head alone on MT-bench (README)
@@ -115,6 +139,7 @@ class Pipeline:
         model_dir = resolve_model(target)
         config = ModelConfig.load(model_dir)
         aux: tuple[int, ...] = ()
+        tokenizer = None
         if drafter == "eagle3":
             from .eagle3 import Eagle3Config, check_target_compat
 
@@ -139,24 +164,25 @@ class Pipeline:
                     f"the draft model's vocabulary ({dconf.vocab_size} tokens) differs from the target's "
                     f"({config.vocab_size}); use a draft model that shares the target's tokenizer"
                 )
+            tokenizer = _check_same_tokenizer(model_dir, draft_dir)
             dt = dbe.load_target(str(draft_dir), device=draft_device or device, precision=draft_precision, options=options)
             d = ModelDrafter(dt, config.vocab_size)
         else:
-            from .eagle3 import Eagle3Drafter
+            from .drafters import Eagle3Drafter
 
             hbe = registry.get(draft_backend or backend)
             head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision,
                                         options=options)
-            from .eagle3 import DEFAULT_MIN_PROB
+            from .drafters import DEFAULT_MIN_PROB
 
             d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
                               min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
             if lookup_first:
                 d = LookupFirstDrafter(d)
-        pipe = cls(tgt, load_tokenizer(model_dir), d, num_draft_tokens, config)
+        pipe = cls(tgt, tokenizer or load_tokenizer(model_dir), d, num_draft_tokens, config)
         if tree is not None:
             from .decode import TreeSpeculativeDecoder
-            from .eagle3 import Eagle3Drafter
+            from .drafters import Eagle3Drafter
 
             depth, topk, nodes = tree
             if not isinstance(d, Eagle3Drafter):
@@ -172,9 +198,10 @@ class Pipeline:
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
         if not prompt.strip():
             raise SpecrunError("the prompt is empty; give some text")
+        check_text(prompt, "the prompt")
         tok = self.tokenizer
         if not raw and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
             return tok.encode(text, add_special_tokens=False)
         return tok.encode(prompt)
 
@@ -188,11 +215,12 @@ class Pipeline:
         raw: bool = False,
     ) -> Iterator[str]:
         """Yield text as tokens are accepted; the full result is in ``self.last`` afterwards."""
+        stop = check_stop_strings(stop)
         ids = self.encode(prompt, raw) if isinstance(prompt, str) else list(prompt)
         self.decoder.check_length(len(ids), max_new_tokens)
         out: list[int] = []
         emitted = 0
-        hold = max((len(s) for s in stop), default=1) - 1
+        hold = max((len(s) for s in stop), default=1) - 1  # text held back: a stop string may be starting
         text = ""
         gen = self.decoder.generate(ids, max_new_tokens, sampling, self.eos_token_ids)
         try:

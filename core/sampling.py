@@ -4,30 +4,76 @@ reproduces exactly the distribution the user asked for."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import attrs
 import numpy as np
 
 from .errors import SpecrunError
 
+#: the smallest temperature that samples: below it, logits / temperature overflow (``-t 1e-320``
+#: gives inf - inf = NaN probabilities) and the distribution is greedy in all but name anyway
+MIN_TEMPERATURE = 1e-3
+
 
 @attrs.frozen
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    """Sampling values, checked here once for every caller (CLI, bench, library): a bad value is a
+    SpecrunError naming it, never NaN probabilities or a traceback from the random generator."""
+
+    temperature: float = 0.0  # 0 = greedy, else >= MIN_TEMPERATURE
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if not (self.temperature >= 0):
+        t = _number(self.temperature, "temperature")
+        if not math.isfinite(t):
+            raise SpecrunError(f"temperature must be a finite number (0 = greedy), got {self.temperature}")
+        if t < 0:
             raise SpecrunError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise SpecrunError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not (0 < self.top_p <= 1):
+        if 0 < t < MIN_TEMPERATURE:
+            raise SpecrunError(f"temperature {self.temperature} is too small to sample with: use 0 for greedy decoding "
+                               f"or at least {MIN_TEMPERATURE}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SpecrunError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k}")
+        top_p = _number(self.top_p, "top-p")
+        if not (0 < top_p <= 1):
             raise SpecrunError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise SpecrunError(f"the seed must be an integer >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise SpecrunError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SpecrunError(f"{name} must be a number, got {value!r}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+    """The stop strings, checked: each a non-empty string (an empty one would match everywhere, and
+    used to make streaming drop characters)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    out = tuple(stop)
+    for s in out:
+        if not isinstance(s, str):
+            raise SpecrunError(f"stop strings must be text, got {s!r}")
+        if not s:
+            raise SpecrunError("a stop string is empty; give non-empty text to --stop (or leave it out)")
+    return out
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ import numpy as np
 
 from specrun.errors import SpecrunError
 from specrun.interfaces import ModelInfo, StepOutput, Target
-from specrun.models import ModelConfig
 
 from . import export as ex
 
@@ -127,15 +126,3 @@ class KVBufferTarget(Target):
 
     def close(self) -> None:
         self._kv = None
-
-
-def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
-    """Validated aux hidden layers (distinct, ascending, in range) of the model in ``model_dir``."""
-    aux = tuple(int(a) for a in aux_hidden_layers)
-    n = ModelConfig.load(model_dir).num_layers
-    bad = [a for a in aux if not 0 <= a < n]
-    if bad:
-        raise SpecrunError(f"aux hidden layer {bad[0]} out of range: the model has {n} layers (0..{n - 1})")
-    if len(set(aux)) != len(aux) or list(aux) != sorted(aux):
-        raise SpecrunError(f"aux hidden layers must be distinct and ascending, got {list(aux)}")
-    return aux

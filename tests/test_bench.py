@@ -193,7 +193,8 @@ def test_refuses_to_overwrite_without_force(bench_run, tiny_models):
     _, out, _ = bench_run
     before = (out / "results.json").read_text()
     r = invoke("bench", "--target", tiny_models["llama"], "--dataset", "mt-bench", "--out", out)
-    assert_one_line_error(r, "results.json exists; use --force or another --out")
+    assert_one_line_error(r, "results.json exists (and report.md, acceptance_by_position.png, tokens_per_second.png); "
+                             "use --force to overwrite, or another --out")
     assert (out / "results.json").read_text() == before
 
 
@@ -353,10 +354,22 @@ def test_eagle3_is_a_clear_error(tmp_path, tiny_models):
         (["--precision", "openvino=f32"], "--precision names backend 'openvino'"),
         (["--tree", "3,2"], "--tree takes DEPTH,TOPK,NODES"),
         (["--tree", "3,2,8"], "--tree applies to the eagle3 drafter"),
+        (["--threads", -2], "--threads must be >= 1, got -2"),
     ],
 )
 def test_bad_options(tmp_path, args, fragment):
     assert_one_line_error(invoke("bench", *args, "--out", tmp_path / "o"), fragment)
+
+
+@pytest.mark.parametrize("name", ["tokens_per_second.png", "acceptance_by_position.png", "report.md"])
+def test_every_output_file_is_refused_without_force(tmp_path, name):
+    """Any file bench writes, not only results.json: a user's own tokens_per_second.png was
+    overwritten without --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the user's")
+    assert_one_line_error(invoke("bench", "--dataset", "mt-bench", "--out", out), f"{out / name} exists; use --force")
+    assert (out / name).read_bytes() == b"the user's"
 
 
 def test_readme_needs_a_results_file(tmp_path):

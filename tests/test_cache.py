@@ -19,6 +19,8 @@ def entry(root: Path, kind: str, name: str, size: int, age_days: float) -> Path:
     folder = root / kind / name
     folder.mkdir(parents=True)
     (folder / "weights.bin").write_bytes(b"x" * size)
+    if not name.startswith("."):  # a finished build carries specrun's marker
+        (folder / "specrun-complete.json").write_text("{}")
     t = time.time() - age_days * DAY
     os.utime(folder, (t, t))
     return folder
@@ -166,3 +168,62 @@ def test_store_verifies_the_whole_content_before_use(tmp_path, monkeypatch):
     store.build_once(folder, "w.bin", build, force=True)
     assert len(builds) == 3
     assert not store.is_complete(folder, "w.bin", version="2")  # another format version is not used
+
+
+def test_clear_removes_only_what_specrun_made_and_marked(tmp_path, monkeypatch):
+    """$SPECRUN_CACHE_DIR pointed at a folder of the user's own files: `cache clear -y` removes
+    none of them (only marked entries, digest memos and specrun's own temporary builds go), and says
+    what it left alone."""
+    root = tmp_path / "documents"
+    monkeypatch.setenv("SPECRUN_CACHE_DIR", str(root))
+    mine = {
+        "thesis": root / "thesis.pdf", "photo": root / "photos" / "cat.jpg", "deep": root / "onnx" / "notes" / "todo.txt",
+        "hidden": root / "onnx" / ".config" / "x", "memo_like": root / "digests" / "shopping.txt",
+        "not_a_digest": root / "digests" / ("b" * 32), "unmarked": root / "models" / "my-model" / "model.safetensors",
+        "link_target": tmp_path / "elsewhere" / "keep.txt",
+    }
+    for p in mine.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("the user's")
+    (root / "onnx" / "linked").symlink_to(mine["link_target"].parent, target_is_directory=True)
+    old = time.time() - 2 * DAY
+    os.utime(root / "onnx" / ".config", (old, old))
+    made = entry(root, "onnx", "m-f32-aaaa", 100, 3)
+    dead = entry(root, "onnx", ".m-f32-bbbb.tmp-k3j2", 100, 2)
+    memo = root / "digests" / ("a" * 32)
+    memo.write_text("0" * 64)
+    r = invoke("cache", "clear", "--yes")
+    assert r.exit_code == 0, r.output
+    assert "removed 3 entries" in r.output and not made.exists() and not dead.exists() and not memo.exists()
+    assert all(p.exists() and p.read_text() == "the user's" for p in mine.values())
+    assert "left alone: 8 items specrun did not make" in r.stderr
+    assert "left alone" in invoke("cache").stderr
+
+
+def test_clear_on_a_read_only_cache_says_what_it_could_not_remove(cache, monkeypatch):
+    """Nothing removed is never reported as removed (it used to say "removed 1 entries (516.5 MB)")."""
+    import specrun.cache
+
+    root, made = cache
+
+    def refuse(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(specrun.cache.os, "rename", refuse)
+    r = invoke("cache", "clear", "--kind", "models", "--yes")
+    assert_one_line_error(r, "could not remove 1 of 1 entries")
+    assert "models/smollm2-1234: Permission denied" in r.stderr and "removed 0 entries (0 B)" in r.stdout
+    assert made["model"].exists() and (made["model"] / "weights.bin").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_clear_on_a_read_only_folder(cache):
+    root, made = cache
+    kind = root / "openvino"
+    kind.chmod(0o555)
+    try:
+        r = invoke("cache", "clear", "--kind", "openvino", "--yes")
+        assert_one_line_error(r, "could not remove 1 of 1 entries")
+        assert made["old_ov"].exists()
+    finally:
+        kind.chmod(0o755)

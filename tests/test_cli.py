@@ -74,6 +74,13 @@ def test_stop_string_cuts_text(tiny_models):
         (["-n", "600"], "exceeds the model's context limit of 512"),
         (["--drafter", "model"], "needs --draft PATH"),
         (["--precision", "int3"], "cannot run precision 'int3'"),
+        (["-t", "1e-320"], "too small to sample with"),
+        (["-t", "inf"], "temperature must be a finite number"),
+        (["-t", "nan"], "temperature must be a finite number"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--stop", "x", "--stop", ""], "a stop string is empty"),
+        (["--threads", "-1"], "--threads must be >= 1, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line(args, fragment, tiny_models):
@@ -83,6 +90,67 @@ def test_bad_input_is_one_line(args, fragment, tiny_models):
 
 def test_empty_prompt(tiny_models):
     assert_one_line_error(invoke("generate", "   ", "--target", str(tiny_models["llama"])), "prompt is empty")
+
+
+def test_empty_stop_string_is_refused_by_the_pipeline(tiny_models):
+    """The library boundary too: an empty stop string used to make streaming drop characters."""
+    from specrun.errors import SpecrunError
+    from specrun.pipeline import Pipeline
+
+    pipe = Pipeline.load(str(tiny_models["llama"]), drafter="none")
+    with pytest.raises(SpecrunError, match="a stop string is empty"):
+        pipe.generate("Hi", max_new_tokens=4, stop=("",))
+
+
+def test_prompt_that_is_not_utf8_is_one_line(tiny_models):
+    """Bytes that are not UTF-8 reach Python as surrogate escapes (argv, files read with
+    surrogateescape) and used to crash the tokenizer."""
+    from specrun.errors import SpecrunError
+    from specrun.pipeline import Pipeline
+
+    r = invoke("generate", "caf\udce9", "--target", str(tiny_models["llama"]), "-n", "2")
+    assert_one_line_error(r, "the prompt is not valid UTF-8 text (byte 0xe9 at character 3)")
+    pipe = Pipeline.load(str(tiny_models["llama"]), drafter="none")
+    with pytest.raises(SpecrunError, match="not valid UTF-8"):
+        pipe.encode("x\udcff")
+
+
+@pytest.mark.parametrize("template,kind", [
+    ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),  # does not parse
+    ("{{ raise_exception('only system prompts') }}", "TemplateError"),  # the template's own refusal
+    ("{{ messages.__class__.__mro__ }}", "SecurityError"),  # trips the sandbox
+    ("{{ messages[0].content + 1 }}", "TypeError"),  # raises while rendering
+])
+def test_chat_template_that_fails_is_one_line_naming_the_model(tmp_path, tiny_models, template, kind):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    (model / "chat_template.jinja").write_text(template)
+    r = invoke("generate", "Hi", "--target", str(model), "-n", "2", "--drafter", "none")
+    assert_one_line_error(r, f"the chat template of {model} cannot be rendered")
+    assert kind in r.stderr and "--raw" in r.stderr
+    assert invoke("generate", "Hi", "--target", str(model), "-n", "2", "--drafter", "none", "--raw").exit_code == 0
+
+
+def test_draft_with_the_same_vocabulary_size_but_another_tokenizer(tmp_path, tiny_models, tiny_draft):
+    """Same size is not the same tokenizer: two token ids swapped is refused, naming the difference."""
+    import shutil
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_draft, other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = next(t for t, i in vocab.items() if i == 1000), next(t for t, i in vocab.items() if i == 1001)
+    vocab[a], vocab[b] = 1001, 1000
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    r = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "--drafter", "model", "--draft", str(other), "-n", "2")
+    assert_one_line_error(r, f"the draft model {other} has another tokenizer than the target")
+    assert "token id 1000" in r.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).unlink()
+    r = invoke("generate", "Hi", "--target", str(tiny_models["llama"]), "--drafter", "model", "--draft", str(other), "-n", "2")
+    assert_one_line_error(r, "has no tokenizer to compare with the target's")
 
 
 def test_missing_model_path(tmp_path):

@@ -176,3 +176,93 @@ def test_cli_unknown_backend_is_one_line():
 
     r = CliRunner().invoke(main, ["conformance", "--backend", "nope", "--report", "/tmp/x"])
     assert r.exit_code == 2 and "unknown backend 'nope'" in r.stderr and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------- bad input never passes
+
+
+def invoke_cli(*args):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    return CliRunner().invoke(main, ["conformance", *map(str, args)])
+
+
+def assert_one_line(r, fragment):
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "Traceback" not in r.output
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("specrun: error:") and fragment in err, err
+
+
+def test_unknown_check_is_an_error_listing_the_known_ones(registry, tmp_path):
+    r = invoke_cli("--backend", "torch_cuda", "--check", "C99", "--report", tmp_path / "rep")
+    assert_one_line(r, "unknown conformance check 'C99'")
+    assert "C01 prefill-parity" in r.stderr and "C12 eagle3-head" in r.stderr
+    assert not (tmp_path / "rep").exists()
+    with pytest.raises(suite.SpecrunError, match="unknown conformance check 'rolback'"):
+        suite.run_suite("torch_cuda", models=MODELS, registry=registry, only=["C04", "rolback"])
+
+
+def test_a_run_in_which_no_check_ran_never_passes(registry):
+    run = suite.run_suite("torch_cuda", models=[], registry=registry)
+    assert not run.ok and any("no check ran" in p for p in run.problems)
+    run = suite.run_suite("no_hidden", models=MODELS, registry=registry, only=["C05"])  # all n/a
+    assert not run.ok and any("every check was not applicable" in p for p in run.problems)
+
+
+def test_unknown_capability_names_are_errors_not_na(registry, monkeypatch):
+    typo = broken_backend("typo", TorchTarget, caps={"hidden_state", "weights:f32"})
+    reg = load_registry(["torch_cuda"])
+    register_backend_for_tests(reg, typo)
+    run = suite.run_suite("typo", models=MODELS, registry=reg, only=["C05", "C01"])
+    assert not run.ok
+    assert any("capability 'hidden_state'" in p and "did you mean 'hidden_states'" in p for p in run.problems)
+    bad = attrs.evolve(suite.CHECKS[4], needs=frozenset({"hidden_state"}))
+    monkeypatch.setattr(suite, "CHECKS", (*suite.CHECKS[:4], bad, *suite.CHECKS[5:]))
+    with pytest.raises(suite.SpecrunError, match="C05 hidden-states-parity needs unknown capability 'hidden_state'"):
+        suite.run_suite("torch_cuda", models=MODELS, registry=registry)
+
+
+def test_report_pointing_at_a_file_is_refused_before_the_run(tmp_path):
+    f = tmp_path / "report.txt"
+    f.write_text("mine")
+    r = invoke_cli("--backend", "torch_cuda", "--models", "tiny-llama", "--report", f)
+    assert_one_line(r, f"--report {f} is a file")
+    assert f.read_text() == "mine"
+    r = invoke_cli("--backend", "torch_cuda", "--models", "tiny-llama", "--report", f / "sub")
+    assert_one_line(r, "is a file, so the folder cannot be made")
+
+
+@pytest.mark.parametrize("option,text,fragment", [
+    ("--tolerances", "[overrides.x\nself_atol = 1", "is not valid TOML"),
+    ("--tolerances", "overrides = 3\n", "overrides must be tables"),
+    ("--tolerances", '[overrides.torch_cuda.f32]\nself_atol = "big"\nreason = "r"\n', "must be a number >= 0"),
+    ("--expected-failures", "[[xfail]\n", "is not valid TOML"),
+    ("--expected-failures", 'xfail = "C04"\n', "'xfail' must be an array of tables"),
+    ("--expected-failures", '[[xfail]]\nbackend = 3\ncheck = "C01"\nreason = "r"\n', "backend must be a string"),
+])
+def test_bad_data_files_are_one_line(tmp_path, option, text, fragment):
+    f = tmp_path / "data.toml"
+    f.write_bytes(text.encode())
+    r = invoke_cli("--backend", "torch_cuda", "--models", "tiny-llama", option, f, "--report", tmp_path / "rep")
+    assert_one_line(r, fragment)
+    assert_one_line(invoke_cli("--backend", "torch_cuda", option, tmp_path / "none.toml"), "does not exist")
+
+
+def test_threads_below_one_is_one_line(tmp_path):
+    assert_one_line(invoke_cli("--backend", "torch_cuda", "--threads", "-4", "--report", tmp_path), "--threads must be >= 1")
+
+
+def test_reports_are_readable_by_others(registry, tmp_path):
+    import os
+    import stat
+
+    run = suite.run_suite("torch_cuda", models=[], registry=registry)
+    old = os.umask(0o022)
+    try:
+        paths = write_reports([run], tmp_path / "rep")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths.values()} == {0o644}

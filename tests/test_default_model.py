@@ -81,7 +81,8 @@ def test_shipped_head_is_the_default_drafter_and_lossless():
     """The EAGLE-3 head in the package (core/heads/<default model>) loads in the SpecForge format,
     is what `--drafter auto` (generate's default: eagle3+ngram) drafts with, and greedy output
     stays exact with it alone and behind prompt lookup."""
-    from specrun.eagle3 import ARCHITECTURE, Eagle3Config, bundled_head
+    from specrun.drafters import bundled_head
+    from specrun.eagle3 import ARCHITECTURE, Eagle3Config
 
     head = bundled_head(None)
     assert head is not None, "no head ships for the default model"

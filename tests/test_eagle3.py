@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from specrun.decode import SpeculativeDecoder
-from specrun.eagle3 import DraftHead, Eagle3Checkpoint, Eagle3Drafter, HeadOutput, vocab_map
+from specrun.drafters import Eagle3Drafter
+from specrun.eagle3 import DraftHead, Eagle3Checkpoint, HeadOutput, vocab_map
 from specrun.errors import SpecrunError
 from specrun.interfaces import StepOutput
 

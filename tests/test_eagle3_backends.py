@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from specrun.decode import SpeculativeDecoder, TreeSpeculativeDecoder
-from specrun.eagle3 import Eagle3Drafter
+from specrun.drafters import Eagle3Drafter
 from specrun.plugins import load_registry
 from specrun_conformance.suite import SteeredHead
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specrun.decode import SpeculativeDecoder, TreeSpeculativeDecoder, verify_tree_greedy
-from specrun.eagle3 import Eagle3Drafter
+from specrun.decode import SpeculativeDecoder, TreeSpeculativeDecoder
+from specrun.drafters import Eagle3Drafter
 from specrun.interfaces import Draft, Drafter, DraftTree
+from specrun.verify import verify_tree_greedy
 
 from .test_eagle3 import make_head
 from .test_lossless import PROMPTS, plain_greedy

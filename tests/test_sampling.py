@@ -159,8 +159,30 @@ def test_processing_top_k_top_p():
 @pytest.mark.parametrize(
     "kwargs,msg",
     [({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, r"top-p must be in \(0, 1\]"),
-     ({"top_p": 1.5}, "top-p"), ({"top_k": -2}, "top-k must be >= 0")],
+     ({"top_p": 1.5}, "top-p"), ({"top_k": -2}, "top-k must be an integer >= 0"),
+     ({"temperature": float("inf")}, "temperature must be a finite number"),
+     ({"temperature": float("nan")}, "temperature must be a finite number"),
+     ({"temperature": 1e-320}, "too small to sample with: use 0 for greedy decoding or at least 0.001"),
+     ({"top_p": float("nan")}, "top-p must be in"), ({"top_k": 1.5}, "top-k must be an integer"),
+     ({"seed": -1}, "seed must be an integer >= 0"), ({"temperature": "hot"}, "temperature must be a number")],
 )
 def test_bad_sampling_parameters(kwargs, msg):
     with pytest.raises(SpecrunError, match=msg):
         SamplingParams(**kwargs)
+
+
+def test_smallest_temperature_gives_finite_probabilities():
+    """At MIN_TEMPERATURE the processed distribution is still a distribution (below it, logits /
+    temperature overflowed to inf - inf = NaN)."""
+    from specrun.sampling import MIN_TEMPERATURE
+
+    p = Sampler(SamplingParams(temperature=MIN_TEMPERATURE, seed=0)).probs(np.array([30.0, 29.9, -40.0]))
+    assert np.isfinite(p).all() and p.sum() == pytest.approx(1.0) and p[0] > 0.99
+
+
+def test_empty_stop_strings_are_refused():
+    from specrun.sampling import check_stop_strings
+
+    assert check_stop_strings(["ab", "c"]) == ("ab", "c")
+    with pytest.raises(SpecrunError, match="a stop string is empty"):
+        check_stop_strings(["ab", ""])

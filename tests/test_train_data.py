@@ -25,7 +25,7 @@ from specrun_train.data import (
 
 def greedy_alone(model, ids: list[int], n: int) -> list[int]:
     """Reference: batch 1, the model's own cache, one token at a time."""
-    k, v = model.new_cache(len(ids) + n + 1, "cpu", torch.float32)
+    k, v = model.new_cache(len(ids) + n + 1, "cpu", model.lm_head.weight.dtype)
     out = []
     with torch.inference_mode():
         logits, _ = model(torch.tensor([ids]), 0, k, v, last_only=True)
@@ -79,9 +79,10 @@ def test_slot_engine_decodes_what_batch_one_decodes(tiny_models, torch_backend, 
         assert nxt[s] == pred[-1]
 
 
-def test_slot_engine_bf16_cache_stays_close(tiny_models, torch_backend):
-    a = torch_backend.slot_engine(str(tiny_models["llama"]), slots=2, capacity=64, kv_dtype="bf16")
-    ref = greedy_alone(a.model, [5, 6, 7, 8], 6)
+@pytest.mark.parametrize("weights", ["f32", "bf16"])
+def test_slot_engine_bf16_cache_stays_close(tiny_models, torch_backend, weights):
+    a = torch_backend.slot_engine(str(tiny_models["llama"]), slots=2, capacity=64, kv_dtype="bf16", weights=weights)
+    ref = greedy_alone(a.model, [5, 6, 7, 8], 6)  # the same weights, one sequence, its own cache
     t = a.prefill(0, [5, 6, 7, 8])
     got = [t]
     for _ in range(5):

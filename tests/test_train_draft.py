@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from specrun.eagle3 import Eagle3Checkpoint, Eagle3Drafter, read_safetensors
+from specrun.drafters import Eagle3Drafter
+from specrun.eagle3 import Eagle3Checkpoint, read_safetensors
 from specrun_train.trainer import (
     TrainOptions,
     batch_indices,
@@ -122,7 +123,8 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     out = tmp_path / "head"
     args = ["train-draft", "--target", target, "--out", str(out), "--data", str(prompts), "--num-prompts", "5",
             "--max-new-tokens", "10", "--gen-batch-size", "5", "--batch-size", "2", "--draft-vocab-size", "200",
-            "--ttt-steps", "2", "--lr", "5e-3", "--save-every", "4", "--quiet"]
+            "--ttt-steps", "2", "--lr", "5e-3", "--save-every", "4", "--quiet",
+            "--data-weights", "f32"]  # the answers the f32 target below replays (tiny random models: near-ties)
     r = CliRunner().invoke(main, [*args, "--steps", "16"])
     assert r.exit_code == 0, (r.output, r.exception)
     summary = json.loads(r.stdout)
@@ -256,3 +258,131 @@ def test_preconditioned_training_exports_the_same_function(tmp_path, tiny_models
     assert np.allclose(ck.tensors["fc.weight"], state["model.fc.weight"] / scale[None, :], rtol=1e-6, atol=0)
     x = np.random.default_rng(0).normal(size=(5, 3 * 64)).astype(np.float32) * scale
     assert np.allclose(x @ ck.tensors["fc.weight"].T, (x / scale) @ state["model.fc.weight"].T, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input: one line, nothing lost
+
+
+def train_cli(*args):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    return CliRunner().invoke(main, ["train-draft", *map(str, args)])
+
+
+def assert_one_line(r, fragment):
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "Traceback" not in r.output
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("specrun: error:") and fragment in err, err
+
+
+def test_out_that_is_not_its_own_run_is_refused(tmp_path, tiny_models):
+    """--out pointed at the target's folder, at a head made elsewhere, or at a folder of the user's:
+    nothing is written there (a head made elsewhere and the target: not even with --force)."""
+    from specrun_train.trainer import check_out_dir
+
+    target = tiny_models["llama"]
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    r = train_cli("--target", target, "--out", target, "--data", tmp_path / "none.jsonl", "--force")
+    assert_one_line(r, "is the target model's own folder")
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    head = make_head(tmp_path / "head", seed=3)
+    head_files = {p.name: p.read_bytes() for p in head.iterdir()}
+    r = train_cli("--target", target, "--out", head, "--data", tmp_path / "none.jsonl", "--force")
+    assert_one_line(r, "holds a model or head that train-draft did not make")
+    assert {p.name: p.read_bytes() for p in head.iterdir()} == head_files
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    r = train_cli("--target", target, "--out", mine, "--data", tmp_path / "none.jsonl")
+    assert_one_line(r, "is not empty and is not a train-draft run")
+    assert "--force" in r.stderr and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    check_out_dir(mine, target, force=True)  # --force: written into (a folder without a model)
+    own = tmp_path / "own"
+    (own / "work" / "shards").mkdir(parents=True)
+    (own / "config.json").write_text("{}")  # a head its own export wrote
+    check_out_dir(own, target, force=False)
+    check_out_dir(tmp_path / "new", target, force=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match="is a file"):
+        check_out_dir(tmp_path / "file", target, force=True)
+
+
+def test_max_length_shorter_than_every_prompt_is_refused(tmp_path, tiny_models, monkeypatch):
+    """--max-length below the chat template's length trained on no label (loss 0.000) and wrote a
+    useless head; now training refuses before it starts."""
+    import specrun_train.trainer as tr
+    from specrun.eagle3 import write_safetensors
+    from specrun.errors import SpecrunError
+
+    records = [{"id": i, "input_ids": list(range(60)), "spans": [[40 + i, 60]]} for i in range(6)]
+    opts = TrainOptions(target=str(tiny_models["llama"]), out=str(tmp_path / "o"), max_length=32, quiet=True)
+    with pytest.raises(SpecrunError, match="--max-length 32 leaves no answer token .* the shortest prompt, chat template included, is 40 tokens"):
+        tr.check_max_length(records, opts)
+    tr.check_max_length(records, attrs_evolve(opts, max_length=42))  # one label in the first record: trains
+    (tmp_path / "o" / "work").mkdir(parents=True)
+    write_safetensors(tmp_path / "o" / "work" / "vocab.safetensors",
+                      {"d2t": np.zeros(200, dtype=np.int64), "t2d": np.zeros(49152, dtype=np.bool_)})
+    monkeypatch.setattr(tr, "load_records", lambda _opts: records)
+    with pytest.raises(SpecrunError, match="leaves no answer token"):
+        train(opts, tiny_models["llama"])
+    assert not list((tmp_path / "o" / "work").glob("ckpt-*"))
+
+
+def attrs_evolve(opts, **kw):
+    import attrs
+
+    return attrs.evolve(opts, **kw)
+
+
+@pytest.mark.parametrize("latest", ["{not json", '{"checkpoint": "../../elsewhere", "step": 4}',
+                                    '{"checkpoint": "ckpt-00000004", "step": 4}', "[]"])
+def test_damaged_checkpoint_on_resume_is_one_line(tmp_path, latest):
+    from specrun.errors import SpecrunError
+    from specrun_train.trainer import _load_checkpoint
+
+    wd = tmp_path / "work"
+    wd.mkdir()
+    (wd / "latest.json").write_text(latest)
+    with pytest.raises(SpecrunError, match="the training checkpoint in .* cannot be used"):
+        _load_checkpoint(wd, None, None)
+    assert (wd / "latest.json").read_text() == latest  # left as it was
+
+
+def test_data_file_that_is_not_utf8_is_one_line(tmp_path, tiny_models):
+    from specrun.errors import SpecrunError
+    from specrun_train.data import jsonl_conversations
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    for reader in (jsonl_prompts, jsonl_conversations):
+        with pytest.raises(SpecrunError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9"):
+            list(reader(bad))
+    r = train_cli("--target", tiny_models["llama"], "--out", tmp_path / "o", "--data", bad, "--num-prompts", "2", "--quiet")
+    assert_one_line(r, "bad.jsonl:2: not UTF-8 text")
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "x\\udcff"}\n')
+    with pytest.raises(SpecrunError, match="lone surrogate"):
+        list(jsonl_prompts(tmp_path / "surrogate.jsonl"))
+
+
+def test_threads_below_one_is_one_line(tmp_path):
+    assert_one_line(train_cli("--out", tmp_path / "o", "--threads", "0"), "--threads must be >= 1, got 0")
+
+
+def test_chat_template_that_fails_in_the_data_stage_is_one_line():
+    """The data stage renders with transformers' tokenizer: its template errors are one line too."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    from specrun.errors import SpecrunError
+    from specrun_train.data import TurnTokenizer
+
+    class Tok:
+        chat_template, eos_token_id, name_or_path = "{{ x }", None, "/models/target"
+
+        def apply_chat_template(self, *_a, **_k):
+            raise TemplateSyntaxError("unexpected '}'", 3)
+
+    with pytest.raises(SpecrunError, match="the chat template of /models/target cannot be rendered at line 3"):
+        TurnTokenizer(Tok()).first("hi")

@@ -32,6 +32,7 @@ import attrs
 import numpy as np
 
 from specrun.errors import SpecrunError
+from specrun.tokenizer import render_chat
 
 SHARD_GLOB = "shard-*.npz"
 
@@ -76,37 +77,27 @@ def sharegpt_conversations(path: str | Path | None = None) -> Iterator[Conversat
 def jsonl_conversations(path: str | Path) -> Iterator[Conversation]:
     """A JSONL file: a line with ``messages``/``conversations`` gives its user turns, a line with
     ``turns`` its turns, anything else one prompt (see ``train_draft.jsonl_prompts``)."""
-    from .trainer import _prompt_of
+    from .trainer import _prompt_of, jsonl_records
 
-    path = Path(path)
-    if not path.is_file():
-        raise SpecrunError(f"prompt file {path} does not exist; give a JSONL file or 'sharegpt'")
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SpecrunError(f"{path}:{ln}: not JSON ({exc.msg})") from None
-            turns = None
-            if isinstance(obj, dict):
-                if isinstance(obj.get("turns"), list):
-                    turns = [str(t) for t in obj["turns"]]
-                for key in ("messages", "conversations"):
-                    if isinstance(obj.get(key), list):
-                        turns = [str(m.get("content", m.get("value", ""))) for m in obj[key]
-                                 if isinstance(m, dict) and (m.get("role") or m.get("from")) in ("user", "human")]
-            if turns is None:
-                prompt = _prompt_of(obj)
-                if prompt is None:
-                    raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
-                turns = [prompt]
-            turns = [t for t in turns if t.strip()]
-            if turns:
-                yield Conversation(n, turns)
-                n += 1
+    for ln, obj in jsonl_records(path):
+        turns = None
+        if isinstance(obj, dict):
+            if isinstance(obj.get("turns"), list):
+                turns = [str(t) for t in obj["turns"]]
+            for key in ("messages", "conversations"):
+                if isinstance(obj.get(key), list):
+                    turns = [str(m.get("content", m.get("value", ""))) for m in obj[key]
+                             if isinstance(m, dict) and (m.get("role") or m.get("from")) in ("user", "human")]
+        if turns is None:
+            prompt = _prompt_of(obj)
+            if prompt is None:
+                raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
+            turns = [prompt]
+        turns = [t for t in turns if t.strip()]
+        if turns:
+            yield Conversation(n, turns)
+            n += 1
 
 
 def mtbench_questions() -> list[str]:
@@ -177,7 +168,7 @@ class TurnTokenizer:
     def first(self, turn: str) -> list[int]:
         if not self.templated:
             return self.tok.encode(turn)
-        text = self.tok.apply_chat_template([{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False)
+        text = render_chat(self.tok, [{"role": "user", "content": turn}], add_generation_prompt=True)
         return self.tok.encode(text, add_special_tokens=False)
 
     def next(self, messages: list[dict], ended: bool, turn: str) -> list[int] | None:
@@ -186,9 +177,8 @@ class TurnTokenizer:
         template does not render the answer verbatim (the conversation stops there)."""
         if not self.templated:
             return self.tok.encode("\n" + turn, add_special_tokens=False)
-        prev = self.tok.apply_chat_template(messages, tokenize=False)
-        text = self.tok.apply_chat_template([*messages, {"role": "user", "content": turn}], add_generation_prompt=True,
-                                            tokenize=False)
+        prev = render_chat(self.tok, messages)
+        text = render_chat(self.tok, [*messages, {"role": "user", "content": turn}], add_generation_prompt=True)
         answer = messages[-1]["content"]
         if not text.startswith(prev) or not answer or answer not in prev:
             return None

@@ -67,6 +67,7 @@ class TrainOptions:
     gen_batch_size: int = 64  # slots of the data engine
     max_context: int = 2048  # tokens of a conversation (prompts + answers); later turns are left out
     data_kv_dtype: str = "bf16"  # the data engine's KV cache
+    data_weights: str = "auto"  # the data engine's weights: bf16, f32 or auto (bf16 where the CPU has bf16 units)
     data_dir: str | None = None  # the shards (default OUT/work/shards)
     data_seconds: float | None = None  # start no new conversation after this many seconds
     max_prompt_tokens: int = 512
@@ -91,6 +92,7 @@ class TrainOptions:
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
     threads: int | None = None
     quiet: bool = False
+    force: bool = False  # write into a non-empty --out that is not a train-draft run
 
 
 def work_dir(opts: TrainOptions) -> Path:
@@ -148,26 +150,47 @@ def sharegpt_prompts(limit: int | None = None, path: str | Path | None = None) -
             yield conv[0]["value"]
 
 
-def jsonl_prompts(path: str | Path) -> Iterator[str]:
-    """Prompts from a JSONL file: each line an object with ``prompt``, ``text``, ``instruction``,
-    ``question``, ``turns`` (the first is used), ``messages``/``conversations`` (first user turn),
-    or a plain JSON string."""
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, decoded JSON) for every non-blank line of a JSONL file of prompts; a line that
+    is not UTF-8 or not JSON is one SpecrunError naming the file and line (the one reader of
+    ``--data`` files)."""
     path = Path(path)
     if not path.is_file():
         raise SpecrunError(f"prompt file {path} does not exist; give a JSONL file or 'sharegpt'")
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise SpecrunError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    with f:
+        for ln, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SpecrunError(f"{path}:{ln}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                                   f"of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SpecrunError(f"{path}:{ln}: not JSON ({exc.msg})") from None
-            prompt = _prompt_of(obj)
-            if prompt is None:
-                raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
-            if prompt.strip():
-                yield prompt
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape ("\\udcff") is not text either
+                raise SpecrunError(f"{path}:{ln}: holds a lone surrogate escape, which is not text; fix the line") from None
+            yield ln, obj
+
+
+def jsonl_prompts(path: str | Path) -> Iterator[str]:
+    """Prompts from a JSONL file: each line an object with ``prompt``, ``text``, ``instruction``,
+    ``question``, ``turns`` (the first is used), ``messages``/``conversations`` (first user turn),
+    or a plain JSON string."""
+    for ln, obj in jsonl_records(path):
+        prompt = _prompt_of(obj)
+        if prompt is None:
+            raise SpecrunError(f"{path}:{ln}: no prompt field (prompt, text, instruction, question, turns, messages)")
+        if prompt.strip():
+            yield prompt
 
 
 def _prompt_of(obj) -> str | None:
@@ -232,6 +255,18 @@ def record_spans(rec: dict) -> list[tuple[int, int]]:
     return [(int(rec["prompt_len"]), len(rec["input_ids"]))]
 
 
+def data_weights(opts: TrainOptions) -> str:
+    """The data engine's weight precision: ``auto`` is bf16 where the CPU has bf16 matrix units
+    (AMX or avx512_bf16: 1.6x the f32 engine here), else f32."""
+    if opts.data_weights != "auto":
+        return opts.data_weights
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "f32"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "f32"
+
+
 def load_records(opts: TrainOptions) -> list[dict]:
     """The training records: the data stage's shards (one record per conversation, its answers'
     token spans) and, from runs before the shards, ``work/data.jsonl``."""
@@ -257,7 +292,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     weights = sorted(Path(model_dir).glob("*.safetensors"))
     meta = {"target": Path(model_dir).name, "weights_sha256": [content_digest(w) for w in weights],
             "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context, "kv_cache": opts.data_kv_dtype,
-            "engine": "specrun slot engine (torch f32 weights), greedy"}
+            "weights": data_weights(opts), "engine": "specrun slot engine (torch), greedy"}
     done = set()
     for m, c in read_shards(folder):
         if m.get("max_new_tokens") != opts.max_new_tokens or m.get("weights_sha256") != meta["weights_sha256"]:
@@ -272,7 +307,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
-                                          kv_dtype=opts.data_kv_dtype)
+                                          kv_dtype=opts.data_kv_dtype, weights=meta["weights"])
     tok = load_tokenizer(model_dir, full=True)
     eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
     _log(opts, f"data: {len(todo)} conversations ({sum(len(c.turns) for c in todo)} human turns) to regenerate, "
@@ -495,6 +530,25 @@ def ttt_loss(module, batch, steps: int):
     return total, losses, accs, chain_len[masks[0]]
 
 
+def labelled_positions(rec: dict, max_length: int) -> int:
+    """How many answer tokens of ``rec`` fall within its first ``max_length`` tokens and can be
+    labels (a label is the token after a position: never token 0)."""
+    n = min(len(rec["input_ids"]), max_length)
+    return sum(max(0, min(b, n) - max(a, 1)) for a, b in record_spans(rec))
+
+
+def check_max_length(records: list[dict], opts: TrainOptions) -> None:
+    """Refuse a --max-length that cuts every record before its first answer token: the loss would be
+    0 at every step and the head useless (it used to train and export one, exit 0)."""
+    if any(labelled_positions(r, opts.max_length) for r in records):
+        return
+    starts = [min((a for a, b in record_spans(r) if b > a), default=len(r["input_ids"])) for r in records]
+    raise SpecrunError(f"--max-length {opts.max_length} leaves no answer token to train on in any of the "
+                       f"{len(records)} training records: the shortest prompt, chat template included, is "
+                       f"{min(starts)} tokens; use --max-length of at least {min(starts) + 16} (the data in "
+                       f"{data_dir(opts)} is kept)")
+
+
 def _save_checkpoint(wd: Path, module, opt, step: int, losses: list, opts: TrainOptions) -> None:
     import torch
 
@@ -525,13 +579,27 @@ def _save_checkpoint(wd: Path, module, opt, step: int, losses: list, opts: Train
 
 
 def _load_checkpoint(wd: Path, module, opt) -> tuple[int, list]:
-    import torch
-
     latest = wd / "latest.json"
     if not latest.exists():
         return 0, []
+    try:
+        return _restore_checkpoint(wd, latest, module, opt)
+    except Exception as exc:  # a damaged latest.json / checkpoint: one line, the files left as they are
+        detail = (str(exc).splitlines() or [""])[0]
+        if not isinstance(exc, SpecrunError):
+            detail = f"{type(exc).__name__}: {detail}"
+        raise SpecrunError(f"the training checkpoint in {wd} cannot be used ({detail}); move work/latest.json and "
+                           f"work/ckpt-* aside to train from the start, or use another --out") from None
+
+
+def _restore_checkpoint(wd: Path, latest: Path, module, opt) -> tuple[int, list]:
+    import torch
+
     info = json.loads(latest.read_text())
-    folder = wd / info["checkpoint"]
+    name = info["checkpoint"]
+    if not isinstance(name, str) or not name.startswith("ckpt-") or "/" in name:
+        raise ValueError(f"latest.json names no checkpoint folder ({name!r})")
+    folder = wd / name
     tensors = read_safetensors(folder / "state.safetensors")
     meta = json.loads((folder / "state.json").read_text())
     state = {k[len("model."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")}
@@ -608,6 +676,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     train_recs, _ = split_data(records, opts.val_fraction, opts.seed)
     if not train_recs:
         raise SpecrunError("no training data; run the data stage first")
+    check_max_length(train_recs, opts)
     world, rank = _world(), _rank()
     device = opts.device
     ddp = world > 1
@@ -716,7 +785,7 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     fd, t = tempfile.mkstemp(prefix=".train.", dir=opts.out)
     with os.fdopen(fd, "w") as f:
         json.dump(summary, f, indent=1)
-    os.replace(t, Path(opts.out) / "specrun-train.json")
+    os.replace(t, Path(opts.out) / SUMMARY_FILE)
     v = summary["validation"]
     if v:
         _log(opts, f"export: head -> {opts.out}; validation: step-0 accuracy {v['accuracy'][0]:.2f}, "
@@ -762,6 +831,45 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
 # ============================================================================ driver
 
 STAGES = ("data", "vocab", "train", "export")
+#: what a train-draft run leaves in OUT/work (any one of them makes OUT this tool's own run)
+RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE)
+SUMMARY_FILE = "specrun-train.json"
+
+
+def is_own_run(out: Path) -> bool:
+    """Whether ``out`` is a train-draft run's folder (its head summary, or its work/ folder)."""
+    work = out / "work"
+    if (out / SUMMARY_FILE).is_file():
+        return True
+    return work.is_dir() and (any((work / n).exists() for n in RUN_FILES) or any(work.glob("ckpt-*")))
+
+
+def check_out_dir(out: Path, model_dir: Path, force: bool) -> None:
+    """``--out`` must be new, empty, or this tool's own run: the export writes config.json and
+    model.safetensors there.  A folder holding a model or head made otherwise (the target's own
+    folder, a downloaded head) is never written into; any other non-empty folder only with --force."""
+    if out.exists() and not out.is_dir():
+        raise SpecrunError(f"--out {out} is a file; give a folder for the head and its work/ folder")
+    if not out.is_dir():
+        return
+    if out.resolve() == Path(model_dir).resolve():
+        raise SpecrunError(f"--out {out} is the target model's own folder: the head's config.json and weights would "
+                           f"replace the target's; give another --out")
+    if is_own_run(out):
+        return
+    try:
+        contents = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise SpecrunError(f"cannot read --out {out}: {exc.strerror or exc}") from None
+    if not contents:
+        return
+    made = [n for n in contents if n == "config.json" or n.endswith(".safetensors")]
+    if made:
+        raise SpecrunError(f"--out {out} holds a model or head that train-draft did not make ({made[0]}); it would be "
+                           f"overwritten: give another --out")
+    if not force:
+        raise SpecrunError(f"--out {out} is not empty and is not a train-draft run (no work/, no {SUMMARY_FILE}; it holds "
+                           f"{contents[0]}{', ...' if len(contents) > 1 else ''}); use --force to write into it, or another --out")
 
 
 def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
@@ -771,6 +879,7 @@ def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
         raise SpecrunError("under torchrun run only --stage train (run the data, vocab and export stages in one process)")
     model_dir = resolve_model(opts.target)
     tc = ModelConfig.load(model_dir)
+    check_out_dir(Path(opts.out), model_dir, opts.force)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     result: dict = {}
     if "data" in stages and _rank() == 0:
@@ -787,6 +896,8 @@ def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
 def _command():
     import click
 
+    from specrun.cli import threads_option
+
     @click.command("train-draft")
     @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
     @click.option("--out", required=True, help="Output folder: the head (SpecForge format) and work/ (data, checkpoints).")
@@ -799,6 +910,8 @@ def _command():
                   help="Tokens per regenerated conversation; turns that would not fit are left out.")
     @click.option("--data-kv-dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
                   help="KV cache of the data engine (bf16 halves attention's memory traffic).")
+    @click.option("--data-weights", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True,
+                  help="Weights of the data engine (auto: bf16 where the CPU has bf16 units; the KV cache is then bf16).")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
     @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
@@ -810,7 +923,7 @@ def _command():
     @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint every N steps.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--device", default="cpu", show_default=True, help="Training device (cpu, cuda).")
-    @click.option("--threads", type=int, default=None, help="CPU threads.")
+    @threads_option("CPU threads.")
     @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable) [default: all].")
     @click.option("--resume", is_flag=True, help="Continue from work/ (data shard, vocabulary, latest checkpoint).")
     @click.option("--cache-target/--no-cache-target", default=True, show_default=True,
@@ -826,9 +939,11 @@ def _command():
                   help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
+    @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a train-draft run "
+                  "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
-                    data_kv_dtype, data_dir, data_seconds, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet):
+                    data_kv_dtype, data_weights, data_dir, data_seconds, steps, batch_size, max_length,
+                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
             raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
@@ -841,9 +956,10 @@ def _command():
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
-                            data_kv_dtype=data_kv_dtype, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
+                            data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet)
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
+                            force=force)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
             raise SpecrunError(f"{work} already has a training checkpoint; pass --resume to continue or use another --out")

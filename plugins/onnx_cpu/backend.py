@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from specrun.errors import SpecrunError
-from specrun.interfaces import Availability, Backend, Target
+from specrun.interfaces import Availability, Backend, Target, check_aux_layers
 from specrun_kit import export as ex
-from specrun_kit.kvbuffer import KVBufferTarget, check_aux_layers
+from specrun_kit.kvbuffer import KVBufferTarget
 
 INSTALL_HINT = "pip install 'specrun[onnx]'"
 
@@ -136,10 +136,8 @@ class OnnxBackend(Backend):
         aux = check_aux_layers(model_dir, aux_hidden_layers)
         return ex.export_model(model_dir, aux, precision, force=force, progress=progress)
 
-    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
-        device = self.check_device(device)
-        precision = self.check_precision(device, precision)
-        aux = check_aux_layers(model_dir, aux_hidden_layers)
+    def build_target(self, model_dir, *, device, precision, aux_hidden_layers, options) -> Target:
+        aux = aux_hidden_layers
         session, path = _open(lambda force: ex.export_model(model_dir, aux, precision, force=force), options)
         return OnnxTarget(session, ex.GraphMeta.load(path.parent), precision, path)
 

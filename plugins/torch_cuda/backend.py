@@ -43,9 +43,7 @@ class TorchBackend(Backend):
     def capabilities(self) -> set[str]:
         return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:bf16"}
 
-    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
-        device = self.check_device(device)
-        precision = self.check_precision(device, precision)
+    def build_target(self, model_dir, *, device, precision, aux_hidden_layers, options) -> Target:
         import torch
 
         from specrun_kit.llama import load_model
@@ -65,17 +63,20 @@ class TorchBackend(Backend):
 
         return load_model, Eagle3Module
 
-    def slot_engine(self, model_dir, *, slots: int, capacity: int, kv_dtype: str = "bf16"):
-        """The continuous-batching engine of ``specrun train-draft --stage data`` (f32 weights on
-        the CPU; ``kv_dtype`` bf16 or f32)."""
+    def slot_engine(self, model_dir, *, slots: int, capacity: int, kv_dtype: str = "bf16", weights: str = "f32"):
+        """The continuous-batching engine of ``specrun train-draft --stage data`` on the CPU:
+        ``weights`` f32 or bf16 (the matmuls; bf16 uses the CPU's AMX / avx512_bf16 units),
+        ``kv_dtype`` bf16 or f32 (the cache; with bf16 weights the cache is bf16)."""
         import torch
 
         from specrun_kit.llama import load_model
 
         from .slots import SlotEngine
 
-        model = load_model(model_dir, torch.float32, "cpu")
-        return SlotEngine(model, slots, capacity, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[kv_dtype])
+        dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
+        model = load_model(model_dir, dtypes[weights], "cpu")
+        kv = torch.bfloat16 if weights == "bf16" else dtypes[kv_dtype]
+        return SlotEngine(model, slots, capacity, dtype=kv)
 
     def load_eagle3_head(self, checkpoint_dir, target_dir, *, device, precision=None, options=None):
         from specrun_kit.torch_eagle3 import load_torch_head

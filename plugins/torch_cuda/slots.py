@@ -41,11 +41,12 @@ class SlotEngine:
             raise ValueError(f"slot {slot}: {start + len(ids)} tokens exceed the capacity {self.capacity}")
         x = torch.tensor([ids], dtype=torch.long)
         end = start + len(ids)
-        if self.k.dtype == torch.float32:
+        if self.k.dtype == self.model.lm_head.weight.dtype:
             logits, _ = self.model(x, start, self.k[:, slot : slot + 1], self.v[:, slot : slot + 1], last_only=True)
-        else:  # the model computes in f32: run on an f32 copy of the slot's prefix, store the rows rounded
-            k = self.k[:, slot : slot + 1, :, :end].float()
-            v = self.v[:, slot : slot + 1, :, :end].float()
+        else:  # the model computes in its own dtype: run on a copy of the slot's prefix, store the rows rounded
+            wd = self.model.lm_head.weight.dtype
+            k = self.k[:, slot : slot + 1, :, :end].to(wd)
+            v = self.v[:, slot : slot + 1, :, :end].to(wd)
             logits, _ = self.model(x, start, k, v, last_only=True)
             self.k[:, slot : slot + 1, :, start:end] = k[:, :, :, start:end]
             self.v[:, slot : slot + 1, :, start:end] = v[:, :, :, start:end]

@@ -74,11 +74,6 @@ class NumpyBackend(Backend):
     def capabilities(self) -> set[str]:
         return {"hidden_states"}
 
-    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
-        device = self.check_device(device)  # SpecrunError naming the present devices
-        self.check_precision(device, precision)  # SpecrunError naming the supported precisions
-        model = LlamaNumpy(model_dir)
-        bad = [i for i in aux_hidden_layers if not 0 <= i < model.cfg.num_layers]
-        if bad:
-            raise SpecrunError(f"hidden-state layers {bad} do not exist: the model has {model.cfg.num_layers} layers")
-        return NumpyTarget(model, aux_hidden_layers)
+    def build_target(self, model_dir, *, device, precision, aux_hidden_layers, options) -> Target:
+        # Backend.load_target has already checked the device, the precision and the layers
+        return NumpyTarget(LlamaNumpy(model_dir), aux_hidden_layers)

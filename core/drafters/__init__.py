@@ -1,0 +1,12 @@
+"""Drafters, one file each: ``none`` (plain decoding, the baseline), ``ngram`` (prompt lookup),
+``model`` (a small draft model on any backend), ``eagle3`` (an EAGLE-3 head: chains and trees) and
+``lookup`` (prompt lookup first, a model-backed drafter where it finds nothing)."""
+
+from .eagle3 import DEFAULT_MIN_PROB, Eagle3Drafter, bundled_head
+from .lookup import LookupFirstDrafter
+from .model import ModelDrafter
+from .ngram import NgramDrafter
+from .none import NoDrafter
+
+__all__ = ["DEFAULT_MIN_PROB", "Eagle3Drafter", "LookupFirstDrafter", "ModelDrafter", "NgramDrafter", "NoDrafter",
+           "bundled_head"]
