@@ -286,3 +286,24 @@ def test_bf16_cache_keeps_rotary_positions_exact(tiny_models, ov_backend):
         keys.append(_as_f32(t._kv[0, 0, :, :500]))  # [kv_heads, positions, D]
     err = np.abs(keys[0] - keys[1]).max(axis=(0, 2)) / np.abs(keys[1]).max(axis=(0, 2))
     assert err[:50].max() < 0.02 and err[400:].max() < 0.02, (err[:50].max(), err[400:].max())
+
+
+def test_fixed_block_shape_padding_keeps_blocks_exact(tiny_models, ov_backend):
+    """The padding the backend turns on where compressed weights are not batch-invariant (probed at
+    load): forced on, blocks and single steps give the same bits, trees keep their paths, and greedy
+    speculative output equals plain output."""
+    from specrun_openvino.backend import PAD_ROWS, _block_invariant
+
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
+    target.pad_rows = PAD_ROWS
+    assert _block_invariant(target)
+    plain = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT, 20) for x in c]
+    spec = [x for c in SpeculativeDecoder(target, NgramDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
+    again = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
+    assert len(plain) == 20 and spec == again
+    target.reset(16)
+    target.forward(PROMPT)
+    out = target.forward_tree([5, 7, 9], [-1, 0, 0])
+    assert out.logits.shape[0] == 3
+    target.keep([0, 2])
+    assert target.length == len(PROMPT) + 2

@@ -31,10 +31,10 @@ import numpy as np
 
 from specrun import store
 from specrun.errors import SpecrunError
-from specrun.interfaces import Availability, Backend, Target
+from specrun.interfaces import Availability, Backend, Target, check_aux_layers
 from specrun.store import cache_dir
 from specrun_kit.head import KVBufferHead
-from specrun_kit.kvbuffer import KVBufferTarget, check_aux_layers
+from specrun_kit.kvbuffer import KVBufferTarget
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "4"  # 4: the hidden-state barrier stays float
@@ -97,6 +97,38 @@ class OpenVinoTarget(KVBufferTarget):
         # new_kv output stays f32 and _execute rounds the block's rows
         self.kv_dtype = np.uint16 if bf16_cache else np.float32
         self._bound: np.ndarray | None = None  # the buffer whose slices are set as the cache inputs
+        # > 0: every block shorter than this runs padded to this many rows (see _make_batch_invariant)
+        self.pad_rows = 0
+
+    def forward(self, tokens, *, all_logits: bool = True):
+        T = len(tokens)
+        if not 0 < T < self.pad_rows:
+            return super().forward(tokens, all_logits=all_logits)
+        # a fixed block shape: the runtime picks its matmul kernels by the number of rows, so a
+        # token's logits are the same bits alone or anywhere in a verification block.  The
+        # padding rows come after the real ones (causal: they change nothing) and are dropped
+        start, R = self._len, self.pad_rows
+        # the logits of R rows too (the wanted ones, then the last repeated): the lm_head's kernel
+        # also depends on its row count
+        wanted = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
+        out_index = np.concatenate([wanted, np.full(R - len(wanted), T - 1, dtype=np.int64)])
+        pad = [int(tokens[-1])] * (R - T)
+        out = self._run(list(tokens) + pad, np.arange(start, start + R, dtype=np.int64), np.tri(R, dtype=bool), out_index)
+        self._len = start + T
+        self._tree = None
+        hidden = None if out.hidden_states is None else out.hidden_states[:T]
+        return type(out)(out.logits[: len(wanted)], hidden)
+
+    def forward_tree(self, tokens, parents):
+        T = len(tokens)
+        if not 0 < T < self.pad_rows or len(parents) != T:
+            return super().forward_tree(tokens, parents)
+        R = self.pad_rows  # padded as forward is: a chain of copies of the last node, after the real nodes
+        out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)))
+        self._len = self._tree[0] + T
+        self._tree = (self._tree[0], T)
+        hidden = None if out.hidden_states is None else out.hidden_states[:T]
+        return type(out)(out.logits[:T], hidden)
 
     def reset(self, capacity: int) -> None:
         self._len = 0
@@ -227,12 +259,11 @@ class OpenVinoBackend(Backend):
     def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
                force: bool = False, progress: bool = True) -> Path:
         precision = self.check_precision("cpu", precision)
-        return self.ir_path(model_dir, precision, tuple(aux_hidden_layers), progress=progress, force=force)
+        return self.ir_path(model_dir, precision, check_aux_layers(model_dir, aux_hidden_layers), progress=progress,
+                            force=force)
 
-    def load_target(self, model_dir, *, device, precision=None, aux_hidden_layers=(), options=None) -> Target:
-        device = self.check_device(device)
-        precision = self.check_precision(device, precision)
-        aux = check_aux_layers(model_dir, aux_hidden_layers)
+    def build_target(self, model_dir, *, device, precision, aux_hidden_layers, options) -> Target:
+        aux = aux_hidden_layers
         ex = _onnx_export()
         compute = self._compute(device, precision)
         xml = self.ir_path(model_dir, precision, aux)
@@ -268,6 +299,7 @@ class OpenVinoBackend(Backend):
         target = OpenVinoTarget(compiled, meta, precision, compute, device, xml, bf16_cache=bf16_cache)
         if precision in WEIGHTS:
             _check_small_blocks(target, device)
+            _make_batch_invariant(target)
         return target
 
     def _compute(self, device: str, precision: str) -> str:
@@ -325,6 +357,42 @@ class OpenVinoBackend(Backend):
 def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
     """``folder / main_file``, built by ``build(tmp_folder)`` once (``specrun.store.build_once``)."""
     return store.build_once(folder, main_file, build, version=IR_VERSION, force=force)
+
+
+PAD_ROWS = 8  # the block shape compressed weights run at where the runtime is not batch-invariant
+
+
+def _block_invariant(target: OpenVinoTarget) -> bool:
+    """Whether a token's logits are the same bits alone and inside blocks of 2..5 tokens."""
+    ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(12)]
+    target.reset(32)
+    target.forward(ids[:2])
+    steps = np.stack([target.forward([t]).logits[0] for t in ids[2:]])
+    ok = True
+    for T in (2, 3, 5):
+        target.rollback(2)
+        got = np.concatenate([target.forward(ids[2 + i : 2 + i + T]).logits for i in range(0, 10 - T + 1, T)])
+        ok &= bool(np.array_equal(got, steps[: len(got)]))
+    target.reset(32)
+    return ok
+
+
+def _make_batch_invariant(target: OpenVinoTarget) -> None:
+    """Greedy speculative output must equal plain output at every precision.  With compressed
+    weights OpenVINO's CPU plugin picks its matmul kernels by the block's row count on some CPUs
+    (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps and blocks of 2-4 tokens agree
+    bit for bit, blocks of 5 and 8 do not; on AMD EPYC all agree), so blocks verified together give
+    other bits than single steps.  Probed at load: where blocks differ, every block shorter than
+    ``PAD_ROWS`` runs padded to ``PAD_ROWS`` rows, one kernel shape for all (0 differing rows in
+    blocks of 1..8 here).  Longer blocks (k >= 8, trees) are not covered."""
+    if _block_invariant(target):
+        return
+    target.pad_rows = PAD_ROWS
+    if not _block_invariant(target):
+        target.pad_rows = 0
+        print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
+              "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
+              file=sys.stderr)
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:
