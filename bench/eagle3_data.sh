@@ -6,17 +6,17 @@
 # Resumable: rerun the same command and it skips the conversations already in the shards.
 #
 #   bash bench/eagle3_data.sh [OUT] [SLOTS]
-#   kill -STOP $(cat OUT/data.pid)   # pause it while benchmarking; kill -CONT to go on
+#   kill -STOP $(cat OUT.data.pid)   # pause it while benchmarking; kill -CONT to go on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-../eagle3-work/smollm2-135m}
 SLOTS=${2:-64}
 DATA=training-data/smollm2-135m-instruct
-mkdir -p "$OUT" "$DATA"
+mkdir -p "$(dirname "$OUT")" "$DATA"
 # passive OpenMP waits: threads sleep instead of spinning when other jobs hold the cores
 export OMP_WAIT_POLICY=PASSIVE
 nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --stage data --data sharegpt --data-dir "$DATA" \
   --max-new-tokens 512 --max-context 2048 --gen-batch-size "$SLOTS" --threads 2 \
-  >>"$OUT/data.log" 2>&1 &
-echo "$!" >"$OUT/data.pid"
-echo "data generation started: pid $(cat "$OUT/data.pid"), log $OUT/data.log, shards $DATA"
+  >>"$OUT.data.log" 2>&1 &
+echo "$!" >"$OUT.data.pid"
+echo "data generation started: pid $(cat "$OUT.data.pid"), log $OUT.data.log, shards $DATA"

@@ -207,6 +207,7 @@ def write_shard(folder: Path, index: int, convs: list[dict], meta: dict, vocab_s
     with os.fdopen(fd, "wb") as f:
         np.savez_compressed(f, tokens=tokens, offsets=offsets, ids=np.asarray([c["id"] for c in convs], dtype=np.int64),
                             turns=turns, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    os.chmod(tmp, 0o644)  # data to share (committed), not a secret
     os.replace(tmp, path)
     return path
 

@@ -282,7 +282,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
 
     from specrun.models import ModelConfig
     from specrun.pipeline import load_tokenizer
-    from specrun.store import content_digest
+    from specrun.store import cache_dir, content_digest
 
     from .data import conversations, read_shards, regenerate
 
@@ -295,7 +295,10 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
             "weights": data_weights(opts), "engine": "specrun slot engine (torch), greedy"}
     done = set()
     for m, c in read_shards(folder):
-        if m.get("max_new_tokens") != opts.max_new_tokens or m.get("weights_sha256") != meta["weights_sha256"]:
+        # the same target: the same weights, or the same content-keyed conversion of the default model
+        # (its folder name is a digest of the GGUF it was converted from)
+        converted = Path(model_dir).parent == cache_dir() / "models" and m.get("target") == meta["target"]
+        if m.get("max_new_tokens") != opts.max_new_tokens or not (converted or m.get("weights_sha256") == meta["weights_sha256"]):
             raise SpecrunError(f"the shards in {folder} were made with other settings or another target "
                                f"({m.get('target')}, max_new_tokens {m.get('max_new_tokens')}); use another --data-dir")
         done.add(c["id"])
