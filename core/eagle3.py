@@ -47,6 +47,48 @@ DEFAULT_DRAFT_VOCAB = 32000
 
 
 
+def aux_ids_from_config(raw: dict, where: str = "config.json") -> tuple[int, ...] | None:
+    """The target layers whose *inputs* the head reads (specrun's numbering), from a head config.
+
+    Two conventions are in use for the same tensors:
+
+    * ``eagle_config.eagle_aux_hidden_state_layer_ids`` (SpecForge, SGLang): the decoder layers
+      whose *outputs* are captured; SpecForge's default is ``[1, L//2 - 1, L - 4]`` (SGLang adds 1
+      and captures those layers' inputs).  Output of layer j = input of layer j + 1.
+    * top-level ``eagle_aux_hidden_state_layer_ids`` (vLLM, speculators): the layers whose
+      *inputs* are captured (id j = output of layer j - 1, 0 = the embedding); vLLM's default is
+      ``(2, L//2, L - 3)``, the same tensors as SpecForge's default.
+
+    Given both, they must name the same tensors."""
+    eagle = raw.get("eagle_config") or {}
+    if not isinstance(eagle, dict):
+        raise SpecrunError(f"{where}: eagle_config must be an object")
+    spec = eagle.get("eagle_aux_hidden_state_layer_ids")
+    top = raw.get("eagle_aux_hidden_state_layer_ids")
+
+    def ints(v, name):
+        if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise SpecrunError(f"{where}: {name} must be a list of layer numbers, got {v!r}")
+        return tuple(v)
+
+    inputs_spec = None if spec is None else tuple(i + 1 for i in ints(spec, "eagle_config.eagle_aux_hidden_state_layer_ids"))
+    inputs_top = None if top is None else ints(top, "eagle_aux_hidden_state_layer_ids")
+    if inputs_spec is not None and inputs_top is not None and inputs_spec != inputs_top:
+        raise SpecrunError(f"{where}: eagle_config.eagle_aux_hidden_state_layer_ids {list(spec)} (outputs of those layers, "
+                           f"SpecForge) and eagle_aux_hidden_state_layer_ids {list(top)} (inputs, vLLM) name other layers")
+    return inputs_spec if inputs_spec is not None else inputs_top
+
+
+def aux_ids_to_config(inputs: Sequence[int], eagle_config: dict) -> dict:
+    """The config entries for aux layers ``inputs`` (specrun's numbering): SpecForge's
+    ``eagle_config`` ids (outputs of the layer before) and vLLM's top-level ids (inputs).  A head
+    reading the embedding (input of layer 0) has no SpecForge id: only vLLM's is written."""
+    out: dict = {"eagle_aux_hidden_state_layer_ids": [int(i) for i in inputs]}
+    if all(i >= 1 for i in inputs):
+        out["eagle_config"] = {**eagle_config, "eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in inputs]}
+    return out
+
+
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
     """SGLang / vLLM / EAGLE's default: the inputs of layers 2, L//2 and L-3."""
     return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
@@ -212,13 +254,12 @@ class Eagle3Config:
             rtype = rope.get("rope_type", rope.get("type", "default"))
             if rtype not in ("default", "llama3"):
                 raise SpecrunError(f"{where}: rope type '{rtype}' is not supported (default and llama3 are)")
-            eagle = raw.get("eagle_config") or {}
-            ids = eagle.get("eagle_aux_hidden_state_layer_ids")
+            ids = aux_ids_from_config(raw, where)
             known = {
                 "architectures", "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "draft_vocab_size",
                 "target_hidden_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                "max_position_embeddings", "eagle_config", "tie_word_embeddings",
+                "max_position_embeddings", "eagle_config", "tie_word_embeddings", "eagle_aux_hidden_state_layer_ids",
             }
             return cls(
                 hidden_size=hidden,
@@ -305,7 +346,7 @@ class Eagle3Config:
         if self.rope_scaling:
             d["rope_scaling"] = dict(self.rope_scaling)
         if self.aux_layer_ids is not None:
-            d["eagle_config"] = {**d.get("eagle_config", {}), "eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)}
+            d.update(aux_ids_to_config(self.aux_layer_ids, d.get("eagle_config", {})))
         return d
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

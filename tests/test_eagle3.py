@@ -67,7 +67,7 @@ def make_head(folder: Path, *, draft_vocab: int = 3000, aux_ids=(0, 1, 2), seed:
         "bos_token_id": 1, "eos_token_id": 2,
     }
     if aux_ids is not None:
-        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_ids)}
+        config["eagle_aux_hidden_state_layer_ids"] = list(aux_ids)  # vLLM's numbering: inputs of these layers
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -102,7 +102,8 @@ def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
     assert a.config == b.config
     cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 3000
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]  # inputs (vLLM); the embedding has no SpecForge id
+    assert "eagle_aux_hidden_state_layer_ids" not in cfg.get("eagle_config", {})
     # no embedding saved: it comes from the target
     assert a.embed_from_target and np.array_equal(a.embed, b.embed)
     # saved as bf16 (how SpecForge ships heads): the bf16 source comes back bit for bit, and f32
@@ -510,3 +511,31 @@ def test_head_on_another_backend_than_the_target(head_dir, tiny_models):
     pipe = Pipeline.load(folder, drafter="eagle3", draft=str(head_dir), draft_backend="other_torch", registry=reg)
     assert pipe.drafter.head.backend == "other_torch" and pipe.target.backend == "torch_cuda"
     assert pipe.generate("Hi", max_new_tokens=10).token_ids == ref.token_ids
+
+
+def test_aux_layer_ids_follow_specforge_and_vllm_conventions(tmp_path):
+    """SpecForge / SGLang number the captured tensors by the layer whose output they are
+    (default [1, L//2-1, L-4]); vLLM by the layer whose input they are (default (2, L//2, L-3)):
+    both name the same tensors, read and written both ways."""
+    from specrun.eagle3 import aux_ids_from_config, aux_ids_to_config, default_aux_layers
+    from specrun.errors import SpecrunError
+
+    L = 30
+    specforge = [1, L // 2 - 1, L - 4]
+    assert aux_ids_from_config({"eagle_config": {"eagle_aux_hidden_state_layer_ids": specforge}}) == default_aux_layers(L)
+    assert aux_ids_from_config({"eagle_aux_hidden_state_layer_ids": [2, 15, 27]}) == (2, 15, 27)
+    both = aux_ids_to_config(default_aux_layers(L), {})
+    assert both == {"eagle_aux_hidden_state_layer_ids": [2, 15, 27], "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 14, 26]}}
+    assert aux_ids_from_config(both) == (2, 15, 27)
+    with pytest.raises(SpecrunError, match="name other layers"):
+        aux_ids_from_config({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [2, 15, 27]},
+                             "eagle_aux_hidden_state_layer_ids": [2, 15, 27]})
+    with pytest.raises(SpecrunError, match="list of layer numbers"):
+        aux_ids_from_config({"eagle_aux_hidden_state_layer_ids": "2,15"})
+    # the shipped head reads the inputs of layers 2, 15, 27, and says so in both conventions
+    from specrun.drafters import bundled_head
+
+    shipped = json.loads((bundled_head(None) / "config.json").read_text())
+    assert shipped["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == specforge
+    assert aux_ids_from_config(shipped) == (2, 15, 27)
+
