@@ -646,7 +646,8 @@ def _command_line(ctx: click.Context) -> str:
 
 
 @click.command("bench")
-@click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Backends, comma-separated.")
+@click.option("--backend", "-b", default="auto", show_default=True,
+              help="Backends, comma-separated; auto: the fastest installed for the device (as generate picks).")
 @click.option("--drafter", default="none,ngram", show_default=True,
               help="Drafters, comma-separated: none, ngram, model, eagle3, eagle3+ngram (plain decoding always runs).")
 @click.option("--dataset", default="mt-bench", show_default=True,
@@ -687,6 +688,16 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         click.echo(render_readme(readme), nl=False)
         return
     backends = split_list(backend, "backend")
+    auto_precision = None
+    if "auto" in backends:
+        from specrun.plugins import choose_backend, load_registry
+
+        first_device = (device or "cpu").split(",")[0].split("=")[-1]
+        name, auto_precision = choose_backend(load_registry(), first_device)
+        backends = list(dict.fromkeys(name if b == "auto" else b for b in backends))
+        click.echo(f"specrun bench: --backend auto is {name} at {auto_precision} here", err=True)
+        if precision is None:
+            precision = f"{name}={auto_precision}"
     drafters = split_list(drafter, "drafter")
     settings = BenchSettings(
         backends=backends, drafters=drafters, dataset=dataset, limit=limit or None,

@@ -128,7 +128,9 @@ def threads_option(help: str = "CPU threads for the backend."):
 
 
 def backend_options(f):
-    f = click.option("--backend", "-b", default="torch_cuda", show_default=True, help="Execution backend (see `specrun backends`).")(f)
+    f = click.option("--backend", "-b", default="auto", show_default=True,
+                     help="Execution backend (see `specrun backends`); auto: the fastest installed for the device, "
+                     "as each backend's measured preference says (README, 'Choosing a backend').")(f)
     f = click.option("--device", "-d", default="cpu", show_default=True, help="Device of the backend (cpu, cuda, GPU, NPU ...).")(f)
     f = click.option("--precision", default=None, help="Compute precision (f32, bf16, f16, int8 ...); default: the backend's.")(f)
     f = click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")(f)
@@ -194,7 +196,7 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     click.echo()
     st = pipe.last.stats
     click.echo(
-        f"[{st.backend}/{st.device}/{st.precision} drafter={st.drafter}{f' ({st.draft_runs_on})' if st.draft_runs_on else ''} "
+        f"[{st.backend}/{st.device}/{st.precision}{' (auto: fastest installed)' if pipe.auto_backend else ''} drafter={st.drafter}{f' ({st.draft_runs_on})' if st.draft_runs_on else ''} "
         f"k={st.num_draft_tokens}] "
         f"{st.new_tokens} tokens, acceptance length {st.acceptance_length:.2f} tokens/call, "
         f"{st.tokens_per_second:.1f} tokens/s, first token {st.time_to_first_token:.2f} s, stop: {st.stop_reason}",

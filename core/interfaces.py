@@ -201,6 +201,13 @@ class Backend(abc.ABC):
         """Optional features: ``hidden_states``, ``tree_attention``, ``weights:int8`` ..."""
         return set()
 
+    def preference(self, device: str) -> tuple[int, str] | None:
+        """For ``--backend auto`` (the default): how fast this backend decodes on ``device``
+        relative to others, as measured with ``specrun bench`` (higher is faster), and the
+        precision that figure is for — one at which speculative output equals plain output.
+        None: never picked automatically on ``device`` (the default)."""
+        return None
+
     def load_target(
         self,
         model_dir: str,

@@ -13,7 +13,8 @@ from .drafters import LookupFirstDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from .errors import SpecrunError
 from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
-from .plugins import Registry, load_registry
+from .plugins import AUTO as AUTO_BACKEND
+from .plugins import Registry, choose_backend, load_registry
 from .sampling import SamplingParams, check_stop_strings
 from .tokenizer import (  # load_tokenizer: re-exported (bench, conformance)
     check_text,
@@ -88,13 +89,14 @@ class Pipeline:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = sorted(eos)
         self.last: Result | None = None
+        self.auto_backend = False  # the backend was chosen by --backend auto
 
     @classmethod
     def load(
         cls,
         target: str | None = None,
         *,
-        backend: str = "torch_cuda",
+        backend: str = "auto",
         device: str = "cpu",
         precision: str | None = None,
         drafter: str = AUTO,
@@ -135,6 +137,10 @@ class Pipeline:
                                    "(an EAGLE-3 head in the SpecForge format, e.g. from `specrun train-draft`)")
             draft = str(head)
         registry = registry or load_registry()
+        chosen = backend == AUTO_BACKEND
+        if chosen:
+            backend, auto_precision = choose_backend(registry, device)
+            precision = precision or auto_precision
         be = registry.get(backend)
         model_dir = resolve_model(target)
         config = ModelConfig.load(model_dir)
@@ -180,6 +186,7 @@ class Pipeline:
             if lookup_first:
                 d = LookupFirstDrafter(d)
         pipe = cls(tgt, tokenizer or load_tokenizer(model_dir), d, num_draft_tokens, config)
+        pipe.auto_backend = chosen
         if tree is not None:
             from .decode import TreeSpeculativeDecoder
             from .drafters import Eagle3Drafter

@@ -61,6 +61,46 @@ class Registry:
         return entry.backend
 
 
+AUTO = "auto"
+
+
+def choose_backend(registry: Registry, device: str) -> tuple[str, str]:
+    """``--backend auto``: the available backend that declares itself fastest on ``device``
+    (``Backend.preference``) and its precision.  The rule: highest preference, then name."""
+    best: tuple[int, str, str] | None = None
+    kind = device.split(":")[0].split(".")[0].lower()
+    for name in registry.names():
+        entry = registry.entries[name]
+        if entry.backend is None or not entry.availability().available:
+            continue
+        try:
+            if device not in entry.backend.devices() and kind not in {d.split(":")[0].lower() for d in entry.backend.devices()}:
+                continue
+            pref = entry.backend.preference(device)
+        except Exception:  # a plugin bug never breaks the choice among the others
+            continue
+        if pref is not None and (best is None or (pref[0], name) > (best[0], best[1])):
+            best = (int(pref[0]), name, pref[1])
+    if best is None:
+        known: list[str] = []
+        for name in registry.names():  # a device some backend knows but that is not here: its own error
+            be = registry.entries[name].backend
+            if be is None or not registry.entries[name].availability().available:
+                continue
+            try:
+                kinds = {d.split(":")[0].lower() for d in be.known_devices()}
+            except Exception:
+                continue
+            known += be.known_devices()
+            if device in be.known_devices() or kind in kinds:
+                be.check_device(device)
+        if known and device not in known:
+            raise SpecrunError(f"unknown device '{device}'; known: {', '.join(sorted(set(known)))} (see `specrun backends`)")
+        raise SpecrunError(f"no installed backend declares itself a default for device '{device}'; pass --backend NAME "
+                           f"(see `specrun backends`)")
+    return best[1], best[2]
+
+
 def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     if dist is None:

@@ -22,7 +22,13 @@ PROMPTS = [
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    """The CLI on the torch reference backend unless a test names another: these tests exercise
+    the CLI on tiny random models (``--backend auto``'s own choice is tested in test_plugins.py)."""
+    args = [str(a) for a in args]
+    if args and args[0] in ("generate", "bench") and not any(str(a) in ("--backend", "-b") or str(a).startswith("--backend=")
+                                                            for a in args):
+        args = [args[0], "--backend", "torch_cuda", *args[1:]]
+    return CliRunner().invoke(main, args)
 
 
 def assert_one_line_error(result, fragment):

@@ -295,7 +295,7 @@ def test_fixed_block_shape_padding_keeps_blocks_exact(tiny_models, ov_backend):
     from specrun_openvino.backend import PAD_ROWS, _block_invariant
 
     target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
-    target.pad_rows = PAD_ROWS
+    target.pad_rows = PAD_ROWS[0]
     assert _block_invariant(target)
     plain = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT, 20) for x in c]
     spec = [x for c in SpeculativeDecoder(target, NgramDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from specrun.errors import SpecrunError
+
 SPECRUN = [sys.executable, "-m", "specrun"]
 
 
@@ -130,3 +132,54 @@ def test_a_broken_tool_plugin_breaks_only_its_command(monkeypatch):
     assert r.exit_code == 0 and "explode" in r.output and "unavailable" in r.output
     r = CliRunner().invoke(main, ["backends"])
     assert r.exit_code == 0
+
+
+def test_auto_backend_is_the_fastest_declared_for_the_device():
+    """--backend auto: the available backend with the highest measured preference for the device;
+    a backend whose preference raises or that is unavailable is passed over."""
+    from specrun.interfaces import Availability, Backend
+    from specrun.plugins import Registry, choose_backend, register_backend_for_tests
+
+    class Fake(Backend):
+        def __init__(self, name, pref, available=True, boom=False):
+            self.name, self.pref, self.available, self.boom = name, pref, available, boom
+
+        def availability(self):
+            return Availability(self.available, "" if self.available else "missing")
+
+        def devices(self):
+            return ["cpu"]
+
+        def precisions(self, device):
+            return ["f32", "int8"]
+
+        def preference(self, device):
+            if self.boom:
+                raise RuntimeError("plugin bug")
+            return self.pref
+
+    reg = Registry()
+    for b in (Fake("slow", (10, "f32")), Fake("fast", (50, "int8")), Fake("gone", (90, "f32"), available=False),
+              Fake("buggy", (99, "f32"), boom=True), Fake("never", None)):
+        register_backend_for_tests(reg, b)
+    assert choose_backend(reg, "cpu") == ("fast", "int8")
+    with pytest.raises(SpecrunError, match="unknown device 'cuda'; known: cpu"):
+        choose_backend(reg, "cuda")
+
+
+def test_auto_backend_of_the_installed_plugins():
+    from specrun.plugins import choose_backend, load_registry
+
+    name, precision = choose_backend(load_registry(), "cpu")
+    assert (name, precision) == ("openvino", "int8")  # the fastest exact path measured here (README)
+
+
+def test_auto_backend_device_errors_name_the_device():
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "Hi", "--device", "cuda"])
+    assert r.exit_code == 2 and "device 'cuda' is not present for backend 'torch_cuda'; present: cpu" in r.stderr
+    r = CliRunner().invoke(main, ["generate", "Hi", "--device", "tpu"])
+    assert r.exit_code == 2 and "unknown device 'tpu'; known:" in r.stderr

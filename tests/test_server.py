@@ -33,7 +33,7 @@ class Server:
         self.log = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specrun", "serve", "--target", str(model), "--drafter", "ngram", "--threads", "1",
+            [sys.executable, "-m", "specrun", "serve", "--target", str(model), "--backend", "torch_cuda", "--drafter", "ngram", "--threads", "1",
              "--port", "0", "--log-level", "warning", *args],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
@@ -113,7 +113,7 @@ def busy_server(serve_model, tmp_path_factory):
 
 
 def cli_generate(model: Path, prompt: str, *args: str) -> dict:
-    r = CliRunner().invoke(main, ["generate", prompt, "--target", str(model), "--drafter", "ngram", "--threads", "1",
+    r = CliRunner().invoke(main, ["generate", prompt, "--target", str(model), "--backend", "torch_cuda", "--drafter", "ngram", "--threads", "1",
                                   "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)

@@ -124,6 +124,11 @@ class OnnxBackend(Backend):
     def precisions(self, device: str) -> list[str]:
         return list(ex.PRECISIONS)
 
+    def preference(self, device: str):
+        """f32 only: its int8 blocks are not batch-invariant (speculative output differs from plain at
+        int8), so int8, though its fastest plain path, is never picked automatically."""
+        return (30, "f32") if device == "cpu" else None
+
     def capabilities(self) -> set[str]:
         return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:int8"}
 

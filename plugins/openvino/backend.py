@@ -31,7 +31,7 @@ import numpy as np
 
 from specrun import store
 from specrun.errors import SpecrunError
-from specrun.interfaces import Availability, Backend, Target, check_aux_layers
+from specrun.interfaces import Availability, Backend, StepOutput, Target, check_aux_layers
 from specrun.store import cache_dir
 from specrun_kit.head import KVBufferHead
 from specrun_kit.kvbuffer import KVBufferTarget
@@ -102,22 +102,26 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward(self, tokens, *, all_logits: bool = True):
         T = len(tokens)
-        if not 0 < T < self.pad_rows:
+        if not self.pad_rows or T == 0 or self._len == 0:  # a prefill: plain and speculative run the same one
             return super().forward(tokens, all_logits=all_logits)
-        # a fixed block shape: the runtime picks its matmul kernels by the number of rows, so a
-        # token's logits are the same bits alone or anywhere in a verification block.  The
-        # padding rows come after the real ones (causal: they change nothing) and are dropped
-        start, R = self._len, self.pad_rows
-        # the logits of R rows too (the wanted ones, then the last repeated): the lm_head's kernel
-        # also depends on its row count
-        wanted = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
-        out_index = np.concatenate([wanted, np.full(R - len(wanted), T - 1, dtype=np.int64)])
-        pad = [int(tokens[-1])] * (R - T)
-        out = self._run(list(tokens) + pad, np.arange(start, start + R, dtype=np.int64), np.tri(R, dtype=bool), out_index)
-        self._len = start + T
+        # one block shape for every call after the prefill: the runtime picks its matmul kernels by
+        # the number of rows, so a token's logits must not depend on the block it is verified in.
+        # Blocks run as chunks of pad_rows rows (the last padded after its real rows: causal, the
+        # padding changes nothing and is dropped), each chunk on the cache the previous one wrote
+        R = self.pad_rows
+        logits, hidden = [], []
+        for c in range(0, T, R):
+            chunk = list(tokens[c : c + R])
+            n, start = len(chunk), self._len
+            out = self._run(chunk + [chunk[-1]] * (R - n), np.arange(start, start + R, dtype=np.int64),
+                            np.tri(R, dtype=bool), np.arange(R, dtype=np.int64))  # the lm_head on R rows too
+            self._len = start + n
+            logits.append(out.logits[:n])
+            if out.hidden_states is not None:
+                hidden.append(out.hidden_states[:n])
         self._tree = None
-        hidden = None if out.hidden_states is None else out.hidden_states[:T]
-        return type(out)(out.logits[: len(wanted)], hidden)
+        all_rows = np.concatenate(logits)
+        return StepOutput(all_rows if all_logits else all_rows[-1:], np.concatenate(hidden) if hidden else None)
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
@@ -233,6 +237,15 @@ class OpenVinoBackend(Backend):
 
     def capabilities(self) -> set[str]:
         return {"hidden_states", "tree_attention", "eagle3", "weights:f32", "weights:int8", "weights:int4"}
+
+    def preference(self, device: str):
+        """On a CPU: int8 weights, the fastest exact configuration measured (``specrun bench``, 8
+        MT-bench prompts, 128 tokens: plain 45.6 tokens/s, ngram 55.2, 8/8 identical, on an Intel Xeon
+        with AMX; 91.3 / 104.7 on AMD EPYC, NOTES); elsewhere its default precision."""
+        dev = device.lower().partition(".")[0]
+        if dev == "cpu":
+            return (50, "int8") if "int8" in self.precisions("cpu") else (40, self.precisions("cpu")[0])
+        return (60, self.precisions(device)[0]) if dev in ("gpu", "npu") else None
 
     def versions(self) -> dict[str, str]:
         return {"openvino": _import_ov().__version__}
@@ -359,19 +372,19 @@ def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
     return store.build_once(folder, main_file, build, version=IR_VERSION, force=force)
 
 
-PAD_ROWS = 8  # the block shape compressed weights run at where the runtime is not batch-invariant
+PAD_ROWS = (5, 8)  # block shapes tried, in order, where compressed weights are not batch-invariant
 
 
 def _block_invariant(target: OpenVinoTarget) -> bool:
-    """Whether a token's logits are the same bits alone and inside blocks of 2..5 tokens."""
-    ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(12)]
+    """Whether a token's logits are the same bits as a single step and inside blocks of 2..9 tokens."""
+    ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(20)]
     target.reset(32)
     target.forward(ids[:2])
     steps = np.stack([target.forward([t]).logits[0] for t in ids[2:]])
     ok = True
-    for T in (2, 3, 5):
+    for T in (2, 3, 5, 6, 9):
         target.rollback(2)
-        got = np.concatenate([target.forward(ids[2 + i : 2 + i + T]).logits for i in range(0, 10 - T + 1, T)])
+        got = np.concatenate([target.forward(ids[2 + i : 2 + i + T]).logits for i in range(0, 18 - T + 1, T)])
         ok &= bool(np.array_equal(got, steps[: len(got)]))
     target.reset(32)
     return ok
@@ -380,19 +393,21 @@ def _block_invariant(target: OpenVinoTarget) -> bool:
 def _make_batch_invariant(target: OpenVinoTarget) -> None:
     """Greedy speculative output must equal plain output at every precision.  With compressed
     weights OpenVINO's CPU plugin picks its matmul kernels by the block's row count on some CPUs
-    (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps and blocks of 2-4 tokens agree
-    bit for bit, blocks of 5 and 8 do not; on AMD EPYC all agree), so blocks verified together give
-    other bits than single steps.  Probed at load: where blocks differ, every block shorter than
-    ``PAD_ROWS`` runs padded to ``PAD_ROWS`` rows, one kernel shape for all (0 differing rows in
-    blocks of 1..8 here).  Longer blocks (k >= 8, trees) are not covered."""
+    (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps differ from blocks, blocks of
+    2-4 agree with each other, 5 and 8 do not; on AMD EPYC all agree), so tokens verified in a block
+    got other bits than single steps.  Probed at load: where blocks differ, every call after the
+    prefill runs as chunks of ``pad_rows`` rows (5, else 8, whichever the probe finds exact), one
+    kernel shape for all.  Costs: a step computes 5 rows (lm_head included)."""
     if _block_invariant(target):
         return
-    target.pad_rows = PAD_ROWS
-    if not _block_invariant(target):
-        target.pad_rows = 0
-        print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
-              "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
-              file=sys.stderr)
+    for rows in PAD_ROWS:
+        target.pad_rows = rows
+        if _block_invariant(target):
+            return
+    target.pad_rows = 0
+    print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
+          "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
+          file=sys.stderr)
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:
