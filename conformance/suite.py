@@ -58,18 +58,29 @@ def _read_toml(path: Path, what: str) -> dict:
         raise SpecrunError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
-def load_tolerances(backend: str, precision: str, extra: Path | None = None) -> Tolerance:
+def backend_requirements(backend_obj) -> Path | None:
+    """The conformance file a backend ships with itself (``Backend.conformance_requirements``):
+    its tolerance overrides (``[overrides.BACKEND.PRECISION]``) and expected failures
+    (``[[xfail]]``), kept with the backend as SQLAlchemy dialects keep their ``Requirements``."""
+    get = getattr(backend_obj, "conformance_requirements", None)
+    path = get() if get is not None else None
+    if path is not None and not Path(path).is_file():
+        raise SpecrunError(f"backend conformance file {path} is missing; reinstall the backend's package")
+    return None if path is None else Path(path)
+
+
+def load_tolerances(backend: str, precision: str, extra: Path | None = None, own: Path | None = None) -> Tolerance:
     data = _read_toml(HERE / "tolerances.toml", "tolerance file")
     where = HERE / "tolerances.toml"
-    if extra is not None:
-        more = _read_toml(extra, "tolerance file")
+    for more_path in [p for p in (own, extra) if p is not None]:
+        more = _read_toml(more_path, "tolerance file")
         overrides = more.get("overrides", {})
         if not isinstance(overrides, dict) or not all(
                 isinstance(v, dict) and all(isinstance(o, dict) for o in v.values()) for v in overrides.values()):
-            raise SpecrunError(f"tolerance file {extra}: overrides must be tables [overrides.BACKEND.PRECISION]")
+            raise SpecrunError(f"tolerance file {more_path}: overrides must be tables [overrides.BACKEND.PRECISION]")
         for k, v in overrides.items():
             data.setdefault("overrides", {}).setdefault(k, {}).update(v)
-        where = f"{where} + {extra}"
+        where = f"{where} + {more_path}"
     for be_name, tables in data.get("overrides", {}).items():  # every override, not only this run's
         for prec, override in tables.items():
             if not override.get("reason"):
@@ -117,9 +128,9 @@ class ExpectedFailure:
         )
 
 
-def load_expected_failures(extra: Path | None = None) -> list[ExpectedFailure]:
+def load_expected_failures(extra: Path | None = None, own: Path | None = None) -> list[ExpectedFailure]:
     entries = []
-    for path in [HERE / "expected_failures.toml", *([Path(extra)] if extra else [])]:
+    for path in [HERE / "expected_failures.toml", *([Path(own)] if own else []), *([Path(extra)] if extra else [])]:
         data = _read_toml(path, "expected-failure list")
         listed = data.get("xfail", [])
         if not isinstance(listed, list):
@@ -726,7 +737,7 @@ def c12_eagle3(ctx: Context) -> dict:
     head = be.load_eagle3_head(str(head_dir), str(ctx.model_dir), device=ctx.run.device,
                                precision="f32" if ctx.run.precision == "f32" else None, **ctx.run.load_options())
     ref = ctx.run.reference_backend.load_eagle3_head(str(head_dir), str(ctx.model_dir), device="cpu", precision="f32")
-    tol = load_tolerances(ctx.run.backend_name, head.precision) if head.precision != ctx.run.precision else ctx.tol
+    tol = load_tolerances(ctx.run.backend_name, head.precision, own=ctx.run.own_file) if head.precision != ctx.run.precision else ctx.tol
     width = head.config.num_aux * head.config.target_hidden_size
     got, want = _head_calls(head, 5, width), _head_calls(ref, 5, width)
     fields: dict = {}
@@ -850,6 +861,7 @@ class Run:
     problems: list[str] = attrs.field(factory=list)  # run-level failures (count guard, unused xfails)
     seconds: float = 0.0
     options: dict | None = None  # load options of the backend under test (threads)
+    own_file: Path | None = None  # the backend's own conformance file (tolerance overrides, expected failures)
 
     def load_options(self, reference: bool = False) -> dict:
         """Keyword arguments for loads of the backend under test (none when no option was given)."""
@@ -934,9 +946,10 @@ def run_suite(
     device = backend.check_device(device)
     precision = backend.check_precision(device, precision)
     entry = registry.entries[backend_name]
-    run = Run(backend_name, device, precision, backend, reference, load_tolerances(backend_name, precision, tolerances),
-              package=entry.package, package_version=entry.version, options=options)
-    xfails = [x for x in load_expected_failures(expected_failures) if fnmatch.fnmatch(backend_name, x.backend)]
+    own = backend_requirements(backend)
+    run = Run(backend_name, device, precision, backend, reference, load_tolerances(backend_name, precision, tolerances, own),
+              package=entry.package, package_version=entry.version, options=options, own_file=own)
+    xfails = [x for x in load_expected_failures(expected_failures, own) if fnmatch.fnmatch(backend_name, x.backend)]
     used: set[int] = set()
     dirs = model_dirs(models, target)
     items = [(c, m) for c, m in plan(models) if not only or c.id in only or c.name in only]

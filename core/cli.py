@@ -93,7 +93,7 @@ def _broken_tool(name: str, ep, error: str) -> click.Command:
 
 @click.group(cls=SpecrunGroup)
 @click.option("--backend", "-b", "backend", default=None, metavar="NAME",
-              help="Backend for the command that follows, e.g. `specrun --backend openvino generate PROMPT` "
+              help="Backend for the command that follows, e.g. `specrun --backend NAME generate PROMPT` "
               "(the command's own --backend wins).")
 @click.version_option(package_name="specrun")
 @click.pass_context
@@ -242,7 +242,8 @@ def backends(as_json):
 
 
 @main.command("export")
-@click.option("--backend", "-b", default="onnx_cpu", show_default=True, help="Backend whose model format to build.")
+@click.option("--backend", "-b", default="auto", show_default=True,
+              help="Backend whose model format to build (auto: the one generate picks on the CPU).")
 @click.option("--target", "-m", default=None, help="Model id or local transformers folder [default: smollm2-135m-instruct].")
 @click.option("--precision", default=None, help="Precision to export (e.g. f32, int8); default: the backend's.")
 @click.option("--aux-layers", default="", help="Comma-separated decoder layers whose inputs the graph also returns (EAGLE-3).")
@@ -250,17 +251,18 @@ def backends(as_json):
 def export_command(backend, target, precision, aux_layers, force):
     """Export a model to a backend's format ahead of time (cached; later loads reuse it)."""
     from .models import resolve_model
-    from .plugins import load_registry
+    from .plugins import AUTO, choose_backend, load_registry
 
-    be = load_registry().get(backend)
-    export = getattr(be, "export", None)
-    if export is None:
-        raise SpecrunError(f"backend '{backend}' has nothing to export ahead of time; it loads models directly")
+    registry = load_registry()
+    if backend == AUTO:
+        backend, auto_precision = choose_backend(registry, "cpu")
+        precision = precision or auto_precision
+    be = registry.get(backend)
     try:
         aux = tuple(int(a) for a in aux_layers.split(",") if a.strip())
     except ValueError:
         raise SpecrunError(f"--aux-layers takes comma-separated layer numbers, got '{aux_layers}'") from None
-    path = export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
+    path = be.export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
     click.echo(str(path))
 
 

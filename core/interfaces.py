@@ -201,6 +201,12 @@ class Backend(abc.ABC):
         """Optional features: ``hidden_states``, ``tree_attention``, ``weights:int8`` ..."""
         return set()
 
+    def conformance_requirements(self):
+        """Optional: a TOML file shipped with the backend holding its conformance tolerance
+        overrides (``[overrides.NAME.PRECISION]``, each with a ``reason``) and expected failures
+        (``[[xfail]]``); the suite reads it beside its own (docs/writing-a-backend.md)."""
+        return None
+
     def preference(self, device: str) -> tuple[int, str] | None:
         """For ``--backend auto`` (the default): how fast this backend decodes on ``device``
         relative to others, as measured with ``specrun bench`` (higher is faster), and the
@@ -236,6 +242,14 @@ class Backend(abc.ABC):
 
         raise SpecrunError(f"backend '{self.name}' implements neither build_target nor load_target; it cannot load models")
 
+    def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
+               force: bool = False, progress: bool = True):
+        """Optional: build this backend's cached model format ahead of time (``specrun export``)
+        and return its path; ``force`` rebuilds every artefact it uses."""
+        from .errors import SpecrunError
+
+        raise SpecrunError(f"backend '{self.name}' has nothing to export ahead of time; it loads models directly")
+
     def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None,
                          options: dict | None = None):
         """Build an EAGLE-3 draft head (``specrun.eagle3.DraftHead``, numpy in / numpy out) from a
@@ -244,7 +258,7 @@ class Backend(abc.ABC):
         Optional: backends without it cannot run EAGLE-3 heads."""
         from .errors import SpecrunError
 
-        raise SpecrunError(f"backend '{self.name}' cannot run EAGLE-3 heads; use --draft-backend torch_cuda")
+        raise SpecrunError(f"backend '{self.name}' cannot run EAGLE-3 heads; use a --draft-backend that lists eagle3 among its capabilities (`specrun backends`)")
 
     def check_device(self, device: str) -> str:
         """Return the canonical device name or raise a one-line error naming the present ones."""
