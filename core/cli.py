@@ -208,9 +208,15 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def backends(as_json):
     """List registered backends: package, version, devices, precisions, availability."""
+    import importlib.metadata as md
+
     from .plugins import load_registry
 
     reg = load_registry()
+    if reg.unknown_plugins:
+        installed = sorted(ep.name for ep in md.entry_points(group="specrun.backends"))
+        raise SpecrunError(f"$SPECRUN_PLUGINS names {', '.join(reg.unknown_plugins)}, which no installed plugin provides; "
+                           f"fix or unset SPECRUN_PLUGINS (installed: {', '.join(installed)})")
     rows = []
     for name in reg.names():
         e = reg.entries[name]

@@ -116,6 +116,7 @@ class Pipeline:
         below it (default ``drafters.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
         if num_draft_tokens < 1:
             raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
+        auto_drafter = drafter == AUTO
         if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
             from .drafters import bundled_head
 
@@ -142,6 +143,19 @@ class Pipeline:
             backend, auto_precision = choose_backend(registry, device)
             precision = precision or auto_precision
         be = registry.get(backend)
+        if auto_drafter and drafter == "eagle3" and tree is None:
+            # the default drafter works on every backend: the head needs the target's hidden states;
+            # without them prompt lookup alone, without head support of its own the head runs on a
+            # backend that has it (the summary line names where the draft runs)
+            caps = be.capabilities()
+            if "hidden_states" not in caps:
+                drafter, lookup_first, draft = "ngram", False, None
+            elif "eagle3" not in caps and draft_backend is None:
+                draft_backend = next((n for n in registry.names() if registry.entries[n].backend is not None
+                                      and registry.entries[n].availability().available
+                                      and "eagle3" in registry.entries[n].backend.capabilities()), None)
+                if draft_backend is None:
+                    drafter, lookup_first, draft = "ngram", False, None
         model_dir = resolve_model(target)
         config = ModelConfig.load(model_dir)
         aux: tuple[int, ...] = ()

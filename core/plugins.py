@@ -25,6 +25,7 @@ class BackendEntry:
     version: str
     backend: Backend | None = None
     error: str = ""  # why the plugin could not be loaded
+    entry_point: str = ""
 
     def availability(self) -> Availability:
         if self.backend is None:
@@ -39,14 +40,19 @@ class BackendEntry:
 class Registry:
     entries: dict[str, BackendEntry] = attrs.field(factory=dict)
     conflicts: list[str] = attrs.field(factory=list)
+    clashing: dict[str, str] = attrs.field(factory=dict)  # backend name -> why it cannot be used
+    unknown_plugins: list[str] = attrs.field(factory=list)  # names in $SPECRUN_PLUGINS no entry point has
 
     def names(self) -> list[str]:
         return sorted(self.entries)
 
     def get(self, name: str, *, require_available: bool = True) -> Backend:
-        if self.conflicts:
-            raise SpecrunError(self.conflicts[0])
+        if name in self.clashing:  # only the colliding name is unusable, every other backend works
+            raise SpecrunError(self.clashing[name])
         entry = self.entries.get(name)
+        if entry is None and self.unknown_plugins:
+            raise SpecrunError(f"unknown backend '{name}': ${PLUGINS_ENV} names {', '.join(self.unknown_plugins)}, which no "
+                               f"installed plugin provides, and restricts loading to it; fix or unset ${PLUGINS_ENV}")
         if entry is None:
             raise SpecrunError(
                 f"unknown backend '{name}'; known backends: {', '.join(self.names()) or 'none'} (see `specrun backends`)"
@@ -120,7 +126,10 @@ def load_registry(only: list[str] | None = None) -> Registry:
     pm.add_hookspecs(hookspecs)
     registry = Registry()
     seen_eps: set[tuple[str, str]] = set()
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+    eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    if only is not None:
+        registry.unknown_plugins = [n for n in only if n not in {ep.name for ep in eps}]
+    for ep in eps:
         if only is not None and ep.name not in only:
             continue
         package, version = _distribution_of(ep)
@@ -144,17 +153,18 @@ def load_registry(only: list[str] | None = None) -> Registry:
             _add(registry, BackendEntry(ep.name, package, version, None, f"register_backends raised {_one_line(exc)}"))
             continue
         for backend in collected:
-            _add(registry, BackendEntry(backend.name, package, version, backend))
+            _add(registry, BackendEntry(backend.name, package, version, backend, entry_point=ep.name))
     return registry
 
 
 def _add(registry: Registry, entry: BackendEntry) -> None:
     existing = registry.entries.get(entry.name)
     if existing is not None:
-        registry.conflicts.append(
-            f"two backends are named '{entry.name}': one from package '{existing.package}', one from "
-            f"package '{entry.package}'; uninstall one of them or restrict plugins with ${PLUGINS_ENV}"
-        )
+        msg = (f"two backends are named '{entry.name}': one from package '{existing.package}' (entry point "
+               f"'{existing.entry_point or existing.name}'), one from package '{entry.package}' (entry point "
+               f"'{entry.entry_point or entry.name}'); uninstall one of them or restrict plugins with ${PLUGINS_ENV}")
+        registry.conflicts.append(msg)
+        registry.clashing[entry.name] = msg
         return
     registry.entries[entry.name] = entry
 

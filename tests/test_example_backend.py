@@ -115,3 +115,21 @@ def test_errors_are_one_line_specrun_errors(tmp_path, tiny_models, numpy_backend
     (broken / "config.json").write_text((Path(model) / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     assert "cannot read weights" in one_line_error(lambda: numpy_backend.load_target(str(broken), device="cpu"))
+
+
+@pytest.mark.slow
+def test_default_drafter_works_on_a_backend_without_head_support():
+    """The default drafter on a backend that cannot run EAGLE-3 heads: the shipped head runs on one
+    that can, and the summary line says where; the output is the backend's plain greedy output."""
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6"])
+    assert r.exit_code == 0, r.output
+    assert "drafter=eagle3+ngram (" in r.stderr and "numpy_ref/cpu/f32" in r.stderr
+    plain = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6", "--drafter", "none", "--json"])
+    spec = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6", "--json"])
+    import json
+
+    assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]

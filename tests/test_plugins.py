@@ -183,3 +183,21 @@ def test_auto_backend_device_errors_name_the_device():
     assert r.exit_code == 2 and "device 'cuda' is not present for backend 'torch_cuda'; present: cpu" in r.stderr
     r = CliRunner().invoke(main, ["generate", "Hi", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown device 'tpu'; known:" in r.stderr
+
+
+def test_a_name_clash_breaks_only_the_two_colliding_entries(plugin_path):
+    code = ("from specrun.plugins import load_registry\nr = load_registry()\nprint(r.get('onnx_cpu').name)\n"
+            "try:\n    r.get('torch_cuda')\nexcept Exception as e:\n    print('ERR', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(plugin_path), "SPECRUN_PLUGINS": "torch_cuda,onnx_cpu,clash"})
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "onnx_cpu", out.stderr
+    assert lines[1].startswith("ERR two backends are named 'torch_cuda'") and "entry point 'clash'" in lines[1]
+    assert "entry point 'torch_cuda'" in lines[1]
+
+
+def test_specrun_plugins_naming_nothing_installed_is_one_line(plugin_path):
+    r = run_cli(["backends"], plugin_path, SPECRUN_PLUGINS="nope")
+    assert r.returncode == 2 and "$SPECRUN_PLUGINS names nope, which no installed plugin provides" in r.stderr
+    g = run_cli(["generate", "hi", "--backend", "torch_cuda"], plugin_path, SPECRUN_PLUGINS="nope")
+    assert g.returncode == 2 and "SPECRUN_PLUGINS names nope" in g.stderr and "Traceback" not in g.stderr
