@@ -72,6 +72,21 @@ class Stats:
         return d
 
 
+def check_num_draft_tokens(k: int) -> int:
+    """The one check of k (draft tokens per target call), wherever it enters."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SpecrunError(f"--num-draft-tokens must be >= 1 (the draft tokens k must be >= 1 per target call), got {k!r}")
+    return k
+
+
+def check_prompt_text(text: str) -> str:
+    """The one check that a prompt's text is there (before tokenizing; an empty id list is
+    refused by ``SpeculativeDecoder.check_length``)."""
+    if not text.strip():
+        raise SpecrunError("the prompt is empty; give some text")
+    return text
+
+
 def make_verifier(params: SamplingParams) -> tuple[Verifier, Sampler | None]:
     if params.greedy:
         return GreedyVerifier(), None
@@ -89,9 +104,7 @@ class SpeculativeDecoder:
         num_draft_tokens: int = 4,
         verifier_factory: Callable[[SamplingParams], tuple[Verifier, Sampler | None]] = make_verifier,
     ):
-        if num_draft_tokens < 1:
-            raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
-        self.target, self.drafter, self.k = target, drafter, num_draft_tokens
+        self.target, self.drafter, self.k = target, drafter, check_num_draft_tokens(num_draft_tokens)
         self.verifier_factory = verifier_factory
         self.stats = Stats()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from .decode import SpeculativeDecoder, Stats
+from .decode import SpeculativeDecoder, Stats, check_num_draft_tokens, check_prompt_text
 from .drafters import LookupFirstDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from .errors import SpecrunError
 from .interfaces import Drafter, Target
@@ -34,31 +34,15 @@ class Result:
     stats: Stats
 
     def as_dict(self) -> dict:
-        st = self.stats
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "stats": {
-                "target_calls": st.target_calls,
-                "drafted": st.drafted,
-                "accepted": st.accepted,
-                "acceptance_length": st.acceptance_length,
-                "acceptance_rate_per_position": st.acceptance_rate_per_position,
-                "tokens_per_second": st.tokens_per_second,
-                "time_to_first_token": st.time_to_first_token,
-                "prefill_seconds": st.prefill_seconds,
-                "decode_seconds": st.decode_seconds,
-                "new_tokens": st.new_tokens,
-                "prompt_tokens": st.prompt_tokens,
-                "stop_reason": st.stop_reason,
-                "drafter": st.drafter,
-                "draft_runs_on": st.draft_runs_on,
-                "num_draft_tokens": st.num_draft_tokens,
-                "backend": st.backend,
-                "device": st.device,
-                "precision": st.precision,
-            },
-        }
+        stats = self.stats.as_dict()
+        return {"text": self.text, "token_ids": self.token_ids, "stats": {k: stats[k] for k in JSON_STATS}}
+
+
+#: the statistics ``--json`` and ``Result.as_dict`` report (``Stats.as_dict`` has them all)
+JSON_STATS = ("target_calls", "drafted", "accepted", "acceptance_length", "acceptance_rate_per_position",
+              "tokens_per_second", "time_to_first_token", "prefill_seconds", "decode_seconds", "new_tokens",
+              "prompt_tokens", "stop_reason", "drafter", "draft_runs_on", "num_draft_tokens", "backend", "device",
+              "precision")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -114,8 +98,7 @@ class Pipeline:
         drafter, a target backend with ``tree_attention``), greedy or sampling.
         ``draft_min_prob``: an eagle3 chain stops at the first step whose top draft probability is
         below it (default ``drafters.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
-        if num_draft_tokens < 1:
-            raise SpecrunError(f"the number of draft tokens k must be >= 1, got {num_draft_tokens}")
+        check_num_draft_tokens(num_draft_tokens)  # before anything loads
         auto_drafter = drafter == AUTO
         if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
             from .drafters import bundled_head
@@ -217,9 +200,7 @@ class Pipeline:
         return pipe
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
-        if not prompt.strip():
-            raise SpecrunError("the prompt is empty; give some text")
-        check_text(prompt, "the prompt")
+        check_text(check_prompt_text(prompt), "the prompt")
         tok = self.tokenizer
         if not raw and getattr(tok, "chat_template", None):
             text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
