@@ -307,3 +307,19 @@ def test_fixed_block_shape_padding_keeps_blocks_exact(tiny_models, ov_backend):
     assert out.logits.shape[0] == 3
     target.keep([0, 2])
     assert target.length == len(PROMPT) + 2
+
+
+def test_the_batch_invariance_probe_runs_once_per_machine(tiny_models, ov_backend, monkeypatch):
+    """The probe's verdict is remembered in the cache: a second load reuses it instead of running
+    the ~40 probe forwards again, and gets the same block shape."""
+    import specrun_openvino.backend as ob
+
+    first = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
+    assert ob._probe_file(first).is_file()
+
+    def no_probe(target):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(ob, "_block_invariant", no_probe)
+    again = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
+    assert again.pad_rows == first.pad_rows

@@ -394,24 +394,63 @@ def _block_invariant(target: OpenVinoTarget) -> bool:
     return ok
 
 
+def _probe_file(target: OpenVinoTarget) -> Path:
+    """Where the probe's verdict for this IR, precision, device, CPU and OpenVINO is remembered (the
+    IR's folder name is keyed by the model's content): the probe runs ~40 forwards (1.1 s a probe on
+    the default model), once per machine instead of on every load."""
+    import hashlib
+    import platform
+
+    cpu = platform.processor()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    key = json.dumps([target.path.parent.name, target.precision, target.compute_precision, target.device, cpu,
+                      _import_ov().__version__])
+    return cache_dir() / "probes" / f"openvino-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
 def _make_batch_invariant(target: OpenVinoTarget) -> None:
+    """Set ``target.pad_rows`` from the remembered probe verdict, probing once when there is none."""
+    path = _probe_file(target)
+    try:
+        verdict = json.loads(path.read_text())
+        if verdict["pad_rows"] not in (0, *PAD_ROWS) or not isinstance(verdict["exact"], bool):
+            raise ValueError(verdict)
+    except (OSError, ValueError, KeyError, TypeError):
+        verdict = {"exact": _probe_batch_invariance(target), "pad_rows": target.pad_rows}
+        try:  # best effort: a read-only cache only probes again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(verdict))
+            tmp.replace(path)
+        except OSError:
+            pass
+    target.pad_rows = verdict["pad_rows"]
+    if not verdict["exact"]:
+        print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
+              "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
+              file=sys.stderr)
+
+
+def _probe_batch_invariance(target: OpenVinoTarget) -> bool:
     """Greedy speculative output must equal plain output at every precision.  With compressed
     weights OpenVINO's CPU plugin picks its matmul kernels by the block's row count on some CPUs
     (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps differ from blocks, blocks of
     2-4 agree with each other, 5 and 8 do not; on AMD EPYC all agree), so tokens verified in a block
     got other bits than single steps.  Probed at load: where blocks differ, every call after the
     prefill runs as chunks of ``pad_rows`` rows (5, else 8, whichever the probe finds exact), one
-    kernel shape for all.  Costs: a step computes 5 rows (lm_head included)."""
+    kernel shape for all.  Costs: a step computes 5 rows (lm_head included).  True when exact."""
     if _block_invariant(target):
-        return
+        return True
     for rows in PAD_ROWS:
         target.pad_rows = rows
         if _block_invariant(target):
-            return
+            return True
     target.pad_rows = 0
-    print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
-          "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
-          file=sys.stderr)
+    return False
 
 
 def _check_small_blocks(target: OpenVinoTarget, device: str) -> None:
