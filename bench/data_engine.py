@@ -6,7 +6,8 @@ and the share of the engine's greedy answers identical to specrun's plain greedy
 
     .venv/bin/python bench/data_engine.py [--prompts 96] [--new-tokens 128] [--identity 50] [--variant bf16-bf16] [--out FILE]
 
-Pause a background data run first (``kill -STOP $(cat OUT/data.pid)``): both measure the same CPU.
+Pause a background data run first (``kill -STOP $(cat OUT.data.pid)``, ``bench/eagle3_data.sh``): both
+measure the same CPU.
 """
 
 from __future__ import annotations

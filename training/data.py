@@ -13,7 +13,7 @@ conversations (as SpecForge's ``regenerate_train_data`` does), with continuous b
 * **Shards.** Finished conversations are written in compressed shards (``shard-NNNNN.npz``: the
   token ids of each conversation stored once, its turn boundaries, its source index; written
   atomically), so a run killed at any point resumes from the shards there, and the shards are
-  small enough to commit (~1.5 bytes a token).
+  small enough to commit (0.49 bytes a token: 535 KB for the first 1.10M tokens of ShareGPT).
 """
 
 from __future__ import annotations

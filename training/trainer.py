@@ -266,7 +266,7 @@ def load_records(opts: TrainOptions) -> list[dict]:
 
 def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     """Stage 1: regenerate the answers of every conversation not yet in the shards (continuous
-    batching, see ``train_data``).  Returns the shard folder."""
+    batching, see ``data``).  Returns the shard folder."""
     import torch
 
     from specrun.models import ModelConfig
@@ -279,9 +279,11 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tc = ModelConfig.load(model_dir)
     weights = sorted(Path(model_dir).glob("*.safetensors"))
+    engine_weights = data_weights(opts)
     meta = {"target": Path(model_dir).name, "weights_sha256": [content_digest(w) for w in weights],
-            "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context, "kv_cache": opts.data_kv_dtype,
-            "weights": data_weights(opts), "engine": "specrun slot engine (torch), greedy"}
+            "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context,
+            "kv_cache": "bf16" if engine_weights == "bf16" else opts.data_kv_dtype,  # what the engine runs
+            "weights": engine_weights, "engine": "specrun slot engine (torch), greedy"}
     done = set()
     for m, c in read_shards(folder):
         # the same target: the same weights, or the same content-keyed conversion of the default model
@@ -301,7 +303,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
-                                          kv_dtype=opts.data_kv_dtype, weights=meta["weights"])
+                                          kv_dtype=meta["kv_cache"], weights=engine_weights)
     tok = load_tokenizer(model_dir, full=True)
     eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
     _log(opts, f"data: {len(todo)} conversations ({sum(len(c.turns) for c in todo)} human turns) to regenerate, "

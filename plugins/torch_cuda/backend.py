@@ -68,7 +68,7 @@ class TorchBackend(Backend):
 
         return load_model, Eagle3Module
 
-    def slot_engine(self, model_dir, *, slots: int, capacity: int, kv_dtype: str = "bf16", weights: str = "f32"):
+    def slot_engine(self, model_dir, *, slots: int, capacity: int, kv_dtype: str = "f32", weights: str = "f32"):
         """The continuous-batching engine of ``specrun train-draft --stage data`` on the CPU:
         ``weights`` f32 or bf16 (the matmuls; bf16 uses the CPU's AMX / avx512_bf16 units),
         ``kv_dtype`` bf16 or f32 (the cache; with bf16 weights the cache is bf16)."""
