@@ -187,3 +187,26 @@ def test_data_stage_cli_refuses_other_settings(tmp_path, tiny_models):
     assert data_summary(tmp_path / "o" / "work" / "shards")["turns"] == 3
     r = CliRunner().invoke(main, [*args, "--max-new-tokens", "5"])
     assert r.exit_code == 2 and "other settings" in r.stderr
+
+
+def test_an_interrupted_run_keeps_the_conversations_it_finished(tmp_path, tiny_models, torch_backend):
+    """Ctrl-C (kill -INT) during the data stage: conversations already finished but not yet in a
+    shard are written before the interrupt goes on; the ones in flight are redone on resume."""
+    from specrun.pipeline import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["llama"], full=True)
+    engine = torch_backend.slot_engine(str(tiny_models["llama"]), slots=1, capacity=256, kv_dtype="f32")
+    real_step, calls = engine.step, []
+
+    def step(slots, tokens):
+        calls.append(1)
+        if len(calls) == 9:  # the first conversation (6 answer tokens, 6 steps) is done, the second is running
+            raise KeyboardInterrupt
+        return real_step(slots, tokens)
+
+    engine.step = step
+    convs = [Conversation(i, [f"Question {i}?"]) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        regenerate(engine, tok, iter(convs), out=tmp_path, meta={}, max_new_tokens=6, eos={-1}, vocab_size=49152,
+                   quiet=True)
+    assert [c["id"] for _, c in read_shards(tmp_path)] == [0]

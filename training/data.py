@@ -362,38 +362,40 @@ def regenerate(
                 bar.update(len(conv.turns))
                 finish(slot)
 
-    fill()
-    while active:
-        slots = list(active)
-        nxt = engine.step(slots, [active[s].next_token for s in slots])
-        for slot, token in zip(slots, nxt, strict=True):
-            st = active[slot]
-            st.tokens.append(st.next_token)
-            st.next_token = token
-            n = len(st.tokens) - st.answer_start
-            last = st.tokens[-1]
-            if last not in eos and n < max_new_tokens:
-                continue
-            ended = last in eos
-            counts["turns"] += 1
-            counts["answer_tokens"] += n
-            st.turns.append((st.prompt_start, st.answer_start, len(st.tokens), int(not ended)))
-            answer_ids = st.tokens[st.answer_start :]
-            st.messages += [{"role": "user", "content": st.conv.turns[st.turn]},
-                            {"role": "assistant", "content": tok.decode(answer_ids, skip_special_tokens=True)}]
-            st.turn += 1
-            bar.update(1)
-            if st.turn < len(st.conv.turns):
-                ids = tt.next(st.messages, ended, st.conv.turns[st.turn])
-                if start_turn(slot, st, ids):
-                    continue
-                bar.update(len(st.conv.turns) - st.turn)
-            finish(slot)
-        dt = time.perf_counter() - t0
-        bar.set_postfix(answer_tok_s=f"{counts['answer_tokens'] / dt:.0f}", slots=len(active), refresh=False)
+    try:
         fill()
-    flush(force=True)
-    bar.close()
+        while active:
+            slots = list(active)
+            nxt = engine.step(slots, [active[s].next_token for s in slots])
+            for slot, token in zip(slots, nxt, strict=True):
+                st = active[slot]
+                st.tokens.append(st.next_token)
+                st.next_token = token
+                n = len(st.tokens) - st.answer_start
+                last = st.tokens[-1]
+                if last not in eos and n < max_new_tokens:
+                    continue
+                ended = last in eos
+                counts["turns"] += 1
+                counts["answer_tokens"] += n
+                st.turns.append((st.prompt_start, st.answer_start, len(st.tokens), int(not ended)))
+                answer_ids = st.tokens[st.answer_start :]
+                st.messages += [{"role": "user", "content": st.conv.turns[st.turn]},
+                                {"role": "assistant", "content": tok.decode(answer_ids, skip_special_tokens=True)}]
+                st.turn += 1
+                bar.update(1)
+                if st.turn < len(st.conv.turns):
+                    ids = tt.next(st.messages, ended, st.conv.turns[st.turn])
+                    if start_turn(slot, st, ids):
+                        continue
+                    bar.update(len(st.conv.turns) - st.turn)
+                finish(slot)
+            dt = time.perf_counter() - t0
+            bar.set_postfix(answer_tok_s=f"{counts['answer_tokens'] / dt:.0f}", slots=len(active), refresh=False)
+            fill()
+    finally:  # interrupted too (Ctrl-C, kill -INT): the conversations already finished are kept
+        flush(force=True)
+        bar.close()
     counts["seconds"] = round(time.perf_counter() - t0, 1)
     counts["answer_tokens_per_s"] = round(counts["answer_tokens"] / max(1e-9, counts["seconds"]), 1)
     return counts
