@@ -7,7 +7,7 @@
 #
 #   bash bench/eagle3_data.sh [OUT] [SLOTS]
 #   kill -STOP $(cat OUT.data.pid)   # pause it while benchmarking; kill -CONT to go on
-#   kill -INT $(cat OUT.data.pid)    # stop it: finished conversations are written first
+#   kill $(cat OUT.data.pid)         # stop it: finished conversations are written first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-../eagle3-work/smollm2-135m}

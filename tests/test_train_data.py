@@ -210,3 +210,35 @@ def test_an_interrupted_run_keeps_the_conversations_it_finished(tmp_path, tiny_m
         regenerate(engine, tok, iter(convs), out=tmp_path, meta={}, max_new_tokens=6, eos={-1}, vocab_size=49152,
                    quiet=True)
     assert [c["id"] for _, c in read_shards(tmp_path)] == [0]
+
+
+def test_kill_during_the_data_stage_writes_what_finished(tmp_path, tiny_models):
+    """`kill` (SIGTERM) of a data stage running in the background, as bench/eagle3_data.sh starts it
+    (SIGINT ignored): the finished conversations reach a shard, the stage ends in one line."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(3000)))
+    log = tmp_path / "log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "specrun", "train-draft", "--target", str(tiny_models["llama"]),
+                                 "--out", str(tmp_path / "o"), "--data", str(prompts), "--stage", "data",
+                                 "--gen-batch-size", "2", "--max-new-tokens", "8", "--threads", "1"],
+                                stderr=err, stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until the progress bar shows finished answers
+            done = [int(n) for n in re.findall(r"\| *(\d+)/\d+", log.read_text(errors="replace"))]
+            if done and max(done) >= 3:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 130, log.read_text()[-500:]
+    assert "specrun: interrupted" in log.read_text()
+    finished = data_summary(tmp_path / "o" / "work" / "shards")
+    assert finished["conversations"] >= 1 and os.path.getsize(next((tmp_path / "o" / "work" / "shards").glob("*.npz"))) > 0

@@ -267,6 +267,23 @@ def data_summary(folder: Path) -> dict:
 # ----------------------------------------------------------------------------- the engine loop
 
 
+def _interrupt_on_term():
+    """While the stage runs, SIGTERM (``kill``) and SIGINT interrupt it like Ctrl-C, so the
+    conversations already finished are written first (a job started in the background by a script
+    ignores SIGINT).  Returns the function that restores the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+
 @attrs.define
 class _Slot:
     conv: Conversation
@@ -362,6 +379,7 @@ def regenerate(
                 bar.update(len(conv.turns))
                 finish(slot)
 
+    stop_signals = _interrupt_on_term()
     try:
         fill()
         while active:
@@ -393,9 +411,10 @@ def regenerate(
             dt = time.perf_counter() - t0
             bar.set_postfix(answer_tok_s=f"{counts['answer_tokens'] / dt:.0f}", slots=len(active), refresh=False)
             fill()
-    finally:  # interrupted too (Ctrl-C, kill -INT): the conversations already finished are kept
+    finally:  # interrupted too (Ctrl-C, kill): the conversations already finished are kept
         flush(force=True)
         bar.close()
+        stop_signals()
     counts["seconds"] = round(time.perf_counter() - t0, 1)
     counts["answer_tokens_per_s"] = round(counts["answer_tokens"] / max(1e-9, counts["seconds"]), 1)
     return counts
