@@ -90,12 +90,13 @@ def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_voca
     target's tokens can be drafted."""
     import numpy as np
 
-    from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, vocab_map
+    from specrun.eagle3 import Eagle3Checkpoint
     from specrun.models import ModelConfig
+    from specrun_kit.headfile import head_config_for, save_head, vocab_map
 
     raw = ModelConfig.load(model_dir).raw
     draft_vocab = draft_vocab or max(1, int(raw["vocab_size"]) - 2048)
-    cfg = Eagle3Config.for_target(raw, draft_vocab_size=draft_vocab, aux_layer_ids=tuple(aux_layer_ids))
+    cfg = head_config_for(raw, draft_vocab_size=draft_vocab, aux_layer_ids=tuple(aux_layer_ids))
     rng = np.random.default_rng(seed)
     H, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
 
@@ -119,7 +120,7 @@ def make_eagle3_head(folder: Path, model_dir: Path, aux_layer_ids, *, draft_voca
         "norm.weight": norm(), "lm_head.weight": 4 * w(cfg.draft_vocab_size, H),  # x4: few near-ties
         "d2t": d2t, "t2d": t2d,
     }
-    Eagle3Checkpoint(cfg, tensors, None).save(folder)
+    save_head(Eagle3Checkpoint(cfg, tensors, None), folder)
     return folder
 
 

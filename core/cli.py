@@ -269,7 +269,3 @@ def export_command(backend, target, precision, aux_layers, force):
     path = be.export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
     click.echo(str(path))
 
-
-from .cache import cache_command  # noqa: E402
-
-main.add_command(cache_command)

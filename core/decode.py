@@ -65,6 +65,18 @@ class Stats:
     def time_to_first_token(self) -> float:
         return self.prefill_seconds
 
+    def observe(self, drafted: int, accepted: int, levels: int, new: int, eos: bool) -> None:
+        """One verification call: ``drafted`` tokens over ``levels`` draft positions, ``accepted``
+        of them, ``new`` tokens kept (``eos``: an EOS came too).  The loop's only bookkeeping."""
+        self.target_calls += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for i in range(levels):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += i < accepted
+        self.new_tokens += new
+        self.decode_tokens += new + eos
+
     def as_dict(self) -> dict:
         d = attrs.asdict(self)
         for name in ("acceptance_length", "acceptance_rate", "acceptance_rate_per_position", "tokens_per_second", "time_to_first_token"):
@@ -159,19 +171,11 @@ class SpeculativeDecoder:
                     s.stop_reason = "length"
                     return
                 accepted, drafted, levels = self._step(tokens, remaining, limit, verifier, sampler)
-                n = len(accepted) - 1
-                s.target_calls += 1
-                s.drafted += drafted
-                s.accepted += n
-                for i in range(levels):
-                    s.drafted_per_position[i] += 1
-                    s.accepted_per_position[i] += i < n
                 new = accepted[:remaining]
                 stop = next((i for i, tok in enumerate(new) if tok in eos), None)
                 if stop is not None:
                     new = new[:stop]
-                s.new_tokens += len(new)
-                s.decode_tokens += len(new) + (stop is not None)  # the EOS was produced by this call too
+                s.observe(drafted, len(accepted) - 1, levels, len(new), stop is not None)
                 if new:
                     yield new
                 if stop is not None:
@@ -182,11 +186,11 @@ class SpeculativeDecoder:
             if not s.stop_reason:
                 s.stop_reason = "stopped"
 
-    def _new_stats(self, prompt_len: int) -> Stats:
+    def _new_stats(self, prompt_len: int, suffix: str = "") -> Stats:
         t, d = self.target, self.drafter
         k_max = 0 if isinstance(d, NoDrafter) else self.k
         return Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name, draft_runs_on=d.runs_on,
+            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name + suffix, draft_runs_on=d.runs_on,
             num_draft_tokens=k_max, prompt_tokens=prompt_len,
             drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
         )
@@ -227,13 +231,8 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
             raise SpecrunError(f"the tree needs at least one node, got {max_nodes}")
         self.max_nodes = max_nodes
 
-    def _new_stats(self, prompt_len: int) -> Stats:
-        t, d = self.target, self.drafter
-        return Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=f"{d.name}-tree", draft_runs_on=d.runs_on,
-            num_draft_tokens=self.k, prompt_tokens=prompt_len,
-            drafted_per_position=[0] * self.k, accepted_per_position=[0] * self.k,
-        )
+    def _new_stats(self, prompt_len: int, suffix: str = "-tree") -> Stats:
+        return super()._new_stats(prompt_len, suffix)
 
     def _block_room(self) -> int:
         return self.max_nodes

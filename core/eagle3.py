@@ -1,5 +1,5 @@
-"""EAGLE-3 draft heads: the checkpoint format SpecForge writes and SGLang / vLLM load, the
-backend-facing head interface, and the drafter that runs a head.
+"""EAGLE-3 draft heads: the checkpoint format SpecForge writes and SGLang / vLLM load (the
+backend-facing head interface, ``DraftHead``, is in ``interfaces``; the drafter in ``drafters/eagle3``).
 
 Everything here is numpy in / numpy out, so a head can run on one backend and the target on another.
 
@@ -27,11 +27,8 @@ One draft step at position t (paired with token t+1)::
 
 from __future__ import annotations
 
-import abc
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,7 +39,6 @@ from .errors import SpecrunError
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_DRAFT_VOCAB = 32000
 
 
 
@@ -95,7 +91,7 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# safetensors, read and written without pickle (and with bf16, which numpy lacks)
+# safetensors, read without pickle (and with bf16, which numpy lacks); written by specrun_kit.headfile
 
 _ST_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
@@ -158,38 +154,6 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mm
     except (KeyError, ValueError, TypeError) as exc:
         raise SpecrunError(f"cannot read weights {path}: malformed header ({exc})") from None
     return out
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
-                      *, bf16: bool = False) -> None:
-    """Write atomically (temp file + rename).  ``bf16``: float tensors as bf16, rounded to nearest
-    even (numpy has no bf16: torch's writer, torch imported only then)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    meta = {"format": "pt", **(metadata or {})}
-    try:
-        if bf16:
-            import torch
-            from safetensors.torch import save_file as save_torch
-
-            as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
-            save_torch({k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in as_torch.items()}, tmp, metadata=meta)
-        else:
-            from safetensors.numpy import save_file
-
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_target_embedding(target_dir: str | Path, *, mmap: bool = False) -> np.ndarray:
@@ -294,32 +258,6 @@ class Eagle3Config:
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecrunError(f"cannot read {path}: {exc}") from None
         return cls.from_dict(raw, str(path))
-
-    @classmethod
-    def for_target(cls, target_raw: dict, *, draft_vocab_size: int | None = None,
-                   aux_layer_ids: Sequence[int] | None = None) -> Eagle3Config:
-        """A head shaped like the target (transformers config dict) — what SpecForge trains."""
-        heads = int(target_raw["num_attention_heads"])
-        hidden = int(target_raw["hidden_size"])
-        vocab = int(target_raw["vocab_size"])
-        rope = target_raw.get("rope_parameters") or target_raw.get("rope_scaling") or {}
-        rtype = rope.get("rope_type", rope.get("type", "default"))
-        layers = int(target_raw["num_hidden_layers"])
-        return cls(
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(target_raw.get("num_key_value_heads") or heads),
-            head_dim=int(target_raw.get("head_dim") or hidden // heads),
-            intermediate_size=int(target_raw["intermediate_size"]),
-            vocab_size=vocab,
-            draft_vocab_size=min(draft_vocab_size or DEFAULT_DRAFT_VOCAB, vocab),
-            target_hidden_size=hidden,
-            rms_norm_eps=float(target_raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(target_raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            rope_scaling=dict(rope) if rtype == "llama3" else None,
-            max_position_embeddings=int(target_raw.get("max_position_embeddings", 2048)),
-            aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids is not None else default_aux_layers(layers),
-        )
 
     def to_dict(self) -> dict:
         d = dict(self.extra)
@@ -454,28 +392,6 @@ class Eagle3Checkpoint:
                     raise SpecrunError(f"the target's embedding has shape {list(ck.embed.shape)}, the head needs {[cfg.vocab_size, cfg.hidden_size]}")
         return ck
 
-    def save(self, folder: str | Path, *, include_embed: bool = False, dtype: str = "f32") -> Path:
-        """Write config.json + model.safetensors (float weights as ``dtype``: ``f32`` or ``bf16``,
-        round to nearest even, as SpecForge ships heads; d2t int64, t2d bool), atomically per file."""
-        if dtype not in ("f32", "bf16"):
-            raise SpecrunError(f"heads are saved as f32 or bf16, not {dtype!r}")
-        self.validate("head to save")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v for k, v in self.tensors.items() if k != "embed_tokens.weight"}
-        tensors = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in tensors.items()}
-        tensors["d2t"] = self.tensors["d2t"].astype(np.int64)
-        tensors["t2d"] = self.tensors["t2d"].astype(np.bool_)
-        if include_embed:
-            emb = self.tensors.get("embed_tokens.weight", self.embed)
-            if emb is None:
-                raise SpecrunError("cannot include the embedding: the head has none loaded")
-            tensors["embed_tokens.weight"] = emb.astype(np.float32)
-        write_safetensors(folder / WEIGHTS_FILE, tensors, bf16=dtype == "bf16")
-        _write_text_atomic(folder / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
-        return folder
-
-
 def check_target_compat(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:
     if cfg.vocab_size != vocab_size:
         raise SpecrunError(
@@ -486,77 +402,6 @@ def check_target_compat(cfg: Eagle3Config, vocab_size: int, hidden_size: int, nu
     bad = [i for i in cfg.aux_layers_for(num_layers) if not 0 <= i < num_layers]
     if bad:
         raise SpecrunError(f"{where}: aux hidden-state layer(s) {bad} do not exist in a target of {num_layers} layers")
-
-
-def vocab_map(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """d2t, t2d from token counts [V]: keep the most frequent ``draft_vocab_size`` ids (ties by
-    lower id), sorted ascending; ``d2t[i] = used[i] - i``; ``t2d[j] = j in used``."""
-    counts = np.asarray(counts)
-    n = min(draft_vocab_size, len(counts))
-    order = np.lexsort((np.arange(len(counts)), -counts))  # by count desc, then id asc
-    used = np.sort(order[:n]).astype(np.int64)
-    d2t = used - np.arange(n, dtype=np.int64)
-    t2d = np.zeros(len(counts), dtype=np.bool_)
-    t2d[used] = True
-    return d2t, t2d
-
-
-# --------------------------------------------------------------------------------------------
-# the backend-facing head
-
-
-@attrs.frozen
-class HeadOutput:
-    logits: np.ndarray  # [T, draft_vocab] float32
-    hidden: np.ndarray  # [T, H] float32: each step's ``out`` (fed back for the next draft step)
-
-
-class DraftHead(abc.ABC):
-    """An EAGLE-3 head run by a backend, with its own KV cache over positions (like a Target).
-    Cache entry i is at rope position i unless explicit ``positions`` are given."""
-
-    config: Eagle3Config
-    d2t: np.ndarray  # [draft_vocab] int64: target id of draft entry i is i + d2t[i]
-    backend: str
-    device: str
-    precision: str
-
-    @abc.abstractmethod
-    def reset(self, capacity: int) -> None:
-        """Empty the cache and make room for ``capacity`` entries."""
-
-    @property
-    @abc.abstractmethod
-    def length(self) -> int:
-        """Entries in the cache."""
-
-    @abc.abstractmethod
-    def forward(
-        self,
-        tokens: Sequence[int],
-        hidden: np.ndarray,
-        *,
-        from_target: bool = True,
-        positions: Sequence[int] | None = None,
-        mask: np.ndarray | None = None,
-    ) -> HeadOutput:
-        """Run T draft steps and append them to the cache.  ``tokens`` [T] are target ids;
-        ``hidden`` is [T, n_aux*Ht] target hidden states (``from_target``) or [T, H] outputs of
-        earlier steps.  ``positions`` (rope) default to ``length .. length+T-1``; ``mask`` bool
-        [T, length+T] says which cache entries / new entries each step sees (default: causal)."""
-
-    @abc.abstractmethod
-    def rollback(self, length: int) -> None:
-        """Keep the first ``length`` entries (cheap)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources."""
-
-
-def load_head(backend, checkpoint_dir: str | Path, target_dir: str | Path, *, device: str = "cpu",
-              precision: str | None = None) -> DraftHead:
-    """Ask ``backend`` for a head; a backend without EAGLE-3 support raises a one-line error."""
-    return backend.load_eagle3_head(str(checkpoint_dir), str(target_dir), device=device, precision=precision)
 
 
 def parse_tree(value: str | None) -> tuple[int, int, int] | None:

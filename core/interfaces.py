@@ -12,6 +12,7 @@ import attrs
 import numpy as np
 
 if TYPE_CHECKING:
+    from .eagle3 import Eagle3Config
     from .sampling import Sampler
 
 
@@ -324,3 +325,51 @@ def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, 
     if len(set(aux)) != len(aux) or list(aux) != sorted(aux):
         raise SpecrunError(f"aux hidden layers must be distinct and ascending, got {list(aux)}")
     return aux
+
+
+@attrs.frozen
+class HeadOutput:
+    logits: np.ndarray  # [T, draft_vocab] float32
+    hidden: np.ndarray  # [T, H] float32: each step's ``out`` (fed back for the next draft step)
+
+
+class DraftHead(abc.ABC):
+    """An EAGLE-3 head run by a backend, with its own KV cache over positions (like a Target).
+    Cache entry i is at rope position i unless explicit ``positions`` are given."""
+
+    config: Eagle3Config
+    d2t: np.ndarray  # [draft_vocab] int64: target id of draft entry i is i + d2t[i]
+    backend: str
+    device: str
+    precision: str
+
+    @abc.abstractmethod
+    def reset(self, capacity: int) -> None:
+        """Empty the cache and make room for ``capacity`` entries."""
+
+    @property
+    @abc.abstractmethod
+    def length(self) -> int:
+        """Entries in the cache."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        tokens: Sequence[int],
+        hidden: np.ndarray,
+        *,
+        from_target: bool = True,
+        positions: Sequence[int] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> HeadOutput:
+        """Run T draft steps and append them to the cache.  ``tokens`` [T] are target ids;
+        ``hidden`` is [T, n_aux*Ht] target hidden states (``from_target``) or [T, H] outputs of
+        earlier steps.  ``positions`` (rope) default to ``length .. length+T-1``; ``mask`` bool
+        [T, length+T] says which cache entries / new entries each step sees (default: causal)."""
+
+    @abc.abstractmethod
+    def rollback(self, length: int) -> None:
+        """Keep the first ``length`` entries (cheap)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""

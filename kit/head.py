@@ -36,8 +36,9 @@ import attrs
 import numpy as np
 
 from specrun import store
-from specrun.eagle3 import DraftHead, Eagle3Checkpoint, HeadOutput
+from specrun.eagle3 import Eagle3Checkpoint
 from specrun.errors import SpecrunError
+from specrun.interfaces import DraftHead, HeadOutput
 from specrun.store import cache_dir, content_digest
 
 from . import export as ex

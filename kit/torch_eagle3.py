@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from specrun.eagle3 import DraftHead, Eagle3Checkpoint, Eagle3Config, HeadOutput
+from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config
 from specrun.errors import SpecrunError
+from specrun.interfaces import DraftHead, HeadOutput
 
 from .llama import MLP, Attention, LlamaSpec, RMSNorm, apply_rope, attention_mask, rope_inv_freq, rope_tables
 

@@ -202,14 +202,14 @@ def test_clear_removes_only_what_specrun_made_and_marked(tmp_path, monkeypatch):
 
 def test_clear_on_a_read_only_cache_says_what_it_could_not_remove(cache, monkeypatch):
     """Nothing removed is never reported as removed (it used to say "removed 1 entries (516.5 MB)")."""
-    import specrun.cache
+    import specrun_cache.command
 
     root, made = cache
 
     def refuse(*_a, **_k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(specrun.cache.os, "rename", refuse)
+    monkeypatch.setattr(specrun_cache.command.os, "rename", refuse)
     r = invoke("cache", "clear", "--kind", "models", "--yes")
     assert_one_line_error(r, "could not remove 1 of 1 entries")
     assert "models/smollm2-1234: Permission denied" in r.stderr and "removed 0 entries (0 B)" in r.stdout

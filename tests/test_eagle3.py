@@ -13,9 +13,10 @@ import torch
 
 from specrun.decode import SpeculativeDecoder
 from specrun.drafters import Eagle3Drafter
-from specrun.eagle3 import DraftHead, Eagle3Checkpoint, HeadOutput, vocab_map
+from specrun.eagle3 import Eagle3Checkpoint
 from specrun.errors import SpecrunError
-from specrun.interfaces import StepOutput
+from specrun.interfaces import DraftHead, HeadOutput, StepOutput
+from specrun_kit.headfile import save_head, vocab_map
 
 from .test_lossless import PROMPTS, plain_greedy
 from .test_sampling import DRAFT, BigramTarget
@@ -93,7 +94,7 @@ def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
 
     raw = load_file(str(src / "model.safetensors"))
     assert np.array_equal(a.tensors["fc.weight"], raw["fc.weight"].float().numpy())
-    a.save(tmp_path / "copy")
+    save_head(a, tmp_path / "copy")
     b = Eagle3Checkpoint.load(tmp_path / "copy", tiny_models["llama"])
     assert set(a.tensors) == set(b.tensors)
     for name, t in a.tensors.items():
@@ -108,18 +109,18 @@ def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
     assert a.embed_from_target and np.array_equal(a.embed, b.embed)
     # saved as bf16 (how SpecForge ships heads): the bf16 source comes back bit for bit, and f32
     # weights are rounded to nearest even
-    a.save(tmp_path / "as-bf16", dtype="bf16")
+    save_head(a, tmp_path / "as-bf16", dtype="bf16")
     back = Eagle3Checkpoint.load(tmp_path / "as-bf16").tensors
     assert all(np.array_equal(t, back[n]) for n, t in a.tensors.items())
     f32 = make_head(tmp_path / "f32", seed=4)
     c = Eagle3Checkpoint.load(f32)
-    c.save(tmp_path / "rounded", dtype="bf16")
+    save_head(c, tmp_path / "rounded", dtype="bf16")
     r = Eagle3Checkpoint.load(tmp_path / "rounded")
     w = c.tensors["fc.weight"]
     assert np.array_equal(r.tensors["fc.weight"], torch.from_numpy(w).to(torch.bfloat16).float().numpy())
     assert not np.array_equal(r.tensors["fc.weight"], w)
     assert (tmp_path / "rounded" / "model.safetensors").stat().st_size < 0.6 * (f32 / "model.safetensors").stat().st_size
-    b.save(tmp_path / "copy2")
+    save_head(b, tmp_path / "copy2")
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (tmp_path / "copy2" / "model.safetensors").read_bytes()
 
 

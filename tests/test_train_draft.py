@@ -13,6 +13,7 @@ import torch
 
 from specrun.drafters import Eagle3Drafter
 from specrun.eagle3 import Eagle3Checkpoint, read_safetensors
+from specrun_kit.headfile import save_head
 from specrun_train.trainer import (
     TrainOptions,
     batch_indices,
@@ -143,7 +144,7 @@ def test_train_draft_end_to_end_and_resume(tmp_path, tiny_models, torch_backend)
     for name, t in ck.tensors.items():
         if name not in ("d2t", "t2d"):
             assert np.array_equal(t, state[f"model.{name}"]), name
-    ck.save(tmp_path / "again")
+    save_head(ck, tmp_path / "again")
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     # a rerun without --resume is refused; stopping at step 8 and resuming reproduces step 16 exactly
@@ -314,8 +315,8 @@ def test_max_length_shorter_than_every_prompt_is_refused(tmp_path, tiny_models, 
     """--max-length below the chat template's length trained on no label (loss 0.000) and wrote a
     useless head; now training refuses before it starts."""
     import specrun_train.trainer as tr
-    from specrun.eagle3 import write_safetensors
     from specrun.errors import SpecrunError
+    from specrun_kit.headfile import write_safetensors
 
     records = [{"id": i, "input_ids": list(range(60)), "spans": [[40 + i, 60]]} for i in range(6)]
     opts = TrainOptions(target=str(tiny_models["llama"]), out=str(tmp_path / "o"), max_length=32, quiet=True)

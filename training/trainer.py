@@ -51,8 +51,9 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, read_safetensors, vocab_map, write_safetensors
+from specrun.eagle3 import Eagle3Checkpoint, Eagle3Config, read_safetensors
 from specrun.errors import SpecrunError
+from specrun_kit.headfile import head_config_for, save_head, vocab_map, write_safetensors
 
 LOSS_DECAY = 0.8
 
@@ -667,7 +668,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     tc = ModelConfig.load(model_dir)
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
-    cfg = Eagle3Config.for_target(tc.raw, draft_vocab_size=len(d2t))
+    cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
     records = load_records(opts)
     train_recs, _ = split_data(records, opts.val_fraction, opts.seed)
     if not train_recs:
@@ -763,7 +764,7 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     tc = ModelConfig.load(model_dir)
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
-    cfg = Eagle3Config.for_target(tc.raw, draft_vocab_size=len(d2t))
+    cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
     embed = read_target_embedding(model_dir)
     module = new_head_module(cfg, embed, opts.seed)
     dummy = torch.optim.AdamW([p for n, p in module.named_parameters() if n != "embed_tokens.weight"])
@@ -776,7 +777,7 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     tensors = module.export_tensors()
     tensors["d2t"], tensors["t2d"] = d2t.astype(np.int64), t2d_np
     ck = Eagle3Checkpoint(cfg, tensors, embed)
-    ck.save(opts.out, dtype=opts.save_dtype)
+    save_head(ck, opts.out, dtype=opts.save_dtype)
     summary = {"step": step, "losses": losses, "validation": validate(opts, module, model_dir, d2t, t2d_np)}
     fd, t = tempfile.mkstemp(prefix=".train.", dir=opts.out)
     with os.fdopen(fd, "w") as f:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eagle3 import DraftHead
 from ..errors import SpecrunError
-from ..interfaces import Draft, Drafter, DraftTree
+from ..interfaces import Draft, Drafter, DraftHead, DraftTree
 from ..sampling import Sampler
 
 #: an eagle3 chain stops at the first step whose top draft probability is below this (0.2 was the

@@ -25,8 +25,8 @@ from pathlib import Path
 import attrs
 import click
 
-from .errors import SpecrunError
-from .store import cache_dir
+from specrun.errors import SpecrunError
+from specrun.store import MARKER_FILE, cache_dir
 
 
 @attrs.frozen
@@ -58,7 +58,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-MARKER = "specrun-complete.json"
+MARKER = MARKER_FILE
 _MEMO = re.compile(r"[0-9a-f]{32}")
 _MEMO_TMP = re.compile(r"\.[0-9a-f]+\.\d+")  # store.content_digest's temporary memo
 _BUILD_TMP = re.compile(r"\..+\.tmp-[A-Za-z0-9_]+|\.trash-.+")  # store.build_once / store.invalidate
