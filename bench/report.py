@@ -41,6 +41,11 @@ def pair_with_plain(results: dict) -> None:
         m["latency_speedup_vs_plain"] = _ratio(p["total_seconds"], m["total_seconds"])
         m["identical_to_plain"] = m["token_ids"] == p["token_ids"]
         m["first_difference"] = _first_difference(m["token_ids"], p["token_ids"])
+    ref = results["settings"].get("reference")
+    if ref in plain_of:  # every run against the reference system's plain run on the same prompt and repeat
+        for m in results["measurements"]:
+            r = plain.get((ref, m["prompt"], m["repeat"]))
+            m["speedup_vs_reference"] = None if r is None else _ratio(m["tokens_per_second"], r["tokens_per_second"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -117,6 +122,7 @@ def _summarize_config(ms: list[dict], plain: bool) -> dict:
         "tokens_per_second": spread(m["tokens_per_second"] or None for m in ms),
         "time_to_first_token": spread(m["time_to_first_token"] for m in ms),
         "speedup_vs_plain": None if plain else spread(m.get("speedup_vs_plain") for m in ms),
+        "speedup_vs_reference": spread(m.get("speedup_vs_reference") for m in ms),
         "speedup_geomean": None if plain else _geomean(m.get("speedup_vs_plain") for m in ms),
         "latency_speedup_vs_plain": None if plain else spread(m.get("latency_speedup_vs_plain") for m in ms),
         "greedy_identical": None if plain else {"identical": sum(compared), "compared": len(compared)},
@@ -254,8 +260,32 @@ def _dataset_line(results: dict) -> str:
 
 def _system_title(s: dict) -> str:
     if s["kind"] == "baseline":
-        return f"Outside baseline: transformers `generate` ({s['device']}, {s['precision']})"
+        return f"Outside baseline: {s.get('title') or 'transformers `generate`'} ({s['device']}, {s['precision']})"
     return f"`{s['name']}` ({s['device']}, {s['precision']})"
+
+
+def _method(s: dict, c: str, k: int) -> str:
+    """A baseline configuration's label (results of older versions have transformers only)."""
+    if "methods" in s:
+        return s["methods"][c]
+    return "`generate` (plain)" if c == s["plain"] else f"`generate(prompt_lookup_num_tokens={k})`"
+
+
+def _reference_rows(results: dict, summary: dict) -> list[str]:
+    """Every configuration against the reference system's plain decoding (per-prompt ratios)."""
+    ref = results["settings"].get("reference")
+    if not ref or ref not in summary:
+        return []
+    lines = [f"## Against {ref} plain decoding", "",
+             f"Median over prompts of tokens/s divided by {ref}'s plain tokens/s on the same prompt (IQR).", "",
+             "| system | precision | drafter | tokens/s (median) | vs " + ref + " plain |", "| --- | --- | --- | --- | --- |"]
+    for s in results["systems"]:
+        for c in s["configs"]:
+            sm = summary[s["name"]][c]
+            label = _method(s, c, results["settings"]["num_draft_tokens"]) if s["kind"] == "baseline" else c
+            lines.append(f"| {s['name']} | {s['precision']} | {label} | {_tps(sm['tokens_per_second'])} "
+                         f"| {_speedup(sm.get('speedup_vs_reference'))} |")
+    return [*lines, ""]
 
 
 def render_markdown(results: dict) -> str:
@@ -331,12 +361,12 @@ def render_markdown(results: dict) -> str:
             if sys_["kind"] == "specrun"
         }
         lines += [
-            "| method | acceptance length | tokens/s | time to first token | speed-up vs `generate` | greedy identical |",
+            "| method | acceptance length | tokens/s | time to first token | speed-up vs plain | greedy identical |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for c in s["configs"]:
             sm = summary[s["name"]][c]
-            label = "`generate` (plain)" if c == s["plain"] else f"`generate(prompt_lookup_num_tokens={st['num_draft_tokens']})`"
+            label = _method(s, c, st["num_draft_tokens"])
             lines.append(
                 f"| {label} | {_f(sm['acceptance_length']['mean'])} | {_tps(sm['tokens_per_second'])} "
                 f"| {_ttft(sm['time_to_first_token'])} | {'1.00×' if c == s['plain'] else _speedup(sm['speedup_vs_plain'])} "
@@ -344,8 +374,9 @@ def render_markdown(results: dict) -> str:
             )
         if plain_runs:
             same = ", ".join(f"`{b}` {v}" for b, v in plain_runs.items())
-            lines += ["", f"Plain `generate` tokens equal to specrun's plain decoding: {same}."]
+            lines += ["", f"Plain decoding's tokens equal to specrun's plain decoding: {same}."]
         lines.append("")
+    lines += _reference_rows(results, summary)
     spec_systems = [s for s in results["systems"] if any(c != s["plain"] for c in s["configs"])]
     lines += ["## Speed-up over all configurations", ""]
     lines += ["| system | drafter | speed-up (median) | geometric mean | end-to-end latency speed-up |", "| --- | --- | --- | --- | --- |"]
@@ -404,25 +435,28 @@ def render_readme_section(results: dict, heading: str = "## Performance") -> str
     ]
     if results.get("partial"):
         lines += ["*(Partial run: interrupted before every prompt was measured.)*", ""]
+    ref = st.get("reference") if st.get("reference") in summary else None
     lines += [
-        "| system | precision | drafter | acceptance length | tokens/s (median) | speed-up vs plain | greedy identical |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| system | precision | drafter | acceptance length | tokens/s (median) | speed-up vs plain | greedy identical |"
+        + (f" vs {ref} plain |" if ref else ""),
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ref else ""),
     ]
     for s in results["systems"]:
         for c in s["configs"]:
             sm = summary[s["name"]][c]
             plain = c == s["plain"]
-            name = "transformers `generate`" if s["kind"] == "baseline" else f"`{s['name']}`"
+            name = s.get("short", "transformers `generate`") if s["kind"] == "baseline" else f"`{s['name']}`"
             if s["kind"] == "baseline":
                 label = "none" if plain else f"prompt lookup (k={st['num_draft_tokens']})"
             else:
                 label = c
             tps = sm["tokens_per_second"]
+            vs_ref = sm.get("speedup_vs_reference")
             lines.append(
                 f"| {name} | {s['precision']} | {label} | {_f(sm['acceptance_length']['mean'])} "
                 f"| {_f(tps and tps['median'], '.1f')} "
                 f"| {'1.00×' if plain else _f(sm['speedup_vs_plain'] and sm['speedup_vs_plain']['median'], '.2f', '×')} "
-                f"| {'–' if plain else _identical(sm)} |"
+                f"| {'–' if plain else _identical(sm)} |" + (f" {_f(vs_ref and vs_ref['median'], '.2f', '×')} |" if ref else "")
             )
     lines += [
         "",

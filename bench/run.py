@@ -3,8 +3,9 @@
 One target is loaded per backend; the drafters are swapped in front of it.  For every prompt the
 configurations run back to back, in an order that alternates from one round to the next, so that
 machine noise hits plain and speculative decoding alike; speed-ups are ratios of such pairs.
-transformers ``generate`` (plain and with prompt lookup) runs in the same schedule as an outside
-baseline.  Outputs: ``report.md``, ``results.json`` (every raw measurement) and two PNG plots."""
+Outside systems (``--baseline``: transformers ``generate``, llama.cpp, OpenVINO GenAI; plain and
+with their prompt lookup) run in the same schedule; with llama.cpp among them every configuration is
+also compared with llama.cpp's plain decoding on the same prompt.  Outputs: ``report.md``, ``results.json`` (every raw measurement) and two PNG plots."""
 
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ from specrun.errors import SpecrunError
 from specrun.interfaces import Draft, Drafter, Target
 from specrun.plugins import Registry, load_registry
 
+from . import baselines as bl
 from . import report
 from .prompts import DATASETS, Prompt, load_prompts
 
 OUTPUT_FILES = ("report.md", "results.json", report.ACCEPTANCE_PNG, report.TOKENS_PNG)
-BASELINE = "transformers"
+BASELINE = "transformers"  # the default --baseline
+REFERENCE = "llama.cpp"  # with it in --baseline, every configuration's speed is also given relative to its plain run
 VERSION_PACKAGES = ("specrun", "torch", "transformers", "onnxruntime", "openvino", "numpy", "tokenizers")
 
 
@@ -58,8 +61,9 @@ class BenchSettings:
     draft_min_prob: float | None = None  # eagle3 chain: None = the pipeline's default
     warmup: int = 1
     repeats: int = 1
-    baseline: bool = True
+    baseline: list[str] = attrs.field(factory=lambda: [BASELINE])
     baseline_device: str = "cpu"
+    baseline_weights: str = "int4"  # openvino-genai's export
     raw: bool = False
     humaneval_raw: bool = False
     out: Path = Path("bench-out")
@@ -294,94 +298,6 @@ def specrun_runner(target: Target, drafter: Drafter, k: int, eos: Sequence[int],
     return run
 
 
-class TransformersBaseline:
-    """transformers ``generate`` on the same prompts: greedy, fp32, plain and with prompt lookup."""
-
-    configs = ("generate", "prompt_lookup")
-
-    def __init__(self, model_dir: Path, num_draft_tokens: int, eos: Sequence[int], device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
-        except Exception as exc:  # transformers and torch raise many types here
-            raise SpecrunError(f"the transformers baseline cannot load {model_dir} on {device}: "
-                               f"{str(exc).splitlines()[0]}; use --no-baseline") from None
-        self.device = device
-        self.k, self.eos = num_draft_tokens, list(eos)
-        self.calls = 0
-        self.model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args):
-        self.calls += 1
-
-    def runner(self, name: str) -> Callable[[list[int], int], dict]:
-        return lambda ids, n: self.run(name, ids, n)
-
-    def run(self, name: str, ids: list[int], max_new_tokens: int) -> dict:
-        import torch
-
-        times: list[float] = []
-
-        class Streamer:
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate hands the prompt over first
-                    self.first = False
-                    return
-                times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        kwargs = {"prompt_lookup_num_tokens": self.k} if name == "prompt_lookup" else {}
-        inp = torch.tensor([ids], dtype=torch.long, device=self.device)
-        self.calls = 0
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            seq = self.model.generate(
-                input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens, do_sample=False,
-                temperature=None, top_p=None, top_k=None, eos_token_id=self.eos or None,
-                pad_token_id=self.eos[0] if self.eos else None, streamer=Streamer(), **kwargs,
-            )
-        end = time.perf_counter()
-        new = seq[0, len(ids):].tolist()
-        stop = "length"
-        for i, tok in enumerate(new):
-            if tok in self.eos:
-                new, stop = new[:i], "eos"
-                break
-        first = times[0] if times else end
-        decode_seconds = end - first
-        decode_tokens = max(len(new) - 1, 0)
-        calls = max(self.calls - 1, 0)
-        return {
-            "precision": "f32",
-            "new_tokens": len(new),
-            "decode_tokens": decode_tokens,
-            "target_calls": calls,
-            "drafted": None,
-            "accepted": None,
-            "drafted_per_position": None,
-            "accepted_per_position": None,
-            "tokens_per_call": None,
-            "acceptance_length": decode_tokens / calls if calls else 0.0,
-            "tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 and decode_tokens else 0.0,
-            "time_to_first_token": first - t0,
-            "prefill_seconds": first - t0,
-            "decode_seconds": decode_seconds,
-            "draft_seconds": None,
-            "total_seconds": end - t0,
-            "stop_reason": stop,
-            "token_ids": new,
-        }
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -464,8 +380,10 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
         raise SpecrunError("--tree applies to the eagle3 drafter; add it to --drafter")
     if s.warmup < 0:
         raise SpecrunError(f"--warmup must be >= 0, got {s.warmup}")
-    if BASELINE in s.backends:
-        raise SpecrunError(f"'{BASELINE}' is the outside baseline, not a backend; it runs unless --no-baseline")
+    clash = [b for b in s.backends if b in bl.BASELINES]
+    if clash:
+        raise SpecrunError(f"'{clash[0]}' is an outside baseline, not a backend; give it with --baseline")
+    bl.check_available(s.baseline, s.target, s.baseline_weights)
     _require_matplotlib()
     prompts = load_prompts(s.dataset, s.limit, humaneval_raw=s.humaneval_raw)
     registry = registry or load_registry()
@@ -509,13 +427,11 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
         systems.append({"name": b, "kind": "specrun", "device": pipe.target.device, "precision": pipe.target.precision,
                         "configs": list(drafters), "plain": "none"})
     first = pipes[0]  # every pipeline holds the same target model, hence the same tokenizer and EOS ids
-    if s.baseline:
-        log("specrun bench: loading the transformers baseline (fp32) ...")
-        hf = TransformersBaseline(model_dir, s.num_draft_tokens, first.eos_token_ids, s.baseline_device)
-        for c in hf.configs:
-            configs.append(Config(BASELINE, c, hf.runner(c)))
-        systems.append({"name": BASELINE, "kind": "baseline", "device": s.baseline_device, "precision": "f32",
-                        "configs": list(hf.configs), "plain": "generate"})
+    for name in s.baseline:
+        log(f"specrun bench: loading the {name} baseline ...")
+        base = load_baseline(name, s, model_dir, first.eos_token_ids)
+        configs += [Config(name, c, base.runner(c)) for c in base.configs]
+        systems.append(base.system())
 
     # --- prompts to token ids (the chat template applied as `generate` applies it)
     limit = min(p.target.info.context_length for p in pipes)
@@ -548,7 +464,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "num_draft_tokens": s.num_draft_tokens, "warmup": s.warmup, "repeats": s.repeats,
             "backends": s.backends, "drafters": drafters, "target_name": s.target or "smollm2-135m-instruct",
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
-            "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
+            "reference": REFERENCE if REFERENCE in s.baseline else None, "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
             "draft_min_prob": _min_prob(s) if any(d.startswith("eagle3") for d in drafters) and not s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
@@ -611,6 +527,15 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     return results
 
 
+def load_baseline(name: str, s: BenchSettings, model_dir: Path, eos: Sequence[int]) -> bl.Baseline:
+    k = s.num_draft_tokens
+    if name == "transformers":
+        return bl.transformers_baseline(model_dir, k, eos, s.baseline_device)
+    if name == "llama.cpp":
+        return bl.llama_cpp_baseline(bl.gguf_for(s.target), k, eos, s.threads)
+    return bl.openvino_genai_baseline(bl.genai_export(model_dir, s.baseline_weights), k, eos, s.threads)
+
+
 def _finish(results: dict, t_start: float, partial: str | None) -> None:
     results["finished_at"] = _now()
     results["elapsed_seconds"] = time.perf_counter() - t_start
@@ -667,9 +592,13 @@ def _command_line(ctx: click.Context) -> str:
               help=f"eagle3 chain: stop at the first step whose top draft probability is below this [default: {DEFAULT_MIN_PROB}].")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
-@click.option("--baseline/--no-baseline", default=True, show_default=True,
-              help="Also run transformers generate (plain and prompt lookup) on the same prompts.")
+@click.option("--baseline", "baseline", default=BASELINE, show_default=True,
+              help=f"Outside systems to run on the same prompts, comma-separated: {', '.join(bl.BASELINES)} or none "
+                   f"(plain and their prompt lookup; with {REFERENCE}, speeds are also given relative to it).")
+@click.option("--no-baseline", is_flag=True, help="Run no outside system (= --baseline none).")
 @click.option("--baseline-device", default="cpu", show_default=True, help="torch device of the transformers baseline.")
+@click.option("--baseline-weights", default="int4", show_default=True,
+              help="Weight format of the openvino-genai baseline's export: fp32, int8 or int4 (its fastest here).")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--humaneval-raw", is_flag=True, help="HumanEval: the code prompt as it is, not a chat request.")
 @click.option("--out", "-o", default="bench-out", show_default=True, type=click.Path(path_type=Path),
@@ -679,7 +608,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Print the README's performance section from a results.json, and measure nothing.")
 @click.pass_context
 def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
-                  precision, threads, tree, draft_min_prob, warmup, repeats, baseline, baseline_device, raw, humaneval_raw, out, force, readme):
+                  precision, threads, tree, draft_min_prob, warmup, repeats, baseline, no_baseline, baseline_device, baseline_weights, raw, humaneval_raw, out, force, readme):
     """Measure plain and speculative decoding side by side on real prompts.
 
     Writes report.md (tables), results.json (every measurement, machine facts, versions) and
@@ -705,7 +634,7 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         drafts=draft_paths(draft, drafters),
         devices=per_backend(device, backends, "device", None),
         precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), draft_min_prob=draft_min_prob, warmup=warmup,
-        repeats=repeats, baseline=baseline, baseline_device=baseline_device, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
+        repeats=repeats, baseline=[] if no_baseline else bl.parse_baselines(baseline), baseline_device=baseline_device, baseline_weights=baseline_weights, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
         command=_command_line(ctx),
     )
     results = run_bench(settings)

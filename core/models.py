@@ -82,6 +82,16 @@ def resolve_model(name_or_path: str | None) -> Path:
     )
 
 
+def source_gguf(name_or_path: str | None) -> Path | None:
+    """The GGUF a model comes from: the default models' package file, or the one ``*.gguf`` in a
+    model folder; None when there is none (for tools that run GGUF runtimes beside specrun)."""
+    name = name_or_path or DEFAULT_MODEL
+    if name in _GGUF_MODELS:
+        return _gguf_file(name)
+    found = sorted(Path(name).expanduser().glob("*.gguf")) if Path(name).expanduser().is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
 def _gguf_file(name: str) -> Path:
     package, filename = _GGUF_MODELS[name]
     spec = importlib.util.find_spec(package)

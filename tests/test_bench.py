@@ -356,7 +356,7 @@ def test_eagle3_is_a_clear_error(tmp_path, tiny_models):
         (["--drafter", "model"], "needs --draft PATH"),
         (["--drafter", "ngram", "--draft", "x"], "--draft is only used by the model and eagle3 drafters"),
         (["-k", 0], "--num-draft-tokens must be >= 1"),
-        (["--backend", "transformers"], "is the outside baseline"),
+        (["--backend", "transformers"], "is an outside baseline, not a backend; give it with --baseline"),
         (["--precision", "openvino=f32"], "--precision names backend 'openvino'"),
         (["--tree", "3,2"], "--tree takes DEPTH,TOPK,NODES"),
         (["--tree", "3,2,8"], "--tree applies to the eagle3 drafter"),
@@ -382,3 +382,121 @@ def test_readme_needs_a_results_file(tmp_path):
     assert_one_line_error(invoke("bench", "--readme", tmp_path / "none.json"), "not found")
     (tmp_path / "x.json").write_text("{}")
     assert_one_line_error(invoke("bench", "--readme", tmp_path / "x.json"), "not a results.json")
+
+
+# --------------------------------------------------------------------------- outside baselines
+
+
+class FakeClock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeLlama:
+    """llama-cpp-python's Llama as the bench uses it: create_completion on token ids (non-streaming),
+    reset, tokenize.  Each evaluated token costs 10 ms of the fake clock (prefill 50 ms); a call
+    without reset() in between reuses the cache, which the bench must never let happen."""
+
+    clock: FakeClock
+    loaded: list = []
+
+    def __init__(self, model_path, **kw):
+        self.model_path, self.kw, self.fresh, self.draft_model = model_path, kw, True, None
+        FakeLlama.loaded.append(self)
+
+    def reset(self):
+        self.fresh = True
+
+    def create_completion(self, prompt, max_tokens, stream=False, **kw):
+        assert isinstance(prompt, list) and not stream
+        assert self.fresh, "the prompt cache was not reset between calls"
+        assert kw["temperature"] == 0.0 and kw["repeat_penalty"] == 1.0
+        self.fresh = False
+        self.clock.now += 0.05 + 0.01 * max_tokens
+        words = [f"w{(sum(prompt) + i) % 7}" for i in range(max_tokens)]
+        return {"choices": [{"text": " ".join(words), "finish_reason": "length"}]}
+
+    def tokenize(self, data: bytes, add_bos=True, special=False):
+        return [100 + int(w[1:]) for w in data.decode().split()]
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch):
+    import sys
+    import types
+
+    import specrun_bench.baselines as bl
+
+    clock = FakeClock()
+    mod = types.ModuleType("llama_cpp")
+    mod.__version__ = "0.0-fake"
+    spec = types.ModuleType("llama_cpp.llama_speculative")
+    spec.LlamaPromptLookupDecoding = lambda num_pred_tokens: ("lookup", num_pred_tokens)
+    FakeLlama.clock, FakeLlama.loaded = clock, []
+    mod.Llama = FakeLlama
+    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", spec)
+    monkeypatch.setattr(bl, "clock", clock)
+    return clock
+
+
+def test_llama_cpp_baseline_times_decode_as_t_n_minus_t_1_and_is_the_reference(fake_llama_cpp, tiny_models, tmp_path):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_models["llama"], target)
+    (target / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "out"
+    r = invoke("bench", "--target", target, "--dataset", data, "-n", 6, "--baseline", "llama.cpp", "--warmup", 0,
+               "--out", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["reference"] == "llama.cpp"
+    llm = FakeLlama.loaded[0]
+    assert llm.model_path == str(target / "tiny.Q8_0.gguf")
+    runs = [m for m in res["measurements"] if m["system"] == "llama.cpp"]
+    assert {m["config"] for m in runs} == {"generate", "prompt_lookup"} and len(runs) == 4
+    for m in runs:  # t(6) - t(1) = 5 tokens x 10 ms on the fake clock: 100 tokens/s, the prefill is not in it
+        assert m["new_tokens"] == 6 and m["decode_tokens"] == 5
+        assert m["tokens_per_second"] == pytest.approx(100.0)
+        assert m["time_to_first_token"] == pytest.approx(0.06)
+        assert m["precision"] == "Q8_0" and m["acceptance_length"] is None
+    lookup = [m for m in runs if m["config"] == "prompt_lookup"]
+    assert all(m["identical_to_plain"] for m in lookup)
+    # every run has its speed against llama.cpp's plain run on the same prompt
+    ref = {m["prompt"]: m["tokens_per_second"] for m in runs if m["config"] == "generate"}
+    for m in res["measurements"]:
+        assert m["speedup_vs_reference"] == pytest.approx(m["tokens_per_second"] / ref[m["prompt"]])
+    md = (out / "report.md").read_text()
+    assert "## Outside baseline: llama.cpp (llama-cpp-python 0.0-fake, tiny.Q8_0.gguf" in md
+    assert "## Against llama.cpp plain decoding" in md
+    assert "LlamaPromptLookupDecoding(num_pred_tokens=4)" in md
+    section = invoke("bench", "--readme", out / "results.json").output
+    assert "vs llama.cpp plain |" in section and "| llama.cpp | Q8_0 | none |" in section
+
+
+def test_missing_baselines_are_one_line_saying_how_to_install(monkeypatch, tiny_models, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "openvino_genai", None)
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
+    r = invoke("bench", "--target", tiny_models["llama"], "--dataset", data, "--baseline", "llama.cpp",
+               "--out", tmp_path / "a")
+    assert_one_line_error(r, "the llama.cpp baseline needs a GGUF of the target")  # the folder has none
+    target = tmp_path / "target"
+    import shutil
+
+    shutil.copytree(tiny_models["llama"], target)
+    (target / "m.gguf").write_bytes(b"GGUF")
+    r = invoke("bench", "--target", target, "--dataset", data, "--baseline", "llama.cpp", "--out", tmp_path / "b")
+    assert_one_line_error(r, "needs llama-cpp-python: pip install llama-cpp-python")
+    r = invoke("bench", "--target", target, "--dataset", data, "--baseline", "transformers,llamacpp", "--out", tmp_path / "c")
+    assert_one_line_error(r, "unknown baseline 'llamacpp'; choose from: transformers, llama.cpp, openvino-genai")
+    r = invoke("bench", "--target", target, "--dataset", data, "--baseline", "openvino-genai",
+               "--baseline-weights", "int3", "--out", tmp_path / "d")
+    assert_one_line_error(r, "--baseline-weights takes one of fp32, int8, int4")
+    assert not (tmp_path / "d").exists()
