@@ -261,7 +261,8 @@ def _dataset_line(results: dict) -> str:
 def _system_title(s: dict) -> str:
     if s["kind"] == "baseline":
         return f"Outside baseline: {s.get('title') or 'transformers `generate`'} ({s['device']}, {s['precision']})"
-    return f"`{s['name']}` ({s['device']}, {s['precision']})"
+    inexact = "; blocks round otherwise than single steps, so outputs may differ from plain" if s.get("exact_blocks") is False else ""
+    return f"`{s['name']}` ({s['device']}, {s['precision']}{inexact})"
 
 
 def _method(s: dict, c: str, k: int) -> str:

@@ -425,7 +425,8 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 runner = specrun_runner(pipe.target, dr, s.num_draft_tokens, pipe.eos_token_ids)
             configs.append(Config(b, d, runner))
         systems.append({"name": b, "kind": "specrun", "device": pipe.target.device, "precision": pipe.target.precision,
-                        "configs": list(drafters), "plain": "none"})
+                        "configs": list(drafters), "plain": "none",
+                        "exact_blocks": getattr(pipe.target, "exact_blocks", None)})
     first = pipes[0]  # every pipeline holds the same target model, hence the same tokenizer and EOS ids
     for name in s.baseline:
         log(f"specrun bench: loading the {name} baseline ...")

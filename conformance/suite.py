@@ -324,6 +324,12 @@ def c03_block(ctx: Context) -> dict:
     steps = np.stack([t.forward([tok]).logits[0] for tok in ctx.prompt[12 : 12 + k]])
     if t.length != 12 + k:
         raise CheckFailed(f"cache length is {t.length} after 12 + {k} tokens")
+    if getattr(t, "exact_blocks", None) is True:  # the target promises bit-identical blocks
+        diff = int((block != steps).sum())
+        if diff:
+            raise CheckFailed(f"the target claims exact_blocks, but a block of {k} tokens differs from {k} single steps "
+                              f"in {diff} logits (max abs {float(np.abs(block - steps).max()):.3g}); set exact_blocks = False "
+                              "or make blocks batch-invariant")
     return compare(block, steps, ctx.tol.self_atol, f"block of {k} tokens vs {k} single steps (same backend)", ctx)
 
 

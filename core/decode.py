@@ -43,6 +43,7 @@ class Stats:
     draft_seconds: float = 0.0
     decode_tokens: int = 0  # tokens produced by the verification calls (a final EOS included)
     stop_reason: str = ""
+    exact_blocks: bool | None = None  # the target's Target.exact_blocks (False: output may differ from plain)
 
     @property
     def acceptance_length(self) -> float:
@@ -191,6 +192,7 @@ class SpeculativeDecoder:
         k_max = 0 if isinstance(d, NoDrafter) else self.k
         return Stats(
             backend=t.backend, device=t.device, precision=t.precision, drafter=d.name + suffix, draft_runs_on=d.runs_on,
+            exact_blocks=getattr(t, "exact_blocks", None),
             num_draft_tokens=k_max, prompt_tokens=prompt_len,
             drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
         )

@@ -52,6 +52,12 @@ class Target(abc.ABC):
     backend: str
     device: str
     precision: str
+    #: whether a block's logits equal those of the same tokens run one at a time.  True: bit for bit
+    #: (greedy speculative output then equals plain output; the conformance kit holds the target to
+    #: it).  False: the runtime rounds a row by its block beyond float rounding, so outputs can
+    #: differ at near-ties (the pipeline warns).  None: not promised; float accumulation order may
+    #: differ (~1e-5 in fp32), checked against the precision's tolerance.
+    exact_blocks: bool | None = None
 
     @abc.abstractmethod
     def reset(self, capacity: int) -> None:
@@ -253,7 +259,7 @@ class Backend(abc.ABC):
 
     def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None,
                          options: dict | None = None):
-        """Build an EAGLE-3 draft head (``specrun.eagle3.DraftHead``, numpy in / numpy out) from a
+        """Build an EAGLE-3 draft head (``DraftHead`` below, numpy in / numpy out) from a
         SpecForge-format folder; ``target_dir`` supplies the embedding and the shape checks;
         ``options`` as for ``load_target`` (e.g. ``threads``).
         Optional: backends without it cannot run EAGLE-3 heads."""

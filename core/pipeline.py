@@ -42,7 +42,7 @@ class Result:
 JSON_STATS = ("target_calls", "drafted", "accepted", "acceptance_length", "acceptance_rate_per_position",
               "tokens_per_second", "time_to_first_token", "prefill_seconds", "decode_seconds", "new_tokens",
               "prompt_tokens", "stop_reason", "drafter", "draft_runs_on", "num_draft_tokens", "backend", "device",
-              "precision")
+              "precision", "exact_blocks")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -182,6 +182,12 @@ class Pipeline:
                               min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
             if lookup_first:
                 d = LookupFirstDrafter(d)
+        if not isinstance(d, NoDrafter) and getattr(tgt, "exact_blocks", None) is False:
+            import sys
+
+            print(f"specrun: warning: {tgt.backend} at {tgt.precision} computes a block of tokens with other rounding "
+                  "than single steps, so speculative output may differ from plain output at near-ties; for identical "
+                  "output use another precision or backend (`specrun backends`), or --drafter none", file=sys.stderr)
         pipe = cls(tgt, tokenizer or load_tokenizer(model_dir), d, num_draft_tokens, config)
         pipe.auto_backend = chosen
         if tree is not None:

@@ -32,6 +32,12 @@ class BiasedLogits(TorchTarget):
         return attrs.evolve(out, logits=logits)
 
 
+class ClaimsExactBlocks(TorchTarget):
+    """torch on the CPU: blocks differ from single steps in float rounding (~1e-5), yet it claims bit-identity."""
+
+    exact_blocks = True
+
+
 def broken_backend(name: str, target_cls: type, caps: set[str] | None = None):
     class Broken(TorchBackend):
         def load_target(self, model_dir, **kw):
@@ -53,6 +59,7 @@ def registry() -> Registry:
     register_backend_for_tests(reg, broken_backend("off_by_one", OffByOneRollback))
     register_backend_for_tests(reg, broken_backend("biased", BiasedLogits))
     register_backend_for_tests(reg, broken_backend("no_hidden", TorchTarget, caps=set()))
+    register_backend_for_tests(reg, broken_backend("claims_exact", ClaimsExactBlocks))
     return reg
 
 
@@ -83,6 +90,15 @@ def test_rollback_off_by_one_fails(registry):
     assert st["C04"] == "failed" and st["C07"] == "failed"
     msg = next(r.message for r in run.results if r.check == "C04")
     assert "off_by_one cpu f32" in msg and "tiny-llama" in msg
+
+
+def test_a_false_exact_blocks_claim_fails_c03(registry):
+    """A target that promises bit-identical blocks is held to it; the same target without the claim
+    passes C03 within the f32 tolerance."""
+    run = suite.run_suite("claims_exact", models=MODELS, registry=registry, only=["C03"])
+    r = next(r for r in run.results if r.check == "C03")
+    assert r.status == "failed" and "claims exact_blocks, but a block of 5 tokens differs" in r.message
+    assert statuses(suite.run_suite("torch_cuda", models=MODELS, registry=registry, only=["C03"]))["C03"] == "passed"
 
 
 def test_biased_logits_fail_parity_with_a_standalone_message(registry):

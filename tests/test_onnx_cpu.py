@@ -442,3 +442,23 @@ def test_default_model_int8_agrees_with_f32(default_targets, default_model_dir, 
     a, b = int8.forward(ids).logits, f32.forward(ids).logits
     assert (a.argmax(1) == b.argmax(1)).mean() > 0.9
     int8.close()
+
+
+def test_int8_says_its_blocks_are_inexact_and_generate_warns(tiny_models, backend, cache):
+    """ONNX Runtime's int8 kernels round a row by its block: the target says so (exact_blocks False),
+    the pipeline warns where it speculates on it and the JSON stats carry it; f32 promises nothing."""
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    assert backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8").exact_blocks is False
+    assert backend.load_target(str(tiny_models["llama"]), device="cpu", precision="f32").exact_blocks is None
+    args = ["generate", "--backend", "onnx_cpu", "--target", str(tiny_models["llama"]), "-n", "4", "--raw", "--json"]
+    r = CliRunner().invoke(main, [*args, "--precision", "int8", "--drafter", "ngram", "hello world"])
+    assert r.exit_code == 0, r.output
+    assert "warning: onnx_cpu at int8 computes a block of tokens with other rounding" in r.stderr
+    assert json.loads(r.stdout)["stats"]["exact_blocks"] is False
+    r = CliRunner().invoke(main, [*args, "--precision", "int8", "--drafter", "none", "hello world"])
+    assert r.exit_code == 0 and "warning" not in r.stderr  # plain decoding: nothing to warn about
+    r = CliRunner().invoke(main, [*args, "--precision", "f32", "--drafter", "ngram", "hello world"])
+    assert r.exit_code == 0 and "warning" not in r.stderr

@@ -429,10 +429,7 @@ def _make_batch_invariant(target: OpenVinoTarget) -> None:
         except OSError:
             pass
     target.pad_rows = verdict["pad_rows"]
-    if not verdict["exact"]:
-        print(f"specrun: warning: OpenVINO computes {target.precision} blocks with block-dependent rounding here; "
-              "speculative output may differ from plain output at near-ties (use --precision bf16 or f32 for exact)",
-              file=sys.stderr)
+    target.exact_blocks = verdict["exact"]  # False: the loop warns where it speculates
 
 
 def _probe_batch_invariance(target: OpenVinoTarget) -> bool:
