@@ -25,7 +25,7 @@ import attrs
 import click
 
 from specrun.cli import threads_option
-from specrun.drafters import DEFAULT_MIN_PROB
+from specrun.drafters import DEFAULT_LOOKUP_MIN_PROB, DEFAULT_MIN_PROB
 from specrun.eagle3 import parse_tree
 from specrun.errors import SpecrunError
 from specrun.interfaces import Draft, Drafter, Target
@@ -359,7 +359,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     are written (marked partial) and KeyboardInterrupt propagates."""
     from specrun.drafters import NgramDrafter, NoDrafter
     from specrun.models import resolve_model
-    from specrun.pipeline import DRAFTERS, Pipeline
+    from specrun.pipeline import DRAFTERS, Pipeline, lookup_min_prob
 
     log = log or (lambda msg: click.echo(msg, err=True))
     # --- everything that can be checked before loading a model
@@ -421,7 +421,8 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 o = own[d]
                 runner = specrun_runner(o.target, o.drafter, s.num_draft_tokens, pipe.eos_token_ids, template=o.decoder)
             else:
-                dr = {"none": NoDrafter, "ngram": NgramDrafter}[d]() if d != "model" else pipe.drafter
+                dr = {"none": NoDrafter(), "ngram": NgramDrafter(min_prob=lookup_min_prob(s.draft_min_prob))}[d] \
+                    if d != "model" else pipe.drafter
                 runner = specrun_runner(pipe.target, dr, s.num_draft_tokens, pipe.eos_token_ids)
             configs.append(Config(b, d, runner))
         systems.append({"name": b, "kind": "specrun", "device": pipe.target.device, "precision": pipe.target.precision,
@@ -590,7 +591,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--draft-min-prob", type=float, default=None,
-              help=f"eagle3 chain: stop at the first step whose top draft probability is below this [default: {DEFAULT_MIN_PROB}].")
+              help=f"Stop a draft below this estimated acceptance (eagle3: top draft probability [default: "
+                   f"{DEFAULT_MIN_PROB}]; prompt lookup: its acceptance record [default: {DEFAULT_LOOKUP_MIN_PROB}]).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline", "baseline", default=BASELINE, show_default=True,

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .drafters import DEFAULT_MIN_PROB
+from .drafters import DEFAULT_LOOKUP_MIN_PROB, DEFAULT_MIN_PROB
 from .errors import SpecrunError, disk_full
 
 
@@ -153,8 +153,9 @@ def backend_options(f):
 @click.option("--tree", default=None, metavar="DEPTH,TOPK,NODES",
               help="eagle3: EAGLE-2/3 dynamic tree drafting (e.g. 5,4,16) instead of a chain of k tokens.")
 @click.option("--draft-min-prob", type=float, default=None,
-              help=f"eagle3 chain: stop at the first step whose top draft probability is below this "
-              f"[default: {DEFAULT_MIN_PROB}; 0: always k].")
+              help=f"Stop a draft at the first position whose estimated acceptance is below this: an eagle3 "
+              f"chain's top draft probability [default: {DEFAULT_MIN_PROB}], prompt lookup's record of its own "
+              f"acceptance [default: {DEFAULT_LOOKUP_MIN_PROB}]; 0: always k.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")

@@ -63,6 +63,12 @@ def _check_same_tokenizer(model_dir, draft_dir):
     return tok
 
 
+def lookup_min_prob(draft_min_prob: float | None) -> float:
+    from .drafters import DEFAULT_LOOKUP_MIN_PROB
+
+    return DEFAULT_LOOKUP_MIN_PROB if draft_min_prob is None else draft_min_prob
+
+
 class Pipeline:
     def __init__(self, target: Target, tokenizer, drafter: Drafter, num_draft_tokens: int, config: ModelConfig):
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
@@ -96,8 +102,10 @@ class Pipeline:
     ) -> Pipeline:
         """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
         drafter, a target backend with ``tree_attention``), greedy or sampling.
-        ``draft_min_prob``: an eagle3 chain stops at the first step whose top draft probability is
-        below it (default ``drafters.DEFAULT_MIN_PROB``; 0 drafts all ``num_draft_tokens``)."""
+        ``draft_min_prob``: a draft stops at the first position whose estimated acceptance is below
+        it: an eagle3 chain's top draft probability (default ``drafters.DEFAULT_MIN_PROB``), prompt
+        lookup's record of its own acceptance (default ``drafters.DEFAULT_LOOKUP_MIN_PROB``); 0
+        drafts all ``num_draft_tokens``."""
         check_num_draft_tokens(num_draft_tokens)  # before anything loads
         auto_drafter = drafter == AUTO
         if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
@@ -155,7 +163,7 @@ class Pipeline:
         if drafter == "none":
             d: Drafter = NoDrafter()
         elif drafter == "ngram":
-            d = NgramDrafter()
+            d = NgramDrafter(min_prob=lookup_min_prob(draft_min_prob))
         elif drafter == "model":
             if not draft:
                 raise SpecrunError("the 'model' drafter needs --draft PATH (a small model sharing the target's tokenizer)")
@@ -181,7 +189,7 @@ class Pipeline:
             d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
                               min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
             if lookup_first:
-                d = LookupFirstDrafter(d)
+                d = LookupFirstDrafter(d, min_prob=lookup_min_prob(draft_min_prob))
         if not isinstance(d, NoDrafter) and getattr(tgt, "exact_blocks", None) is False:
             import sys
 

@@ -134,3 +134,31 @@ def test_ngram_drafter_finds_latest_match():
     assert d.propose([1, 2, 3, 9, 1, 2, 4, 8, 1, 2], 3, None).tokens == [4, 8, 1]
     assert d.propose([1, 2, 3], 3, None).tokens == []
     assert d.propose([5, 6, 5], 2, None).tokens == [6, 5]
+
+
+def test_ngram_draft_length_follows_its_acceptance():
+    """With min_prob, lookup drafts shrink where they keep failing and stay whole where they are
+    accepted; a cut position is tried again once old failures fade."""
+    seq = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    d = NgramDrafter(min_prob=0.3)
+    d.start(seq, 64)
+    assert len(d.propose(seq, 4, None).tokens) == 4  # no record yet: the prior (0.5) drafts all
+    lengths = []
+    for _ in range(12):  # nothing ever accepted
+        d.accepted(seq, 0)
+        lengths.append(len(d.propose(seq, 4, None).tokens))
+    assert lengths[2] == 0 and 0 in lengths[-3:] and max(lengths[-3:]) <= 1
+    d.start(seq, 64)
+    for _ in range(12):  # everything accepted
+        assert len(d.propose(seq, 4, None).tokens) == 4
+        d.accepted(seq, 4)
+    assert NgramDrafter().propose(seq, 4, None).tokens == [4, 5, 6, 7]  # min_prob 0: the plain lookup
+
+
+@pytest.mark.parametrize("min_prob", [0.2, 0.5])
+@pytest.mark.parametrize("pi", range(len(PROMPTS)))
+def test_adaptive_ngram_stays_lossless(target, min_prob, pi):
+    prompt = PROMPTS[pi]
+    out, stats = run(target, NgramDrafter(min_prob=min_prob), prompt, 4)
+    assert out == plain_greedy(target, prompt)
+    assert stats.drafted <= run(target, NgramDrafter(), prompt, 4)[1].drafted

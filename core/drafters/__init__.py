@@ -5,8 +5,8 @@
 from .eagle3 import DEFAULT_MIN_PROB, Eagle3Drafter, bundled_head
 from .lookup import LookupFirstDrafter
 from .model import ModelDrafter
-from .ngram import NgramDrafter
+from .ngram import DEFAULT_LOOKUP_MIN_PROB, NgramDrafter
 from .none import NoDrafter
 
-__all__ = ["DEFAULT_MIN_PROB", "Eagle3Drafter", "LookupFirstDrafter", "ModelDrafter", "NgramDrafter", "NoDrafter",
+__all__ = ["DEFAULT_LOOKUP_MIN_PROB", "DEFAULT_MIN_PROB", "Eagle3Drafter", "LookupFirstDrafter", "ModelDrafter", "NgramDrafter", "NoDrafter",
            "bundled_head"]
