@@ -193,16 +193,21 @@ def llama_cpp_baseline(gguf: Path, k: int, eos: Sequence[int], threads: int | No
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     threads = threads or len(os.sched_getaffinity(0))
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)
-    except Exception as exc:  # llama-cpp-python raises ValueError / RuntimeError for files it cannot load
-        raise SpecrunError(f"llama.cpp cannot load {gguf}: {str(exc).splitlines()[0]}") from None
-    lookup = LlamaPromptLookupDecoding(num_pred_tokens=k)
+
+    def load(**extra):
+        try:
+            return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False, **extra)
+        except Exception as exc:  # llama-cpp-python raises ValueError / RuntimeError for files it cannot load
+            raise SpecrunError(f"llama.cpp cannot load {gguf}: {str(exc).splitlines()[0]}") from None
+
+    # as its documentation shows each: plain, and prompt lookup (which needs logits_all=True)
+    llms = {"generate": load(), "prompt_lookup": load(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k),
+                                                      logits_all=True)}
     quant = gguf.stem.rsplit(".", 1)[-1] if "." in gguf.stem else "gguf"
     eos = list(eos)
 
-    def complete(ids: list[int], n: int) -> tuple[dict, float]:
+    def complete(llm, ids: list[int], n: int) -> tuple[dict, float]:
         llm.reset()  # else it reuses the previous prompt's cache
         t0 = clock()
         out = llm.create_completion(ids, max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
@@ -210,9 +215,9 @@ def llama_cpp_baseline(gguf: Path, k: int, eos: Sequence[int], threads: int | No
         return out, clock() - t0
 
     def run(config: str, ids: list[int], max_new_tokens: int) -> dict:
-        llm.draft_model = lookup if config == "prompt_lookup" else None
-        _, t1 = complete(ids, 1)
-        out, tn = complete(ids, max_new_tokens)
+        llm = llms[config]
+        _, t1 = complete(llm, ids, 1)
+        out, tn = complete(llm, ids, max_new_tokens)
         text = out["choices"][0]["text"]
         new = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
         new, stop = cut_at_eos(new, eos)

@@ -455,8 +455,9 @@ def test_llama_cpp_baseline_times_decode_as_t_n_minus_t_1_and_is_the_reference(f
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["reference"] == "llama.cpp"
-    llm = FakeLlama.loaded[0]
-    assert llm.model_path == str(target / "tiny.Q8_0.gguf")
+    plain, lookup = FakeLlama.loaded  # one instance each, as llama-cpp-python documents them
+    assert plain.model_path == lookup.model_path == str(target / "tiny.Q8_0.gguf")
+    assert "draft_model" not in plain.kw and lookup.kw["draft_model"] == ("lookup", 4) and lookup.kw["logits_all"]
     runs = [m for m in res["measurements"] if m["system"] == "llama.cpp"]
     assert {m["config"] for m in runs} == {"generate", "prompt_lookup"} and len(runs) == 4
     for m in runs:  # t(6) - t(1) = 5 tokens x 10 ms on the fake clock: 100 tokens/s, the prefill is not in it
