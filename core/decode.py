@@ -121,6 +121,12 @@ class SpeculativeDecoder:
         self.verifier_factory = verifier_factory
         self.stats = Stats()
 
+    @property
+    def max_draft(self) -> int:
+        """Draft tokens per call: k, or fewer where the target verifies at most ``block_rows`` at once."""
+        rows = getattr(self.target, "block_rows", None)
+        return self.k if not rows else max(min(self.k, rows - 1), 0)
+
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
             raise SpecrunError("the prompt is empty; give some text")
@@ -206,7 +212,7 @@ class SpeculativeDecoder:
         Returns (accepted tokens + bonus, tokens drafted, draft positions to count)."""
         t, d, s = self.target, self.drafter, self.stats
         # never draft past what is needed, nor past the context limit
-        k = min(len(s.drafted_per_position), remaining - 1, limit - len(tokens))
+        k = min(len(s.drafted_per_position), remaining - 1, limit - len(tokens), self.max_draft)
         td = time.perf_counter()
         draft = d.propose(tokens, k, sampler) if k > 0 else Draft([])
         s.draft_seconds += time.perf_counter() - td

@@ -58,6 +58,9 @@ class Target(abc.ABC):
     #: differ at near-ties (the pipeline warns).  None: not promised; float accumulation order may
     #: differ (~1e-5 in fp32), checked against the precision's tolerance.
     exact_blocks: bool | None = None
+    #: the most tokens this target verifies in one call at its best (None: no limit); the loop then
+    #: drafts at most block_rows - 1 tokens (e.g. a runtime whose exact kernels stop at 4 rows)
+    block_rows: int | None = None
 
     @abc.abstractmethod
     def reset(self, capacity: int) -> None:

@@ -162,3 +162,18 @@ def test_adaptive_ngram_stays_lossless(target, min_prob, pi):
     out, stats = run(target, NgramDrafter(min_prob=min_prob), prompt, 4)
     assert out == plain_greedy(target, prompt)
     assert stats.drafted <= run(target, NgramDrafter(), prompt, 4)[1].drafted
+
+
+def test_the_loop_drafts_no_more_than_the_target_verifies_at_once(target):
+    """A target whose exact kernels stop at block_rows rows gets at most block_rows - 1 draft tokens
+    a call (openvino on CPUs whose compressed-weight kernels agree only within 2-4 rows)."""
+    prompt = PROMPTS[0]
+    ref = plain_greedy(target, prompt)
+    target.block_rows = 3
+    try:
+        out, stats = run(target, NoisyOracle(ref, len(prompt), 0), prompt, 6)
+    finally:
+        del target.block_rows
+    assert out == ref
+    assert min(stats.drafted_per_position[:2]) > 0 and stats.drafted_per_position[2:] == [0] * 4
+    assert run(target, NoisyOracle(ref, len(prompt), 0), prompt, 6)[1].drafted_per_position[2] > 0  # unlimited again

@@ -292,11 +292,12 @@ def test_fixed_block_shape_padding_keeps_blocks_exact(tiny_models, ov_backend):
     """The padding the backend turns on where compressed weights are not batch-invariant (probed at
     load): forced on, blocks and single steps give the same bits, trees keep their paths, and greedy
     speculative output equals plain output."""
-    from specrun_openvino.backend import PAD_ROWS, _block_invariant
+    from specrun_openvino.backend import PAD_SCHEMES, _block_invariant
 
     target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
-    target.pad_rows = PAD_ROWS[0]
-    assert _block_invariant(target)
+    for lo, hi in PAD_SCHEMES:
+        target.min_rows, target.pad_rows = lo, hi
+        assert _block_invariant(target) and target.block_rows == hi
     plain = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT, 20) for x in c]
     spec = [x for c in SpeculativeDecoder(target, NgramDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
     again = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
@@ -322,4 +323,4 @@ def test_the_batch_invariance_probe_runs_once_per_machine(tiny_models, ov_backen
 
     monkeypatch.setattr(ob, "_block_invariant", no_probe)
     again = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
-    assert again.pad_rows == first.pad_rows
+    assert (again.pad_rows, again.min_rows) == (first.pad_rows, first.min_rows)

@@ -97,24 +97,32 @@ class OpenVinoTarget(KVBufferTarget):
         # new_kv output stays f32 and _execute rounds the block's rows
         self.kv_dtype = np.uint16 if bf16_cache else np.float32
         self._bound: np.ndarray | None = None  # the buffer whose slices are set as the cache inputs
-        # > 0: every block shorter than this runs padded to this many rows (see _make_batch_invariant)
+        # > 0: every call after the prefill runs as chunks of at most pad_rows rows, each padded to
+        # at least min_rows rows (see _make_batch_invariant); the loop drafts at most pad_rows - 1
         self.pad_rows = 0
+        self.min_rows = 0
+
+    @property
+    def block_rows(self) -> int | None:
+        return self.pad_rows or None
 
     def forward(self, tokens, *, all_logits: bool = True):
         T = len(tokens)
         if not self.pad_rows or T == 0 or self._len == 0:  # a prefill: plain and speculative run the same one
             return super().forward(tokens, all_logits=all_logits)
-        # one block shape for every call after the prefill: the runtime picks its matmul kernels by
-        # the number of rows, so a token's logits must not depend on the block it is verified in.
-        # Blocks run as chunks of pad_rows rows (the last padded after its real rows: causal, the
-        # padding changes nothing and is dropped), each chunk on the cache the previous one wrote
-        R = self.pad_rows
+        # one class of block shapes for every call after the prefill: the runtime picks its matmul
+        # kernels by the number of rows, so a token's logits must not depend on the block it is
+        # verified in.  Blocks run as chunks of at most pad_rows rows, each padded to at least
+        # min_rows (after its real rows: causal, the padding changes nothing and is dropped), each
+        # chunk on the cache the previous one wrote
+        R, lo = self.pad_rows, self.min_rows or self.pad_rows
         logits, hidden = [], []
         for c in range(0, T, R):
             chunk = list(tokens[c : c + R])
             n, start = len(chunk), self._len
-            out = self._run(chunk + [chunk[-1]] * (R - n), np.arange(start, start + R, dtype=np.int64),
-                            np.tri(R, dtype=bool), np.arange(R, dtype=np.int64))  # the lm_head on R rows too
+            rows = max(n, lo)
+            out = self._run(chunk + [chunk[-1]] * (rows - n), np.arange(start, start + rows, dtype=np.int64),
+                            np.tri(rows, dtype=bool), np.arange(rows, dtype=np.int64))  # the lm_head on them too
             self._len = start + n
             logits.append(out.logits[:n])
             if out.hidden_states is not None:
@@ -125,9 +133,10 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
-        if not 0 < T < self.pad_rows or len(parents) != T:
+        R = max(T, self.min_rows or self.pad_rows)  # padded as forward is
+        if not self.pad_rows or T > self.pad_rows or R == T or len(parents) != T:
             return super().forward_tree(tokens, parents)
-        R = self.pad_rows  # padded as forward is: a chain of copies of the last node, after the real nodes
+        # the padding: a chain of copies of the last node, after the real nodes
         out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)))
         self._len = self._tree[0] + T
         self._tree = (self._tree[0], T)
@@ -243,12 +252,17 @@ class OpenVinoBackend(Backend):
         return Path(__file__).with_name("conformance.toml")
 
     def preference(self, device: str):
-        """On a CPU: int8 weights, the fastest exact configuration measured (``specrun bench``, 8
-        MT-bench prompts, 128 tokens: plain 45.6 tokens/s, ngram 55.2, 8/8 identical, on an Intel Xeon
-        with AMX; 91.3 / 104.7 on AMD EPYC, NOTES); elsewhere its default precision."""
+        """On a CPU: int4 weights, the fastest exact configuration measured with speculation
+        (``specrun bench``, 30 MT-bench prompts, 256 tokens, 2026-12-03, Intel Xeon with AMX, blocks
+        of 2-4 rows: int4 plain 59.3 tokens/s, ngram 106.6 (1.26x llama.cpp's plain in the same run),
+        30/30 identical; int8 50.3 / 69.5 in the run before; on AMD EPYC int4 + ngram 107.7 vs int8
+        104.7, NOTES); elsewhere its default precision."""
         dev = device.lower().partition(".")[0]
         if dev == "cpu":
-            return (50, "int8") if "int8" in self.precisions("cpu") else (40, self.precisions("cpu")[0])
+            for precision, rank in (("int4", 50), ("int8", 45)):
+                if precision in self.precisions("cpu"):
+                    return rank, precision
+            return 40, self.precisions("cpu")[0]
         return (60, self.precisions(device)[0]) if dev in ("gpu", "npu") else None
 
     def versions(self) -> dict[str, str]:
@@ -376,7 +390,10 @@ def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
     return store.build_once(folder, main_file, build, version=IR_VERSION, force=force)
 
 
-PAD_ROWS = (5, 8)  # block shapes tried, in order, where compressed weights are not batch-invariant
+#: (min rows, max rows) of the calls after the prefill, tried in order where compressed weights
+#: are not batch-invariant: seen on an Intel Xeon with AMX, rows computed in calls of 2-4 rows agree
+#: bit for bit (a 2-row step costs 17.7 ms at int8, a 5-row one 24.7 ms, unpadded 1 row 14.9 ms)
+PAD_SCHEMES = ((2, 4), (5, 5), (8, 8))
 
 
 def _block_invariant(target: OpenVinoTarget) -> bool:
@@ -417,10 +434,10 @@ def _make_batch_invariant(target: OpenVinoTarget) -> None:
     path = _probe_file(target)
     try:
         verdict = json.loads(path.read_text())
-        if verdict["pad_rows"] not in (0, *PAD_ROWS) or not isinstance(verdict["exact"], bool):
+        if (verdict["min_rows"], verdict["pad_rows"]) not in ((0, 0), *PAD_SCHEMES) or not isinstance(verdict["exact"], bool):
             raise ValueError(verdict)
     except (OSError, ValueError, KeyError, TypeError):
-        verdict = {"exact": _probe_batch_invariance(target), "pad_rows": target.pad_rows}
+        verdict = {"exact": _probe_batch_invariance(target), "pad_rows": target.pad_rows, "min_rows": target.min_rows}
         try:  # best effort: a read-only cache only probes again next time
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -428,7 +445,7 @@ def _make_batch_invariant(target: OpenVinoTarget) -> None:
             tmp.replace(path)
         except OSError:
             pass
-    target.pad_rows = verdict["pad_rows"]
+    target.pad_rows, target.min_rows = verdict["pad_rows"], verdict["min_rows"]
     target.exact_blocks = verdict["exact"]  # False: the loop warns where it speculates
 
 
@@ -438,15 +455,15 @@ def _probe_batch_invariance(target: OpenVinoTarget) -> bool:
     (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps differ from blocks, blocks of
     2-4 agree with each other, 5 and 8 do not; on AMD EPYC all agree), so tokens verified in a block
     got other bits than single steps.  Probed at load: where blocks differ, every call after the
-    prefill runs as chunks of ``pad_rows`` rows (5, else 8, whichever the probe finds exact), one
-    kernel shape for all.  Costs: a step computes 5 rows (lm_head included).  True when exact."""
+    prefill runs in the first class of shapes in ``PAD_SCHEMES`` the probe finds exact (2-4 rows:
+    a step computes 2 rows and the loop drafts at most 3 tokens; else 5, else 8 rows).  True when exact."""
     if _block_invariant(target):
         return True
-    for rows in PAD_ROWS:
-        target.pad_rows = rows
+    for lo, hi in PAD_SCHEMES:
+        target.min_rows, target.pad_rows = lo, hi
         if _block_invariant(target):
             return True
-    target.pad_rows = 0
+    target.min_rows = target.pad_rows = 0
     return False
 
 
