@@ -547,7 +547,13 @@ def c09_sampling(ctx: Context) -> dict:
     n_new, n_runs = 3, 1000
 
     def dist(prefix):
-        return proc.probs(_fresh(t, list(prompt) + list(prefix))[-1])
+        # the distribution plain decoding samples from: the prompt's prefill, then one step per
+        # token (a runtime may compute a prefill's rows otherwise than steps; C02 bounds that)
+        t.reset(len(prompt) + 8)
+        logits = t.forward(list(prompt), all_logits=False).logits[-1]
+        for tok in prefix:
+            logits = t.forward([int(tok)]).logits[0]
+        return proc.probs(logits)
 
     expected: dict[tuple, float] = {}
     p1 = dist(())

@@ -171,7 +171,7 @@ def test_auto_backend_of_the_installed_plugins():
     from specrun.plugins import choose_backend, load_registry
 
     name, precision = choose_backend(load_registry(), "cpu")
-    assert (name, precision) == ("openvino", "int4")  # the fastest exact path measured here (README)
+    assert (name, precision) == ("openvino", "int8")  # the fastest exact path measured here (README)
 
 
 def test_auto_backend_device_errors_name_the_device():
