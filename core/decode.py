@@ -248,7 +248,8 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
     def _step(self, tokens: list[int], remaining: int, limit: int, verifier: Verifier, sampler: Sampler | None):
         t, d, s = self.target, self.drafter, self.stats
         depth = min(self.k, remaining - 1)
-        nodes = min(self.max_nodes, limit - len(tokens))
+        rows = getattr(t, "block_rows", None)  # a target exact only up to block_rows rows: smaller trees
+        nodes = min(self.max_nodes, limit - len(tokens), rows - 1 if rows else self.max_nodes)
         td = time.perf_counter()
         tree = d.propose_tree(tokens, depth, nodes) if depth > 0 and nodes > 0 else None
         s.draft_seconds += time.perf_counter() - td
