@@ -119,8 +119,7 @@ class Baseline:
 # --------------------------------------------------------------------------- transformers
 
 
-def transformers_baseline(model_dir: Path, k: int, eos: Sequence[int], device: str = "cpu", threads: int | None = None
-                          ) -> Baseline:
+def transformers_baseline(model_dir: Path, k: int, eos: Sequence[int], device: str = "cpu") -> Baseline:
     """transformers ``generate``, fp32, greedy: plain and with prompt lookup (k tokens)."""
     import importlib.metadata as md
 

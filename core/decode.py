@@ -121,11 +121,11 @@ class SpeculativeDecoder:
         self.verifier_factory = verifier_factory
         self.stats = Stats()
 
-    @property
-    def max_draft(self) -> int:
-        """Draft tokens per call: k, or fewer where the target verifies at most ``block_rows`` at once."""
+    def within_block(self, n: int) -> int:
+        """At most ``n`` draft tokens, and no more than the target verifies in one call at its best
+        (``Target.block_rows`` rows: the last accepted token and ``block_rows - 1`` drafts)."""
         rows = getattr(self.target, "block_rows", None)
-        return self.k if not rows else max(min(self.k, rows - 1), 0)
+        return n if not rows else max(min(n, rows - 1), 0)
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -212,7 +212,7 @@ class SpeculativeDecoder:
         Returns (accepted tokens + bonus, tokens drafted, draft positions to count)."""
         t, d, s = self.target, self.drafter, self.stats
         # never draft past what is needed, nor past the context limit
-        k = min(len(s.drafted_per_position), remaining - 1, limit - len(tokens), self.max_draft)
+        k = self.within_block(min(len(s.drafted_per_position), remaining - 1, limit - len(tokens)))
         td = time.perf_counter()
         draft = d.propose(tokens, k, sampler) if k > 0 else Draft([])
         s.draft_seconds += time.perf_counter() - td
@@ -248,8 +248,7 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
     def _step(self, tokens: list[int], remaining: int, limit: int, verifier: Verifier, sampler: Sampler | None):
         t, d, s = self.target, self.drafter, self.stats
         depth = min(self.k, remaining - 1)
-        rows = getattr(t, "block_rows", None)  # a target exact only up to block_rows rows: smaller trees
-        nodes = min(self.max_nodes, limit - len(tokens), rows - 1 if rows else self.max_nodes)
+        nodes = self.within_block(min(self.max_nodes, limit - len(tokens)))
         td = time.perf_counter()
         tree = d.propose_tree(tokens, depth, nodes) if depth > 0 and nodes > 0 else None
         s.draft_seconds += time.perf_counter() - td

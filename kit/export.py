@@ -345,7 +345,6 @@ def _quantize_int8(source: Path, out: Path, name: str, progress: bool) -> None:
 
 
 INT8_BLOCK = 32
-INT8_ACCURACY_LEVEL = 4  # MatMulNBits: 4 = int8 compute (activations quantized per block), 1 = f32 compute
 
 
 def quantize_weights_int8(model, block_size: int = INT8_BLOCK) -> int:
@@ -389,7 +388,7 @@ def quantize_weights_int8(model, block_size: int = INT8_BLOCK) -> int:
         graph.initializer.extend([numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales.reshape(-1), s_name)])
         nodes.append(onnx.helper.make_node(
             "MatMulNBits", [node.input[0], q_name, s_name], list(node.output), name=f"{node.name}_Q8",
-            domain="com.microsoft", K=K, N=N, bits=8, block_size=block_size, accuracy_level=INT8_ACCURACY_LEVEL,
+            domain="com.microsoft", K=K, N=N, bits=8, block_size=block_size, accuracy_level=4,
         ))
         uses[w_name] -= 1
         if uses[w_name] == 0:

@@ -156,12 +156,16 @@ def test_ngram_draft_length_follows_its_acceptance():
 
 
 @pytest.mark.parametrize("min_prob", [0.2, 0.5])
-@pytest.mark.parametrize("pi", range(len(PROMPTS)))
-def test_adaptive_ngram_stays_lossless(target, min_prob, pi):
-    prompt = PROMPTS[pi]
+def test_adaptive_ngram_stays_lossless(target, min_prob):
+    """On the prompt whose lookups do draft (and are rejected: a random model), cutting them keeps
+    the output; at 0.5 the cut removes most drafts."""
+    prompt = PROMPTS[2]
     out, stats = run(target, NgramDrafter(min_prob=min_prob), prompt, 4)
+    full = run(target, NgramDrafter(), prompt, 4)[1]
     assert out == plain_greedy(target, prompt)
-    assert stats.drafted <= run(target, NgramDrafter(), prompt, 4)[1].drafted
+    assert full.drafted > 0 and stats.drafted <= full.drafted
+    if min_prob == 0.5:
+        assert stats.drafted < full.drafted
 
 
 def test_the_loop_drafts_no_more_than_the_target_verifies_at_once(target):

@@ -115,7 +115,7 @@ class OpenVinoTarget(KVBufferTarget):
         # verified in.  Blocks run as chunks of at most pad_rows rows, each padded to at least
         # min_rows (after its real rows: causal, the padding changes nothing and is dropped), each
         # chunk on the cache the previous one wrote
-        R, lo = self.pad_rows, self.min_rows or self.pad_rows
+        R, lo = self.pad_rows, self.min_rows
         logits, hidden = [], []
         for c in range(0, T, R):
             chunk = list(tokens[c : c + R])
@@ -133,7 +133,7 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
-        R = max(T, self.min_rows or self.pad_rows)  # padded as forward is
+        R = max(T, self.min_rows)  # padded as forward is
         if not self.pad_rows or T > self.pad_rows or R == T or len(parents) != T:
             return super().forward_tree(tokens, parents)
         # the padding: a chain of copies of the last node, after the real nodes
