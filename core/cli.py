@@ -70,7 +70,12 @@ class SpecrunGroup(click.Group):
         except Exception as exc:
             message = disk_full(exc)
             if message is None:
-                raise
+                if os.environ.get("SPECRUN_DEBUG"):
+                    raise
+                # a bug, not the user's input: one line, and how to get the traceback to report it
+                click.echo(f"specrun: internal error: {type(exc).__name__}: {exc} (a bug in specrun or a plugin; "
+                           f"rerun with SPECRUN_DEBUG=1 for the traceback and report it)", err=True)
+                ctx.exit(1)
             click.echo(f"specrun: error: {message}", err=True)
             ctx.exit(2)
 

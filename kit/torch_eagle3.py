@@ -96,7 +96,6 @@ class Eagle3Module(nn.Module):
         nh, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim
         att = self.midlayer.self_attn
         pos = torch.arange(S, device=ids.device)
-        causal = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, None, :]  # [B,1,S,S]
         keys0 = values0 = None
         diag_k: list[torch.Tensor] = []
         diag_v: list[torch.Tensor] = []
@@ -118,14 +117,7 @@ class Eagle3Module(nn.Module):
             else:
                 diag_k.append(k)
                 diag_v.append(v)
-            scores = (q @ keys0.transpose(-1, -2)) * scale  # [B, nh, S, S]
-            scores = scores.masked_fill(~causal, float("-inf"))
-            extra = [(q * dk).sum(-1, keepdim=True) * scale for dk in diag_k]  # [B, nh, S, 1] each
-            allsc = torch.cat([scores, *extra], dim=-1)
-            w = torch.softmax(allsc.float(), dim=-1).to(q.dtype)
-            o = w[..., :S] @ values0
-            for j, dv in enumerate(diag_v):
-                o = o + w[..., S + j : S + j + 1] * dv
+            o = ttt_attention(q, keys0, values0, diag_k, diag_v, valid, scale)
             attn = att.o_proj(o.transpose(1, 2).reshape(B, S, nh * hd))
             m = self.midlayer
             r = h + attn
@@ -147,6 +139,76 @@ class Eagle3Module(nn.Module):
     def export_tensors(self) -> dict[str, np.ndarray]:
         """Weights under the checkpoint's names (embedding excluded), float32 numpy."""
         return {k: v.detach().float().cpu().numpy().copy() for k, v in self.state_dict().items() if k != "embed_tokens.weight"}
+
+
+def ttt_attention(q, keys0, values0, diag_k: list, diag_v: list, valid, scale: float) -> torch.Tensor:
+    """One training-time-test step's attention: query t attends causally to step 0's keys
+    (positions <= t) and to the earlier steps' keys at t only (``diag_k``/``diag_v``), one softmax
+    over both.  On CPU the causal part runs in PyTorch's flash kernel and is merged with the
+    diagonal terms through its log-sum-exp (no [S, S] matrix is kept: 2k-token sequences train in
+    a fraction of the memory and time); elsewhere the scores are materialized
+    (``ttt_attention_reference``).  Right padding needs no key mask: a valid query's causal keys
+    are all valid, and padded rows carry no loss."""
+    if q.device.type != "cpu":
+        return ttt_attention_reference(q, keys0, values0, diag_k, diag_v, valid, scale)
+    # the flash kernel wants one dtype: under autocast the autocast dtype (what a matmul would run in)
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    q, keys0, values0 = q.to(dt), keys0.to(dt), values0.to(dt)
+    diag_k, diag_v = [t.to(dt) for t in diag_k], [t.to(dt) for t in diag_v]
+    main, lse = _CausalAttentionLSE.apply(q, keys0, values0, scale)
+    if not diag_k:
+        return main
+    extra = [((q * dk).sum(-1).float() * scale) for dk in diag_k]  # [B, nh, S] each
+    w = torch.softmax(torch.stack([lse, *extra], dim=-1), dim=-1).to(q.dtype)  # [B, nh, S, 1 + i]
+    o = w[..., :1] * main
+    for j, dv in enumerate(diag_v):
+        o = o + w[..., j + 1 : j + 2] * dv
+    return o
+
+
+def ttt_attention_reference(q, keys0, values0, diag_k: list, diag_v: list, valid, scale: float) -> torch.Tensor:
+    """``ttt_attention`` with the full score matrix (any device; the CPU path is tested against it)."""
+    S = q.shape[-2]
+    pos = torch.arange(S, device=q.device)
+    causal = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, None, :]  # [B,1,S,S]
+    scores = (q @ keys0.transpose(-1, -2)) * scale  # [B, nh, S, S]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    extra = [(q * dk).sum(-1, keepdim=True) * scale for dk in diag_k]  # [B, nh, S, 1] each
+    allsc = torch.cat([scores, *extra], dim=-1)
+    w = torch.softmax(allsc.float(), dim=-1).to(q.dtype)
+    o = w[..., :S] @ values0
+    for j, dv in enumerate(diag_v):
+        o = o + w[..., S + j : S + j + 1] * dv
+    return o
+
+
+class _CausalAttentionLSE(torch.autograd.Function):
+    """Causal attention and its log-sum-exp (float32), both differentiable, with PyTorch's CPU
+    flash kernels.  The kernel's backward has no log-sum-exp input; it is folded in through the
+    row term D = rowsum(dO * out) that the backward subtracts: with one extra value column (0 in the
+    forward) whose output is set to -dLSE and whose incoming gradient is 1, D becomes D - dLSE,
+    which is exactly the log-sum-exp's contribution w * dLSE to the score gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        hd = v.shape[-1]
+        q, k, v = (torch.nn.functional.pad(t, (0, 1)) for t in (q, k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.hd = scale, hd
+        return out[..., :hd], lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        hd = ctx.hd
+        d_out = torch.zeros_like(out[..., :hd]) if d_out is None else d_out.to(out.dtype)
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        grad = torch.cat([d_out, torch.ones_like(out[..., :1])], dim=-1).contiguous()
+        folded = torch.cat([out[..., :hd], -d_lse.to(out.dtype)[..., None]], dim=-1).contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, folded, lse, 0.0, True, scale=ctx.scale)
+        return dq[..., :hd], dk[..., :hd], dv[..., :hd], None
 
 
 class TorchDraftHead(DraftHead):

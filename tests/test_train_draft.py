@@ -54,6 +54,60 @@ def test_ttt_equals_chain_drafting_with_the_inference_head(tmp_path, tiny_models
             assert np.abs(o.logits[-1] - outs[i][0, t].numpy()).max() < 1e-3, (t, i)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ttt_flash_attention_equals_the_materialized_scores(dtype):
+    """The CPU training-time test merges PyTorch's flash attention with the diagonal terms through
+    its log-sum-exp, with a hand-written backward: output and gradients on valid rows equal the
+    full-score computation (right padding included)."""
+    from specrun_kit.torch_eagle3 import ttt_attention, ttt_attention_reference
+
+    g = torch.Generator().manual_seed(3)
+    B, H, S, D, steps = 2, 3, 29, 16, 4
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, 21:] = False
+    leaves = [torch.randn(B, H, S, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(2 * steps + 1)]
+    q, k0, v0 = leaves[:3]
+    diag_k, diag_v = leaves[3 : 3 + steps - 1], leaves[3 + steps - 1 :]
+    weight = torch.randn(B, H, S, D, generator=g) * valid[:, None, :, None]  # loss on valid rows only
+    grads, outs = [], []
+    for fn in (ttt_attention, ttt_attention_reference):
+        for t in leaves:
+            t.grad = None
+        o = fn(q, k0, v0, diag_k, diag_v, valid, 0.3)
+        (o.float() * weight).sum().backward()
+        outs.append(o.float() * valid[:, None, :, None])
+        grads.append([t.grad.float() for t in leaves])
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert (outs[0] - outs[1]).abs().max() < tol
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max() < tol * max(1.0, b.abs().max().item())
+    assert grads[0][0].abs().max() > 0.01  # the queries got a gradient at all
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_soft_cross_entropy_equals_log_softmax(dtype):
+    """The fused loss (chunks of rows, gradient made in the forward) equals
+    -sum(p * log_softmax(z)) and its autograd gradient; hits are the rows whose argmax is best."""
+    from specrun_train.trainer import _soft_cross_entropy
+
+    g = torch.Generator().manual_seed(5)
+    N, V = 77, 301  # more rows than one chunk, a ragged last chunk
+    z = (torch.randn(N, V, generator=g) * 3).to(dtype).requires_grad_(True)
+    p = torch.softmax(torch.randn(N, V, generator=g) * 2, dim=-1)
+    best = p.argmax(-1)
+    best[:40] = z.detach().float().argmax(-1)[:40]
+    loss, hits = _soft_cross_entropy(z, p, best)
+    (0.7 * loss).backward()
+    fused = z.grad.float().clone()
+    z.grad = None
+    ref = -(p * torch.log_softmax(z.float(), dim=-1)).sum()
+    (0.7 * ref).backward()
+    assert abs(loss.item() - ref.item()) < 1e-3 * abs(ref.item())
+    assert (fused - z.grad.float()).abs().max() < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(hits, z.float().argmax(-1) == best)
+    assert 0 < int(hits.sum()) < N or N < 2  # some rows hit, some do not: the comparison is real
+
+
 def test_sharegpt_reader_survives_the_truncated_file(tmp_path):
     conv = [
         {"id": "a", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "x"}]},

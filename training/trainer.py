@@ -81,6 +81,7 @@ class TrainOptions:
     grad_clip: float = 0.5
     draft_vocab_size: int = 32000
     save_every: int = 200
+    eval_sequences: int = 16  # held-out sequences estimated at every checkpoint (the acceptance curve); 0: none
     val_fraction: float = 0.05
     seed: int = 0
     device: str = "cpu"
@@ -442,7 +443,8 @@ class TargetRunner:
         return hidden, captured["final"], logits.argmax(-1)
 
     def features(self, rec: dict, ids: list[int]):
-        """(restricted logits [n, Vd], aux hidden [n, n_aux*H], argmax [n]) as float32 / int64."""
+        """(final normed hidden state [n, H], aux hidden [n, n_aux*H], argmax [n]) as float32 / int64;
+        the restricted logits are ``final @ used_rows.T``."""
         torch = self.torch
         path = None if self.cache_dir is None else self.cache_dir / f"{rec.get('id', 'x')}-{len(ids)}.safetensors"
         if path is not None and path.exists():
@@ -456,49 +458,55 @@ class TargetRunner:
                 aux, final = aux.half().float(), final.half().float()
                 write_safetensors(path, {"aux": aux.cpu().numpy().astype(np.float16), "final": final.cpu().numpy().astype(np.float16),
                                          "argmax": argmax.cpu().numpy().astype(np.int64)})
-        return final @ self.used_rows.T, aux, argmax
+        return final, aux, argmax
 
 
 def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_length: int, device: str):
     """Right-padded tensors for the head: ids [B,S] (token t+1 at t), hidden [B,S,*], valid [B,S],
-    target_p [B,S,Vd] (target distribution at t restricted to the draft vocabulary),
-    loss_mask [B,S] (row t is a label when token t+1 is an answer token and the target's
-    argmax at t is in the draft vocabulary)."""
+    loss_mask [B,S] (row t is a label when token t+1 is an answer token and the target's argmax at
+    t is in the draft vocabulary), and the labels of the loss_mask rows only, in row-major order:
+    ``(probs [N,Vd], best [N], pos [N])`` = the target's distribution restricted to the draft
+    vocabulary, its argmax there, the row's position (a [B,S,Vd] tensor would be most of a step's
+    memory traffic)."""
     torch = runner.torch
     seqs = [r["input_ids"][:max_length] for r in records]
     S = max(len(s) for s in seqs)
     B = len(seqs)
-    Vd = len(used_ids)
     ids = torch.zeros(B, S, dtype=torch.long, device=device)
     hidden = None
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)
-    target_p = torch.zeros(B, S, Vd, device=device)
     loss_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    finals, positions = [], []
     for b, (r, seq) in enumerate(zip(records, seqs, strict=True)):
         n = len(seq)
-        restricted, hid, argmax = runner.features(r, seq)
+        final, hid, argmax = runner.features(r, seq)
         if hidden is None:
             hidden = torch.zeros(B, S, hid.shape[-1], device=device)
         hidden[b, :n] = hid
         ids[b, : n - 1] = torch.tensor(seq[1:], device=device)
         valid[b, : n - 1] = True
-        target_p[b, :n] = torch.softmax(restricted.float(), dim=-1)
         in_vocab = t2d[argmax]
         pos = torch.arange(n, device=device)
         answer = torch.zeros(n, dtype=torch.bool, device=device)
         for a, e in record_spans(r):
             answer[max(0, a - 1) : max(0, e - 1)] = True  # row t labels token t+1
         loss_mask[b, :n] = answer & (pos + 1 < n) & in_vocab
-    return ids, hidden, valid, target_p, loss_mask
+        rows = loss_mask[b, :n].nonzero()[:, 0]
+        finals.append(final[rows])
+        positions.append(rows)
+    probs = torch.softmax(torch.cat(finals) @ runner.used_rows.T.to(device), dim=-1)
+    labels = (probs, probs.argmax(-1), torch.cat(positions))
+    return ids, hidden, valid, labels, loss_mask
 
 
 def ttt_loss(module, batch, steps: int):
     """Weighted training-time-test loss; also per-step accuracy and the greedy chain acceptance
     counts (steps accepted when drafting ``steps`` tokens from each labelled position)."""
     torch = __import__("torch")
-    ids, hidden, valid, target_p, loss_mask = batch
+    ids, hidden, valid, (probs, best, label_pos), loss_mask = batch
     S = ids.shape[1]
-    # step i at position t predicts the token after position t+1+i: its label is row t+1+i
+    # step i at position t predicts the token after position t+1+i: its label is row t+1+i, the
+    # loss_mask rows at positions >= 1+i in the same row-major order
     masks = []
     for i in range(steps):
         m = torch.zeros_like(loss_mask)
@@ -510,12 +518,14 @@ def ttt_loss(module, batch, steps: int):
     chain_ok = chain_len = None
     for i, logits in enumerate(outs):
         m = masks[i]
-        lab = target_p[:, 1 + i :][m[:, : max(0, S - 1 - i)]]  # [N_i, Vd]
+        keep = label_pos >= 1 + i
+        lab = probs[keep] if not bool(keep.all()) else probs  # [N_i, Vd]
         n = max(1, lab.shape[0])
-        loss = -(lab * torch.log_softmax(logits.float(), dim=-1)).sum() / n
+        step_loss, hits = _soft_cross_entropy(logits, lab, best[keep])
+        loss = step_loss / n
         total = total + (LOSS_DECAY**i) * loss
         hit = torch.zeros_like(m)
-        hit[m] = logits.argmax(-1) == lab.argmax(-1)
+        hit[m] = hits
         accs.append(hit.sum().item() / n)
         losses.append(loss.detach().item())
         if i == 0:
@@ -525,6 +535,64 @@ def ttt_loss(module, batch, steps: int):
             chain_ok = chain_ok & hit
             chain_len = chain_len + chain_ok.float()
     return total, losses, accs, chain_len[masks[0]]
+
+
+def _soft_cross_entropy(logits, probs, best):
+    """(sum over rows of -sum(probs * log_softmax(logits)), rows whose argmax is ``best``), with
+    the gradient softmax(logits) - probs computed in the same pass (rows of ``probs`` sum to 1)."""
+    return _SoftCrossEntropy.apply(logits, probs, best)
+
+
+def _soft_ce_class():
+    import torch
+
+    class SoftCrossEntropy(torch.autograd.Function):
+        """Fused soft-label cross-entropy over [N, Vd] logits, in chunks of rows that stay in cache:
+        one read of the logits and labels and one write of the gradient, where log_softmax, its
+        product with the labels and their autograd backward make a dozen passes over N x Vd floats
+        (on a 2-core machine those passes were most of a training step)."""
+
+        CHUNK = 32
+
+        @staticmethod
+        def forward(ctx, logits, probs, best):
+            grad = torch.empty_like(logits)
+            hits = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
+            total = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for a in range(0, logits.shape[0], SoftCrossEntropy.CHUNK):
+                b = a + SoftCrossEntropy.CHUNK
+                z = logits[a:b].float()
+                top = z.amax(dim=-1, keepdim=True)
+                e = (z - top).exp_()
+                norm = e.sum(dim=-1, keepdim=True)
+                p = probs[a:b]
+                total += ((top + norm.log()).sum() - (p * z).sum()).double()
+                grad[a:b] = e.div_(norm).sub_(p)
+                hits[a:b] = z.argmax(dim=-1) == best[a:b]
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(hits)
+            return total.float(), hits
+
+        @staticmethod
+        def backward(ctx, d_loss, d_hits):
+            (grad,) = ctx.saved_tensors
+            return grad * d_loss.to(grad.dtype), None, None
+
+    return SoftCrossEntropy
+
+
+class _LazySoftCE:
+    """Builds the autograd Function at first use (torch is imported lazily in this module)."""
+
+    _cls = None
+
+    def apply(self, *args):
+        if _LazySoftCE._cls is None:
+            _LazySoftCE._cls = _soft_ce_class()
+        return _LazySoftCE._cls.apply(*args)
+
+
+_SoftCrossEntropy = _LazySoftCE()
 
 
 def labelled_positions(rec: dict, max_length: int) -> int:
@@ -670,10 +738,11 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
     cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
     records = load_records(opts)
-    train_recs, _ = split_data(records, opts.val_fraction, opts.seed)
+    train_recs, val_recs = split_data(records, opts.val_fraction, opts.seed)
     if not train_recs:
         raise SpecrunError("no training data; run the data stage first")
     check_max_length(train_recs, opts)
+    val_recs = val_recs[:opts.eval_sequences]
     world, rank = _world(), _rank()
     device = opts.device
     ddp = world > 1
@@ -712,6 +781,17 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
                disable=opts.quiet or rank != 0, file=sys.stderr)
     module.train()
     end = min(opts.steps, opts.stop_at) if opts.stop_at else opts.steps
+
+    def checkpoint_estimate(at: int) -> None:
+        if rank != 0 or not val_recs:
+            return
+        point = estimate(module, val_recs, runner, used_ids, t2d, opts, device, scale)
+        record_curve(opts, at, point)
+        _log(opts, f"train: step {at}: held-out acceptance length {point['acceptance_length']:.3f} "
+                   f"(step-1 accuracy {point['accuracy'][0]:.3f}, {point['positions']} positions)")
+
+    if start == 0:
+        checkpoint_estimate(0)
     for step in range(start, end):
         idx = batch_indices(step, opts.batch_size, len(train_recs), opts.seed)[rank::world]
         batch = make_batch([train_recs[i] for i in idx], runner, used_ids, t2d, opts.max_length, device)
@@ -731,6 +811,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         bar.set_postfix(loss=f"{value:.3f}", acc0=f"{accs[0]:.2f}")
         if rank == 0 and ((step + 1) % opts.save_every == 0 or step + 1 == end):
             _save_checkpoint(wd, module, opt, step + 1, losses, opts)
+            checkpoint_estimate(step + 1)
     bar.close()
     if ddp:
         import torch.distributed as dist
@@ -806,23 +887,69 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
     used = torch.as_tensor(np.arange(len(d2t)) + d2t)
     runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used,
                           work_dir(opts) / "target-cache" if opts.cache_target else None)
-    t2d = torch.as_tensor(t2d_np)
+    return estimate(module, val[:max_sequences], runner, used, torch.as_tensor(t2d_np), opts, "cpu")
+
+
+def estimate(module, records: list[dict], runner: TargetRunner, used, t2d, opts: TrainOptions, device: str,
+             scale=None) -> dict:
+    """Per-step accuracy and greedy chain acceptance length (tokens per target call, k = the TTT
+    length, no early stop) of ``module`` on ``records``, in f32; leaves the module's mode as it was."""
+    import torch
+
+    was_training = module.training
     module.eval()
     accs, lens = [], []
     with torch.no_grad():
-        for r in val[:max_sequences]:
-            batch = make_batch([r], runner, used, t2d, opts.max_length, "cpu")
+        for r in records:
+            batch = make_batch([r], runner, used, t2d, opts.max_length, device)
+            if scale is not None:  # a preconditioned run's fc reads scaled features
+                batch = (batch[0], batch[1] / scale, *batch[2:])
             _, _, acc, chain = ttt_loss(module, batch, opts.ttt_steps)
             accs.append(acc)
-            lens.append(chain.numpy())
+            lens.append(chain.cpu().numpy())
+    module.train(was_training)
     chain = np.concatenate(lens) if lens else np.zeros(0)
     return {
         "sequences": len(accs),
         "positions": int(chain.size),
-        "accuracy": np.mean(np.asarray(accs), axis=0).round(4).tolist(),
+        "accuracy": np.mean(np.asarray(accs), axis=0).round(4).tolist() if accs else [],
         # tokens per target call: accepted draft tokens + the bonus token
         "acceptance_length": float(1 + chain.mean()) if chain.size else 1.0,
     }
+
+
+CURVE_FILE = "acceptance-curve.json"
+
+
+def record_curve(opts: TrainOptions, step: int, point: dict) -> list[dict]:
+    """Append the held-out estimate at ``step`` to ``work/acceptance-curve.json`` (points after
+    ``step`` from an earlier, interrupted run are dropped) and redraw ``work/acceptance-curve.png``."""
+    wd = work_dir(opts)
+    path = wd / CURVE_FILE
+    curve = json.loads(path.read_text()) if path.is_file() else []
+    curve = [c for c in curve if c["step"] < step] + [{"step": step, **point}]
+    fd, t = tempfile.mkstemp(prefix=".curve.", dir=wd)
+    with os.fdopen(fd, "w") as f:
+        json.dump(curve, f, indent=1)
+    os.replace(t, path)
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # the JSON is the record; the picture needs specrun[bench]
+        return curve
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.plot([c["step"] for c in curve], [c["acceptance_length"] for c in curve], marker="o")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("tokens per target call (estimate)")
+    n = curve[-1]["sequences"]
+    ax.set_title(f"held-out acceptance length ({n} sequences, chain of {opts.ttt_steps})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, t = tempfile.mkstemp(prefix=".curve.", suffix=".png", dir=wd)
+    os.close(fd)
+    fig.savefig(t, dpi=100)
+    os.replace(t, wd / "acceptance-curve.png")
+    return curve
 
 
 # ============================================================================ driver
@@ -877,7 +1004,7 @@ def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
     model_dir = resolve_model(opts.target)
     tc = ModelConfig.load(model_dir)
     check_out_dir(Path(opts.out), model_dir, opts.force)
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    work_dir(opts).mkdir(parents=True, exist_ok=True)
     result: dict = {}
     if "data" in stages and _rank() == 0:
         generate_data(opts, model_dir)
@@ -919,6 +1046,9 @@ def _command():
     @click.option("--lr", type=float, default=1e-4, show_default=True)
     @click.option("--draft-vocab-size", type=int, default=32000, show_default=True)
     @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint every N steps.")
+    @click.option("--eval-sequences", type=int, default=16, show_default=True,
+                  help="Held-out sequences on which every checkpoint estimates the acceptance length "
+                       "(work/acceptance-curve.json and .png; 0: none).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--device", default="cpu", show_default=True, help="Training device (cpu, cuda).")
     @threads_option("CPU threads.")
@@ -941,7 +1071,7 @@ def _command():
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
                     data_kv_dtype, data_weights, data_dir, data_seconds, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
+                    ttt_steps, lr, draft_vocab_size, save_every, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
             raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
@@ -952,10 +1082,12 @@ def _command():
                             ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
+        if eval_sequences < 0:
+            raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                             data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
-                            ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every,
+                            ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, eval_sequences=eval_sequences,
                             seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)
         work = work_dir(opts)
