@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -73,16 +73,6 @@ def aux_ids_from_config(raw: dict, where: str = "config.json") -> tuple[int, ...
         raise SpecrunError(f"{where}: eagle_config.eagle_aux_hidden_state_layer_ids {list(spec)} (outputs of those layers, "
                            f"SpecForge) and eagle_aux_hidden_state_layer_ids {list(top)} (inputs, vLLM) name other layers")
     return inputs_spec if inputs_spec is not None else inputs_top
-
-
-def aux_ids_to_config(inputs: Sequence[int], eagle_config: dict) -> dict:
-    """The config entries for aux layers ``inputs`` (specrun's numbering): SpecForge's
-    ``eagle_config`` ids (outputs of the layer before) and vLLM's top-level ids (inputs).  A head
-    reading the embedding (input of layer 0) has no SpecForge id: only vLLM's is written."""
-    out: dict = {"eagle_aux_hidden_state_layer_ids": [int(i) for i in inputs]}
-    if all(i >= 1 for i in inputs):
-        out["eagle_config"] = {**eagle_config, "eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in inputs]}
-    return out
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -258,34 +248,6 @@ class Eagle3Config:
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecrunError(f"cannot read {path}: {exc}") from None
         return cls.from_dict(raw, str(path))
-
-    def to_dict(self) -> dict:
-        d = dict(self.extra)
-        d.update(
-            architectures=[ARCHITECTURE],
-            model_type="llama",
-            num_hidden_layers=1,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            hidden_act="silu",
-            vocab_size=self.vocab_size,
-            draft_vocab_size=self.draft_vocab_size,
-            target_hidden_size=self.target_hidden_size,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=False,
-            attention_bias=False,
-            torch_dtype="float32",
-        )
-        if self.rope_scaling:
-            d["rope_scaling"] = dict(self.rope_scaling)
-        if self.aux_layer_ids is not None:
-            d.update(aux_ids_to_config(self.aux_layer_ids, d.get("eagle_config", {})))
-        return d
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         H, I = self.hidden_size, self.intermediate_size  # noqa: E741

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
+from .errors import SpecrunError
+
 if TYPE_CHECKING:
     from .eagle3 import Eagle3Config
     from .sampling import Sampler
@@ -90,28 +92,12 @@ class Target(abc.ABC):
         the cache), ``parents[i] < i`` otherwise; node i sits at position ``length + depth(i)`` and
         attends to the cache, its ancestors and itself.  Returns logits (and hidden states) for every
         node; the nodes are appended to the cache until ``keep``."""
-        from .errors import SpecrunError
-
         raise SpecrunError(f"backend '{self.backend}' cannot verify token trees (no tree_attention capability)")
 
     def keep(self, indices: Sequence[int]) -> None:
         """After ``forward_tree``: keep the cache entries of the nodes ``indices`` (a root-to-node
         path: 0 first, increasing) right after the earlier cache, and drop the other nodes."""
-        from .errors import SpecrunError
-
         raise SpecrunError(f"backend '{self.backend}' cannot verify token trees (no tree_attention capability)")
-
-    @staticmethod
-    def kept_path(tree: tuple[int, int] | None, indices: Sequence[int]) -> tuple[int, list[int]]:
-        """For implementations of ``keep``: ``tree`` = (cache length before the tree, nodes) as
-        recorded by ``forward_tree``; returns (that length, the validated node indices)."""
-        if tree is None:
-            raise ValueError("keep() follows forward_tree()")
-        start, T = tree
-        idx = list(indices)
-        if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
-            raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
-        return start, idx
 
 
 @attrs.frozen
@@ -248,16 +234,12 @@ class Backend(abc.ABC):
         """The backend's own loader, called by ``load_target`` with checked arguments: ``device``
         present, ``precision`` one of ``precisions(device)``, ``aux_hidden_layers`` valid layers of
         the model, ``options`` with ``threads`` (int >= 1) when given."""
-        from .errors import SpecrunError
-
         raise SpecrunError(f"backend '{self.name}' implements neither build_target nor load_target; it cannot load models")
 
     def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
                force: bool = False, progress: bool = True):
         """Optional: build this backend's cached model format ahead of time (``specrun export``)
         and return its path; ``force`` rebuilds every artefact it uses."""
-        from .errors import SpecrunError
-
         raise SpecrunError(f"backend '{self.name}' has nothing to export ahead of time; it loads models directly")
 
     def load_eagle3_head(self, checkpoint_dir: str, target_dir: str, *, device: str, precision: str | None = None,
@@ -266,14 +248,10 @@ class Backend(abc.ABC):
         SpecForge-format folder; ``target_dir`` supplies the embedding and the shape checks;
         ``options`` as for ``load_target`` (e.g. ``threads``).
         Optional: backends without it cannot run EAGLE-3 heads."""
-        from .errors import SpecrunError
-
         raise SpecrunError(f"backend '{self.name}' cannot run EAGLE-3 heads; use a --draft-backend that lists eagle3 among its capabilities (`specrun backends`)")
 
     def check_device(self, device: str) -> str:
         """Return the canonical device name or raise a one-line error naming the present ones."""
-        from .errors import SpecrunError
-
         present = self.devices()
         if device in present:
             return device
@@ -287,8 +265,6 @@ class Backend(abc.ABC):
         )
 
     def check_precision(self, device: str, precision: str | None) -> str:
-        from .errors import SpecrunError
-
         supported = self.precisions(device)
         if precision is None:
             return supported[0]
@@ -304,8 +280,6 @@ OPTION_KEYS = ("threads",)  # the options a backend may receive (docs/writing-a-
 
 def check_options(options: dict | None) -> dict:
     """``options`` for a backend: only known keys; ``threads`` an integer >= 1."""
-    from .errors import SpecrunError
-
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
@@ -321,7 +295,6 @@ def check_options(options: dict | None) -> dict:
 
 def check_aux_layers(model_dir, aux_hidden_layers: Sequence[int]) -> tuple[int, ...]:
     """Validated aux hidden layers (distinct, ascending, in range) of the model in ``model_dir``."""
-    from .errors import SpecrunError
     from .models import ModelConfig
 
     aux = tuple(int(a) for a in aux_hidden_layers)

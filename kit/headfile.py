@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specrun.eagle3 import WEIGHTS_FILE, Eagle3Checkpoint, Eagle3Config, default_aux_layers
+from specrun.eagle3 import ARCHITECTURE, WEIGHTS_FILE, Eagle3Checkpoint, Eagle3Config, default_aux_layers
 from specrun.errors import SpecrunError
 
 DEFAULT_DRAFT_VOCAB = 32000
@@ -42,6 +42,46 @@ def head_config_for(target_raw: dict, *, draft_vocab_size: int | None = None,
         max_position_embeddings=int(target_raw.get("max_position_embeddings", 2048)),
         aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids is not None else default_aux_layers(layers),
     )
+
+
+def aux_ids_to_config(inputs: Sequence[int], eagle_config: dict) -> dict:
+    """The config entries for aux layers ``inputs`` (specrun's numbering): SpecForge's
+    ``eagle_config`` ids (outputs of the layer before) and vLLM's top-level ids (inputs).  A head
+    reading the embedding (input of layer 0) has no SpecForge id: only vLLM's is written."""
+    out: dict = {"eagle_aux_hidden_state_layer_ids": [int(i) for i in inputs]}
+    if all(i >= 1 for i in inputs):
+        out["eagle_config"] = {**eagle_config, "eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in inputs]}
+    return out
+
+def config_to_dict(cfg: Eagle3Config) -> dict:
+    """A head's ``config.json`` (SpecForge / SGLang / vLLM keys; the unknown keys it was read with kept)."""
+    d = dict(cfg.extra)
+    d.update(
+        architectures=[ARCHITECTURE],
+        model_type="llama",
+        num_hidden_layers=1,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act="silu",
+        vocab_size=cfg.vocab_size,
+        draft_vocab_size=cfg.draft_vocab_size,
+        target_hidden_size=cfg.target_hidden_size,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        torch_dtype="float32",
+    )
+    if cfg.rope_scaling:
+        d["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.aux_layer_ids is not None:
+        d.update(aux_ids_to_config(cfg.aux_layer_ids, d.get("eagle_config", {})))
+    return d
+
 
 
 def vocab_map(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,5 +147,5 @@ def save_head(ck: Eagle3Checkpoint, folder: str | Path, *, include_embed: bool =
             raise SpecrunError("cannot include the embedding: the head has none loaded")
         tensors["embed_tokens.weight"] = emb.astype(np.float32)
     write_safetensors(folder / WEIGHTS_FILE, tensors, bf16=dtype == "bf16")
-    write_text_atomic(folder / "config.json", json.dumps(ck.config.to_dict(), indent=2) + "\n")
+    write_text_atomic(folder / "config.json", json.dumps(config_to_dict(ck.config), indent=2) + "\n")
     return folder

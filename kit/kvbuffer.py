@@ -14,6 +14,17 @@ from specrun.interfaces import ModelInfo, StepOutput, Target
 from . import export as ex
 
 
+def kept_path(tree: tuple[int, int] | None, indices: Sequence[int]) -> tuple[int, list[int]]:
+    """For implementations of ``Target.keep``: ``tree`` = (cache length before the tree, nodes) as
+    recorded by ``forward_tree``; returns (that length, the validated node indices)."""
+    if tree is None:
+        raise ValueError("keep() follows forward_tree()")
+    start, T = tree
+    idx = list(indices)
+    if not idx or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or idx[-1] >= T:
+        raise ValueError(f"keep needs increasing node indices starting at the root (0), got {idx}")
+    return start, idx
+
 class KVBufferTarget(Target):
     """The Target contract over a graph with the ``export.py`` interface, for any runtime.
 
@@ -88,7 +99,7 @@ class KVBufferTarget(Target):
         return out
 
     def keep(self, indices: Sequence[int]) -> None:
-        start, idx = self.kept_path(self._tree, indices)
+        start, idx = kept_path(self._tree, indices)
         src = np.asarray(idx) + start
         self._kv[:, :, :, start : start + len(idx)] = self._kv[:, :, :, src]  # a few rows
         self._len = start + len(idx)

@@ -209,8 +209,10 @@ def test_other_crashes_are_not_called_a_full_disk(monkeypatch):
         raise ValueError("something else")
 
     monkeypatch.setattr(specrun.models, "resolve_model", broken)
+    monkeypatch.delenv("SPECRUN_DEBUG", raising=False)
     r = invoke("export", "--backend", "onnx_cpu")
-    assert isinstance(r.exception, ValueError)
+    assert r.exit_code == 1 and "no space" not in r.stderr
+    assert "internal error: ValueError: something else" in r.stderr
 
 
 @pytest.mark.parametrize("command", [["generate", "Hi"], ["bench", "--limit", "1"], ["conformance"], ["export"]])
@@ -264,3 +266,28 @@ def test_usage_errors_that_quote_the_message_are_not_a_full_disk():
             raise ValueError("unrelated") from None
     except ValueError as exc:
         assert disk_full(exc) is None  # `from None` hides the context
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(monkeypatch):
+    """A bug (not a SpecrunError) in any command: one line naming it and SPECRUN_DEBUG, exit 1;
+    with SPECRUN_DEBUG=1 the exception propagates.  click's own exits (--help) are untouched."""
+    import click
+
+    from specrun.cli import SpecrunGroup
+
+    @click.command("boom")
+    def boom():
+        raise KeyError("slot 7")
+
+    group = SpecrunGroup(commands={"boom": boom})
+    monkeypatch.delenv("SPECRUN_DEBUG", raising=False)
+    r = CliRunner().invoke(group, ["boom"])
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error: KeyError" in lines[0] and "SPECRUN_DEBUG=1" in lines[0]
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(group, ["boom", "--help"])
+    assert r.exit_code == 0 and "internal error" not in r.output
+    monkeypatch.setenv("SPECRUN_DEBUG", "1")
+    r = CliRunner().invoke(group, ["boom"])
+    assert isinstance(r.exception, KeyError)

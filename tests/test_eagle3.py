@@ -518,8 +518,9 @@ def test_aux_layer_ids_follow_specforge_and_vllm_conventions(tmp_path):
     """SpecForge / SGLang number the captured tensors by the layer whose output they are
     (default [1, L//2-1, L-4]); vLLM by the layer whose input they are (default (2, L//2, L-3)):
     both name the same tensors, read and written both ways."""
-    from specrun.eagle3 import aux_ids_from_config, aux_ids_to_config, default_aux_layers
+    from specrun.eagle3 import aux_ids_from_config, default_aux_layers
     from specrun.errors import SpecrunError
+    from specrun_kit.headfile import aux_ids_to_config
 
     L = 30
     specforge = [1, L // 2 - 1, L - 4]

@@ -89,7 +89,9 @@ class TorchTarget(Target):
         return StepOutput(logits.float().cpu().numpy(), None if hidden is None else hidden.float().cpu().numpy())
 
     def keep(self, indices: Sequence[int]) -> None:
-        start, idx = self.kept_path(self._tree, indices)
+        from specrun_kit.kvbuffer import kept_path
+
+        start, idx = kept_path(self._tree, indices)
         src = torch.tensor(idx, dtype=torch.long, device=self.device) + start
         self._k[:, :, :, start : start + len(idx)] = self._k[:, :, :, src]
         self._v[:, :, :, start : start + len(idx)] = self._v[:, :, :, src]
