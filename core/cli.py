@@ -67,10 +67,13 @@ class SpecrunGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("specrun: interrupted", err=True)
             ctx.exit(130)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # click's own exits and usage errors
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, BrokenPipeError):
+            raise  # click's own exits, usage errors and a closed pipe (`specrun ... | head`)
         except Exception as exc:
             message = disk_full(exc)
+            if message is None and isinstance(exc, OSError) and exc.strerror and not os.environ.get("SPECRUN_DEBUG"):
+                where = f": {exc.filename}" if exc.filename else ""
+                message = f"{exc.strerror}{where} (check the path and its permissions)"
             if message is None:
                 if os.environ.get("SPECRUN_DEBUG"):
                     raise

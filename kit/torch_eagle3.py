@@ -149,7 +149,7 @@ def ttt_attention(q, keys0, values0, diag_k: list, diag_v: list, valid, scale: f
     a fraction of the memory and time); elsewhere the scores are materialized
     (``ttt_attention_reference``).  Right padding needs no key mask: a valid query's causal keys
     are all valid, and padded rows carry no loss."""
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         return ttt_attention_reference(q, keys0, values0, diag_k, diag_v, valid, scale)
     # the flash kernel wants one dtype: under autocast the autocast dtype (what a matmul would run in)
     dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype

@@ -291,3 +291,19 @@ def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(monkeypa
     monkeypatch.setenv("SPECRUN_DEBUG", "1")
     r = CliRunner().invoke(group, ["boom"])
     assert isinstance(r.exception, KeyError)
+
+
+def test_operating_system_errors_are_one_line_naming_the_path(monkeypatch):
+    import click
+
+    from specrun.cli import SpecrunGroup
+
+    @click.command("deny")
+    def deny():
+        raise PermissionError(13, "Permission denied", "/srv/out/report.md")
+
+    monkeypatch.delenv("SPECRUN_DEBUG", raising=False)
+    r = CliRunner().invoke(SpecrunGroup(commands={"deny": deny}), ["deny"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == ("specrun: error: Permission denied: /srv/out/report.md "
+                                "(check the path and its permissions)")

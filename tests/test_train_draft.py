@@ -105,6 +105,9 @@ def test_fused_soft_cross_entropy_equals_log_softmax(dtype):
     assert abs(loss.item() - ref.item()) < 1e-3 * abs(ref.item())
     assert (fused - z.grad.float()).abs().max() < (1e-6 if dtype == torch.float32 else 1e-2)
     assert torch.equal(hits, z.float().argmax(-1) == best)
+    with torch.no_grad():  # evaluation takes the same pass without building a gradient
+        loss_eval, hits_eval = _soft_cross_entropy(z, p, best)
+    assert loss_eval.item() == loss.item() and torch.equal(hits_eval, hits)
     assert 0 < int(hits.sum()) < N or N < 2  # some rows hit, some do not: the comparison is real
 
 

@@ -38,6 +38,7 @@ DistributedDataParallel, and rank 0 alone writes checkpoints and the head.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -540,10 +541,18 @@ def ttt_loss(module, batch, steps: int):
 def _soft_cross_entropy(logits, probs, best):
     """(sum over rows of -sum(probs * log_softmax(logits)), rows whose argmax is ``best``), with
     the gradient softmax(logits) - probs computed in the same pass (rows of ``probs`` sum to 1)."""
-    return _SoftCrossEntropy.apply(logits, probs, best)
+    import torch
+
+    fn = _soft_ce_class()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return fn.apply(logits, probs, best)
+    with torch.no_grad():  # evaluation: the same pass without keeping a gradient
+        return fn.forward(None, logits, probs, best)
 
 
+@functools.cache
 def _soft_ce_class():
+    """The autograd Function, made at first use (this module imports torch lazily)."""
     import torch
 
     class SoftCrossEntropy(torch.autograd.Function):
@@ -556,7 +565,7 @@ def _soft_ce_class():
 
         @staticmethod
         def forward(ctx, logits, probs, best):
-            grad = torch.empty_like(logits)
+            grad = torch.empty_like(logits) if ctx is not None else None
             hits = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
             total = torch.zeros((), dtype=torch.float64, device=logits.device)
             for a in range(0, logits.shape[0], SoftCrossEntropy.CHUNK):
@@ -567,10 +576,12 @@ def _soft_ce_class():
                 norm = e.sum(dim=-1, keepdim=True)
                 p = probs[a:b]
                 total += ((top + norm.log()).sum() - (p * z).sum()).double()
-                grad[a:b] = e.div_(norm).sub_(p)
+                if grad is not None:
+                    grad[a:b] = e.div_(norm).sub_(p)
                 hits[a:b] = z.argmax(dim=-1) == best[a:b]
-            ctx.save_for_backward(grad)
-            ctx.mark_non_differentiable(hits)
+            if ctx is not None:
+                ctx.save_for_backward(grad)
+                ctx.mark_non_differentiable(hits)
             return total.float(), hits
 
         @staticmethod
@@ -579,20 +590,6 @@ def _soft_ce_class():
             return grad * d_loss.to(grad.dtype), None, None
 
     return SoftCrossEntropy
-
-
-class _LazySoftCE:
-    """Builds the autograd Function at first use (torch is imported lazily in this module)."""
-
-    _cls = None
-
-    def apply(self, *args):
-        if _LazySoftCE._cls is None:
-            _LazySoftCE._cls = _soft_ce_class()
-        return _LazySoftCE._cls.apply(*args)
-
-
-_SoftCrossEntropy = _LazySoftCE()
 
 
 def labelled_positions(rec: dict, max_length: int) -> int:
@@ -810,8 +807,8 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}", acc0=f"{accs[0]:.2f}")
         if rank == 0 and ((step + 1) % opts.save_every == 0 or step + 1 == end):
+            checkpoint_estimate(step + 1)  # first: a run killed meanwhile redoes the step and its point
             _save_checkpoint(wd, module, opt, step + 1, losses, opts)
-            checkpoint_estimate(step + 1)
     bar.close()
     if ddp:
         import torch.distributed as dist

@@ -8,6 +8,7 @@ import torch
 
 from specrun.errors import SpecrunError
 from specrun.interfaces import ModelInfo, StepOutput, Target
+from specrun_kit import kvbuffer
 from specrun_kit.llama import LlamaModel, tree_mask
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -89,9 +90,7 @@ class TorchTarget(Target):
         return StepOutput(logits.float().cpu().numpy(), None if hidden is None else hidden.float().cpu().numpy())
 
     def keep(self, indices: Sequence[int]) -> None:
-        from specrun_kit.kvbuffer import kept_path
-
-        start, idx = kept_path(self._tree, indices)
+        start, idx = kvbuffer.kept_path(self._tree, indices)
         src = torch.tensor(idx, dtype=torch.long, device=self.device) + start
         self._k[:, :, :, start : start + len(idx)] = self._k[:, :, :, src]
         self._v[:, :, :, start : start + len(idx)] = self._v[:, :, :, src]
