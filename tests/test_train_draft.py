@@ -140,6 +140,27 @@ def test_jsonl_prompts_and_bad_lines(tmp_path):
         list(jsonl_prompts(tmp_path / "none.jsonl"))
 
 
+def test_data_fractions_are_nested_and_keep_the_held_out_records():
+    from specrun_train.trainer import data_subset, split_data
+
+    records = [{"id": f"c{i}", "input_ids": [1, 2, 3]} for i in range(2000)]
+    train_recs, val = split_data(records, 0.05, 0)
+    quarter, half = data_subset(train_recs, 0.25, 0), data_subset(train_recs, 0.5, 0)
+    assert {r["id"] for r in quarter} < {r["id"] for r in half} < {r["id"] for r in train_recs}
+    assert 0.2 < len(quarter) / len(train_recs) < 0.3 and 0.45 < len(half) / len(train_recs) < 0.55
+    assert data_subset(train_recs, 1.0, 0) == train_recs
+    assert not {r["id"] for r in half} & {r["id"] for r in val}
+
+
+def test_data_fraction_out_of_range_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    r = CliRunner().invoke(main, ["train-draft", "--out", str(tmp_path / "o"), "--data-fraction", "0"])
+    assert r.exit_code == 2 and "--data-fraction must be in (0, 1]" in r.stderr
+
+
 def test_schedule_and_batches_are_functions_of_the_step():
     assert lr_at(0, 200, 1e-4, 0.015) == pytest.approx(1e-4 / 3)
     assert lr_at(2, 200, 1e-4, 0.015) == pytest.approx(1e-4)

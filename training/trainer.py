@@ -82,6 +82,7 @@ class TrainOptions:
     grad_clip: float = 0.5
     draft_vocab_size: int = 32000
     save_every: int = 200
+    data_fraction: float = 1.0  # train on this share of the training records (scaling studies)
     eval_sequences: int = 16  # held-out sequences estimated at every checkpoint (the acceptance curve); 0: none
     val_fraction: float = 0.05
     seed: int = 0
@@ -377,6 +378,20 @@ def split_data(records: list[dict], val_fraction: float, seed: int) -> tuple[lis
     if len(held) == len(records) and len(records) > 1:
         held.discard(int(np.argmax(scores)))
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def data_subset(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """The training records of a ``--data-fraction`` run (scaling studies): those whose hash of
+    (seed, id) falls below ``fraction``, so a smaller fraction's records are a subset of a larger
+    one's and the held-out records stay the same."""
+    if fraction >= 1:
+        return records
+
+    def score(i: int, rec: dict) -> float:
+        digest = hashlib.sha256(f"subset:{seed}:{rec.get('id', i)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return [r for i, r in enumerate(records) if score(i, r) < fraction]
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -736,8 +751,12 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
     records = load_records(opts)
     train_recs, val_recs = split_data(records, opts.val_fraction, opts.seed)
+    train_recs = data_subset(train_recs, opts.data_fraction, opts.seed)
     if not train_recs:
-        raise SpecrunError("no training data; run the data stage first")
+        raise SpecrunError("no training data; run the data stage first" if opts.data_fraction >= 1 else
+                           f"--data-fraction {opts.data_fraction} leaves no training record; use a larger fraction")
+    if opts.data_fraction < 1:
+        _log(opts, f"train: {len(train_recs)} training records ({opts.data_fraction:.0%} of the data)")
     check_max_length(train_recs, opts)
     val_recs = val_recs[:opts.eval_sequences]
     world, rank = _world(), _rank()
@@ -1043,6 +1062,9 @@ def _command():
     @click.option("--lr", type=float, default=1e-4, show_default=True)
     @click.option("--draft-vocab-size", type=int, default=32000, show_default=True)
     @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint every N steps.")
+    @click.option("--data-fraction", type=float, default=1.0, show_default=True,
+                  help="Train on this share of the training records (nested: 0.25's are within 0.5's); "
+                       "the held-out records are the same. For scaling studies.")
     @click.option("--eval-sequences", type=int, default=16, show_default=True,
                   help="Held-out sequences on which every checkpoint estimates the acceptance length "
                        "(work/acceptance-curve.json and .png; 0: none).")
@@ -1068,7 +1090,7 @@ def _command():
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
                     data_kv_dtype, data_weights, data_dir, data_seconds, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
+                    ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
             raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
@@ -1079,12 +1101,14 @@ def _command():
                             ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
+        if not 0 < data_fraction <= 1:
+            raise SpecrunError(f"--data-fraction must be in (0, 1], got {data_fraction}")
         if eval_sequences < 0:
             raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                             data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
-                            ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, eval_sequences=eval_sequences,
+                            ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, data_fraction=data_fraction, eval_sequences=eval_sequences,
                             seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)
         work = work_dir(opts)
