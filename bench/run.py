@@ -359,7 +359,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
     are written (marked partial) and KeyboardInterrupt propagates."""
     from specrun.drafters import NgramDrafter, NoDrafter
     from specrun.models import resolve_model
-    from specrun.pipeline import DRAFTERS, Pipeline, lookup_min_prob
+    from specrun.pipeline import DRAFTERS, Pipeline
 
     log = log or (lambda msg: click.echo(msg, err=True))
     # --- everything that can be checked before loading a model
@@ -421,7 +421,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 o = own[d]
                 runner = specrun_runner(o.target, o.drafter, s.num_draft_tokens, pipe.eos_token_ids, template=o.decoder)
             else:
-                dr = {"none": NoDrafter(), "ngram": NgramDrafter(min_prob=lookup_min_prob(s.draft_min_prob))}[d] \
+                dr = {"none": NoDrafter(), "ngram": NgramDrafter(min_prob=s.draft_min_prob)}[d] \
                     if d != "model" else pipe.drafter
                 runner = specrun_runner(pipe.target, dr, s.num_draft_tokens, pipe.eos_token_ids)
             configs.append(Config(b, d, runner))

@@ -4,12 +4,21 @@ stop strings.  The CLI and the benchmarks use this; library users can too."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import attrs
 
 from .decode import SpeculativeDecoder, Stats, check_num_draft_tokens, check_prompt_text
-from .drafters import LookupFirstDrafter, ModelDrafter, NgramDrafter, NoDrafter
+from .drafters import (
+    LookupFirstDrafter,
+    NgramDrafter,
+    NoDrafter,
+    bundled_head,
+    head_aux_layers,
+    head_folder,
+    is_head,
+    load_eagle3_drafter,
+    load_model_drafter,
+)
 from .errors import SpecrunError
 from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
@@ -20,11 +29,10 @@ from .tokenizer import (  # load_tokenizer: re-exported (bench, conformance)
     check_text,
     load_tokenizer,
     render_chat,
-    vocabulary_difference,
 )
 
 DRAFTERS = ("none", "ngram", "model", "eagle3", "eagle3+ngram")
-AUTO = "auto"  # eagle3+ngram with the head shipped for the target if there is one, else ngram
+AUTO = "auto"  # --draft's head (eagle3+ngram) or model; else eagle3+ngram with the shipped head if any, else ngram
 
 
 @attrs.define
@@ -43,30 +51,6 @@ JSON_STATS = ("target_calls", "drafted", "accepted", "acceptance_length", "accep
               "tokens_per_second", "time_to_first_token", "prefill_seconds", "decode_seconds", "new_tokens",
               "prompt_tokens", "stop_reason", "drafter", "draft_runs_on", "num_draft_tokens", "backend", "device",
               "precision", "exact_blocks")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _check_same_tokenizer(model_dir, draft_dir):
-    """The target's tokenizer, after checking that the draft model's is the same (the same token
-    texts at the same ids): a draft with another tokenizer of the same size would propose ids that
-    mean other text, and be accepted silently at a lower rate.  Returns the target's tokenizer."""
-    if not any((Path(draft_dir) / f).exists() for f in _TOKENIZER_FILES):
-        raise SpecrunError(f"the draft model {draft_dir} has no tokenizer to compare with the target's; if it "
-                           f"shares the target's tokenizer, copy the target's tokenizer files into it")
-    tok = load_tokenizer(model_dir)
-    differs = vocabulary_difference(tok, load_tokenizer(draft_dir))
-    if differs:
-        raise SpecrunError(f"the draft model {draft_dir} has another tokenizer than the target {model_dir} "
-                           f"({differs}); use a draft model that shares the target's tokenizer")
-    return tok
-
-
-def lookup_min_prob(draft_min_prob: float | None) -> float:
-    from .drafters import DEFAULT_LOOKUP_MIN_PROB
-
-    return DEFAULT_LOOKUP_MIN_PROB if draft_min_prob is None else draft_min_prob
 
 
 class Pipeline:
@@ -107,27 +91,22 @@ class Pipeline:
         lookup's record of its own acceptance (default ``drafters.DEFAULT_LOOKUP_MIN_PROB``); 0
         drafts all ``num_draft_tokens``."""
         check_num_draft_tokens(num_draft_tokens)  # before anything loads
-        auto_drafter = drafter == AUTO
-        if drafter in (AUTO, "eagle3", "eagle3+ngram") and not draft:
-            from .drafters import bundled_head
-
-            head = bundled_head(target)
-            if drafter == AUTO:  # lookup beat the shipped head alone on MT-bench (README)
-                drafter = "ngram" if head is None else ("eagle3" if tree else "eagle3+ngram")
-        elif drafter == AUTO:
-            drafter = "ngram"
-        if drafter not in DRAFTERS:
+        if drafter not in (*DRAFTERS, AUTO):
             raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
+        auto_drafter = drafter == AUTO
+        if auto_drafter:  # with a head: lookup first (lookup beat the shipped head alone on MT-bench, README)
+            head = is_head(draft) if draft else bundled_head(target) is not None
+            drafter = ("eagle3" if tree else "eagle3+ngram") if head else ("model" if draft else "ngram")
         lookup_first = drafter == "eagle3+ngram"
-        if lookup_first:
-            if tree is not None:
+        if tree is not None:
+            if lookup_first:
                 raise SpecrunError("--tree drafts with the head alone: use --drafter eagle3")
-            drafter = "eagle3"
-        if drafter == "eagle3" and not draft:
-            if head is None:
-                raise SpecrunError(f"no EAGLE-3 head ships for '{target or 'the default model'}'; pass --draft DIR "
-                                   "(an EAGLE-3 head in the SpecForge format, e.g. from `specrun train-draft`)")
-            draft = str(head)
+            if drafter != "eagle3":
+                raise SpecrunError("tree drafting needs --drafter eagle3")
+            if min(tree) < 1:
+                raise SpecrunError(f"tree depth, top-k and node count must be >= 1, got {', '.join(map(str, tree))}")
+        if drafter in ("eagle3", "eagle3+ngram"):
+            drafter, draft = "eagle3", head_folder(draft, target)
         registry = registry or load_registry()
         chosen = backend == AUTO_BACKEND
         if chosen:
@@ -147,49 +126,30 @@ class Pipeline:
                                       and "eagle3" in registry.entries[n].backend.capabilities()), None)
                 if draft_backend is None:
                     drafter, lookup_first, draft = "ngram", False, None
+        if tree is not None and "tree_attention" not in be.capabilities():
+            raise SpecrunError(f"backend '{backend}' cannot verify token trees (no tree_attention capability)")
         model_dir = resolve_model(target)
         config = ModelConfig.load(model_dir)
         aux: tuple[int, ...] = ()
-        tokenizer = None
         if drafter == "eagle3":
-            from .eagle3 import Eagle3Config, check_target_compat
-
-            hconf = Eagle3Config.load(draft)
-            check_target_compat(hconf, config.vocab_size, config.hidden_size, config.num_layers, draft)
+            aux = head_aux_layers(draft, config)
             if "hidden_states" not in be.capabilities():
                 raise SpecrunError(f"backend '{backend}' cannot return hidden states, which the eagle3 drafter needs")
-            aux = tuple(sorted(set(hconf.aux_layers_for(config.num_layers))))
         tgt = be.load_target(str(model_dir), device=device, precision=precision, aux_hidden_layers=aux, options=options)
+        tokenizer = None
+        dbe = registry.get(draft_backend or backend) if drafter in ("model", "eagle3") else be
+        where = {"device": draft_device or device, "precision": draft_precision, "options": options}
         if drafter == "none":
             d: Drafter = NoDrafter()
         elif drafter == "ngram":
-            d = NgramDrafter(min_prob=lookup_min_prob(draft_min_prob))
+            d = NgramDrafter(min_prob=draft_min_prob)
         elif drafter == "model":
-            if not draft:
-                raise SpecrunError("the 'model' drafter needs --draft PATH (a small model sharing the target's tokenizer)")
-            draft_dir = resolve_model(draft)
-            dbe = registry.get(draft_backend or backend)
-            dconf = ModelConfig.load(draft_dir)
-            if dconf.vocab_size != config.vocab_size:
-                raise SpecrunError(
-                    f"the draft model's vocabulary ({dconf.vocab_size} tokens) differs from the target's "
-                    f"({config.vocab_size}); use a draft model that shares the target's tokenizer"
-                )
-            tokenizer = _check_same_tokenizer(model_dir, draft_dir)
-            dt = dbe.load_target(str(draft_dir), device=draft_device or device, precision=draft_precision, options=options)
-            d = ModelDrafter(dt, config.vocab_size)
+            d, tokenizer = load_model_drafter(dbe, draft, model_dir, config, **where)
         else:
-            from .drafters import Eagle3Drafter
-
-            hbe = registry.get(draft_backend or backend)
-            head = hbe.load_eagle3_head(str(draft), str(model_dir), device=draft_device or device, precision=draft_precision,
-                                        options=options)
-            from .drafters import DEFAULT_MIN_PROB
-
-            d = Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
-                              min_prob=DEFAULT_MIN_PROB if draft_min_prob is None else draft_min_prob)
+            d = load_eagle3_drafter(dbe, draft, model_dir, config, **where, min_prob=draft_min_prob,
+                                    tree_topk=tree[1] if tree else 4)
             if lookup_first:
-                d = LookupFirstDrafter(d, min_prob=lookup_min_prob(draft_min_prob))
+                d = LookupFirstDrafter(d, min_prob=draft_min_prob)
         if not isinstance(d, NoDrafter) and getattr(tgt, "exact_blocks", None) is False:
             import sys
 
@@ -200,17 +160,8 @@ class Pipeline:
         pipe.auto_backend = chosen
         if tree is not None:
             from .decode import TreeSpeculativeDecoder
-            from .drafters import Eagle3Drafter
 
-            depth, topk, nodes = tree
-            if not isinstance(d, Eagle3Drafter):
-                raise SpecrunError("tree drafting needs --drafter eagle3")
-            if "tree_attention" not in be.capabilities():
-                raise SpecrunError(f"backend '{backend}' cannot verify token trees (no tree_attention capability)")
-            if min(depth, topk, nodes) < 1:
-                raise SpecrunError(f"tree depth, top-k and node count must be >= 1, got {depth}, {topk}, {nodes}")
-            d.tree_topk = topk
-            pipe.decoder = TreeSpeculativeDecoder(tgt, d, depth, nodes)
+            pipe.decoder = TreeSpeculativeDecoder(tgt, d, tree[0], tree[2])
         return pipe
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

@@ -196,3 +196,17 @@ def test_tree_sampling_matches_target_distribution(temperature, top_p):
         accepted += dec.stats.accepted
     assert accepted > n // 4  # trees were used, and accepted
     assert chi_square_pvalue(counts, exact_joint(SamplingParams(temperature, 0, top_p)), n) > 1e-3
+
+
+def test_auto_drafter_follows_draft(tiny_models, tiny_draft, tmp_path):
+    """--drafter auto with --draft: a head drafts (prompt lookup first, or a tree with --tree), a
+    draft model drafts as 'model'; the draft is never ignored, and output stays plain greedy's."""
+    from specrun.pipeline import Pipeline
+
+    hd = make_head(tmp_path / "h", seed=5)
+    folder = str(tiny_models["llama"])
+    ref = Pipeline.load(folder, drafter="none").generate("Hi there", max_new_tokens=12).token_ids
+    for draft, tree, name in ((hd, None, "eagle3+ngram"), (hd, (3, 3, 8), "eagle3-tree"), (tiny_draft, None, "model")):
+        pipe = Pipeline.load(folder, draft=str(draft), tree=tree)
+        got = pipe.generate("Hi there", max_new_tokens=12)
+        assert got.stats.drafter == name and got.token_ids == ref

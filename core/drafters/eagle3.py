@@ -3,13 +3,16 @@ the SpecForge / SGLang / vLLM format (``specrun.eagle3``), run by any backend th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..eagle3 import Eagle3Config, check_target_compat
 from ..errors import SpecrunError
-from ..interfaces import Draft, Drafter, DraftHead, DraftTree
+from ..interfaces import Backend, Draft, Drafter, DraftHead, DraftTree
+from ..models import ModelConfig
 from ..sampling import Sampler
 
 #: an eagle3 chain stops at the first step whose top draft probability is below this (0.2 was the
@@ -27,6 +30,42 @@ def bundled_head(target: str | None) -> Path | None:
         return None
     folder = HEADS_DIR / name
     return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+
+
+def is_head(folder: str) -> bool:
+    """Whether ``folder`` holds an EAGLE-3 head (its config names a draft vocabulary or an Eagle3
+    architecture) rather than a draft model."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and ("draft_vocab_size" in raw or any("eagle3" in str(a).lower() for a in raw.get("architectures") or []))
+
+
+def head_folder(draft: str | None, target: str | None) -> str:
+    """The head to draft with: ``draft``, else the one shipped for ``target``."""
+    head = draft or bundled_head(target)
+    if head is None:
+        raise SpecrunError(f"no EAGLE-3 head ships for '{target or 'the default model'}'; pass --draft DIR "
+                           "(an EAGLE-3 head in the SpecForge format, e.g. from `specrun train-draft`)")
+    return str(head)
+
+
+def head_aux_layers(draft: str, config: ModelConfig) -> tuple[int, ...]:
+    """The target layers whose hidden states the head reads, checked against the target, before
+    anything loads."""
+    hconf = Eagle3Config.load(draft)
+    check_target_compat(hconf, config.vocab_size, config.hidden_size, config.num_layers, draft)
+    return tuple(sorted(set(hconf.aux_layers_for(config.num_layers))))
+
+
+def load_eagle3_drafter(backend: Backend, draft: str, model_dir: Path, config: ModelConfig, *, device: str,
+                        precision: str | None, options: dict | None, min_prob: float | None = None,
+                        tree_topk: int = 4) -> Eagle3Drafter:
+    """The head in ``draft`` run by ``backend``; ``min_prob`` None: ``DEFAULT_MIN_PROB``."""
+    head = backend.load_eagle3_head(draft, str(model_dir), device=device, precision=precision, options=options)
+    return Eagle3Drafter(head, num_target_layers=config.num_layers, target_vocab_size=config.vocab_size,
+                         tree_topk=tree_topk, min_prob=DEFAULT_MIN_PROB if min_prob is None else min_prob)
 
 
 class Eagle3Drafter(Drafter):

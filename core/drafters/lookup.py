@@ -18,7 +18,7 @@ class LookupFirstDrafter(Drafter):
     drafts where lookup finds nothing.  The model drafter still sees every accepted token (its
     cache stays in step); the choice reads the sequence only, so verification stays lossless."""
 
-    def __init__(self, model: Drafter, *, min_ngram: int = 2, max_ngram: int = 3, min_prob: float = 0.0):
+    def __init__(self, model: Drafter, *, min_ngram: int = 2, max_ngram: int = 3, min_prob: float | None = None):
         self.model = model
         self.lookup = NgramDrafter(max_ngram=max_ngram, min_ngram=min_ngram, min_prob=min_prob)
         self._from_lookup = False

@@ -28,7 +28,8 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, *, min_prob: float = 0.0, decay: float = 0.9):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, *, min_prob: float | None = None, decay: float = 0.9):
+        min_prob = DEFAULT_LOOKUP_MIN_PROB if min_prob is None else min_prob
         if not 1 <= min_ngram <= max_ngram:
             raise SpecrunError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}..{max_ngram}")
         if not 0.0 <= min_prob < 1.0:
