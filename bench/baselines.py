@@ -233,9 +233,12 @@ def llama_cpp_baseline(gguf: Path, k: int, eos: Sequence[int], threads: int | No
 def gguf_for(target: str | None) -> Path:
     """The GGUF file of the target: the default model's package file, or the single .gguf in a
     target folder."""
-    from specrun.models import source_gguf
+    from specrun.models import DEFAULT_MODEL, GGUF_MODELS, gguf_file
 
-    path = source_gguf(target)
+    name = target or DEFAULT_MODEL
+    folder = Path(name).expanduser()
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    path = gguf_file(name) if name in GGUF_MODELS else found[0] if len(found) == 1 else None
     if path is None:
         raise SpecrunError(f"the llama.cpp baseline needs a GGUF of the target: put one .gguf file in {target} "
                            "(llama.cpp's convert_hf_to_gguf.py makes one) or leave llama.cpp out of --baseline")

@@ -177,7 +177,7 @@ def backend_options(f):
 def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
              num_draft_tokens, tree, draft_min_prob, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
     """Generate text for PROMPT with speculative decoding."""
-    from .decode import check_num_draft_tokens, check_prompt_text
+    from .decode import check_prompt_text
     from .eagle3 import parse_tree
     from .pipeline import Pipeline
     from .sampling import SamplingParams, check_stop_strings
@@ -188,7 +188,6 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
         raise SpecrunError("--tree applies to --drafter eagle3")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stop = check_stop_strings(stop)
-    check_num_draft_tokens(num_draft_tokens)  # before the model loads
     check_text(check_prompt_text(prompt), "the prompt")
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,

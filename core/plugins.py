@@ -169,11 +169,6 @@ def _add(registry: Registry, entry: BackendEntry) -> None:
     registry.entries[entry.name] = entry
 
 
-def register_backend_for_tests(registry: Registry, backend: Backend, package: str = "test") -> None:
-    """Add an in-process backend (used by tests and the conformance kit's examples)."""
-    _add(registry, BackendEntry(backend.name, package, "0", backend))
-
-
 def load_tool(ep: md.EntryPoint, cli) -> str:
     """Import one ``specrun.commands`` entry point and let it add its commands to ``cli``.  Returns
     "" or, when the plugin fails to import or its hook raises, the one-line reason."""

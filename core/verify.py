@@ -58,8 +58,6 @@ class SpeculativeSamplingVerifier(Verifier):
 def verify_tree_greedy(logits, tree: DraftTree) -> tuple[list[int], list[int]]:
     """Longest root-to-node path whose tokens are the target's argmax at each step, plus the bonus
     token.  ``logits[i]`` belongs to node i (0 = the root).  Returns (tokens, path of node indices)."""
-    import numpy as np
-
     children: dict[int, dict[int, int]] = {}
     for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents, strict=True), start=1):
         children.setdefault(p, {})[tok] = i
@@ -80,8 +78,6 @@ def verify_tree_sampling(logits, tree: DraftTree, sampler: Sampler) -> tuple[lis
     target's processed distribution p, else p(c) is set to 0 and p renormalised before the next
     candidate; when none is accepted a token is drawn from what remains.  This is sampling from p,
     one candidate at a time, so the output is distributed exactly as the target's sampling."""
-    import numpy as np
-
     children: dict[int, list[int]] = {}
     for i, p in enumerate(tree.parents, start=1):
         children.setdefault(p, []).append(i)

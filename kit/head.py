@@ -218,7 +218,7 @@ class KVBufferHead(DraftHead):
         if ck.embed is None:
             raise SpecrunError("the head has no embedding: load it with the target folder")
         self.config, self.meta, self.path = ck.config, meta, path
-        self.d2t = np.asarray(ck.d2t, dtype=np.int64)
+        self.d2t = np.asarray(ck.tensors["d2t"], dtype=np.int64)
         self.embed = ck.embed  # [V, H]: a read-only memory map of the target's weights when possible
         self.backend, self.device, self.precision = backend, device, precision
         self._k = self._v = None

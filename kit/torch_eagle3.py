@@ -214,7 +214,7 @@ class _CausalAttentionLSE(torch.autograd.Function):
 class TorchDraftHead(DraftHead):
     def __init__(self, ck: Eagle3Checkpoint, device: str, dtype: torch.dtype, precision: str):
         self.config = ck.config
-        self.d2t = np.asarray(ck.d2t, dtype=np.int64)
+        self.d2t = np.asarray(ck.tensors["d2t"], dtype=np.int64)
         self.backend, self.device, self.precision = "torch_cuda", device, precision
         with torch.device("meta"):
             module = Eagle3Module(ck.config)

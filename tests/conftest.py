@@ -55,3 +55,10 @@ def torch_backend():
     from specrun.plugins import load_registry
 
     return load_registry(["torch_cuda"]).get("torch_cuda")
+
+
+def register_backend_for_tests(registry, backend, package: str = "test") -> None:
+    """Add an in-process backend to a registry, as an installed plugin would be (name clashes included)."""
+    from specrun.plugins import BackendEntry, _add
+
+    _add(registry, BackendEntry(backend.name, package, "0", backend))

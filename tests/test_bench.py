@@ -319,7 +319,9 @@ def test_unknown_backend_on_cli(tmp_path):
 def test_unavailable_backend_on_cli(tmp_path, monkeypatch):
     import specrun_bench.run as bench
     from specrun.interfaces import Availability, Backend
-    from specrun.plugins import Registry, register_backend_for_tests
+    from specrun.plugins import Registry
+
+    from .conftest import register_backend_for_tests
 
     class Missing(Backend):
         name = "ghost"

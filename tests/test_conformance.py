@@ -10,11 +10,13 @@ import xml.etree.ElementTree as ET
 import attrs
 import pytest
 
-from specrun.plugins import Registry, load_registry, register_backend_for_tests
+from specrun.plugins import Registry, load_registry
 from specrun_conformance import suite
 from specrun_conformance.reports import write_reports
 from specrun_torch_cuda.backend import TorchBackend
 from specrun_torch_cuda.target import TorchTarget
+
+from .conftest import register_backend_for_tests
 
 MODELS = ("tiny-llama",)
 

@@ -499,8 +499,10 @@ def test_lookup_first_uses_both_drafters_and_stays_lossless(temperature):
 def test_head_on_another_backend_than_the_target(head_dir, tiny_models):
     """--draft-backend: the head runs on its own backend (numpy crosses the boundary)."""
     from specrun.pipeline import Pipeline
-    from specrun.plugins import load_registry, register_backend_for_tests
+    from specrun.plugins import load_registry
     from specrun_torch_cuda.backend import TorchBackend
+
+    from .conftest import register_backend_for_tests
 
     class OtherTorch(TorchBackend):
         name = "other_torch"

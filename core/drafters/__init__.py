@@ -2,19 +2,11 @@
 ``model`` (a small draft model on any backend), ``eagle3`` (an EAGLE-3 head: chains and trees) and
 ``lookup`` (prompt lookup first, a model-backed drafter where it finds nothing)."""
 
-from .eagle3 import (
-           DEFAULT_MIN_PROB,
-           Eagle3Drafter,
-           bundled_head,
-           head_aux_layers,
-           head_folder,
-    is_head,
-           load_eagle3_drafter,
-)
+from .eagle3 import DEFAULT_MIN_PROB, Eagle3Drafter, bundled_head
 from .lookup import LookupFirstDrafter
-from .model import ModelDrafter, load_model_drafter
+from .model import ModelDrafter
 from .ngram import DEFAULT_LOOKUP_MIN_PROB, NgramDrafter
 from .none import NoDrafter
 
-__all__ = ["DEFAULT_LOOKUP_MIN_PROB", "DEFAULT_MIN_PROB", "Eagle3Drafter", "LookupFirstDrafter", "ModelDrafter", "NgramDrafter", "NoDrafter",
-           "bundled_head", "head_aux_layers", "head_folder", "is_head", "load_eagle3_drafter", "load_model_drafter"]
+__all__ = ["DEFAULT_LOOKUP_MIN_PROB", "DEFAULT_MIN_PROB", "Eagle3Drafter", "LookupFirstDrafter", "ModelDrafter",
+           "NgramDrafter", "NoDrafter", "bundled_head"]
