@@ -6,6 +6,11 @@ and the share of the engine's greedy answers identical to specrun's plain greedy
 
     .venv/bin/python bench/data_engine.py [--prompts 96] [--new-tokens 128] [--identity 50] [--variant bf16-bf16] [--out FILE]
 
+``--replay N`` measures the stage's real work instead: the last N conversations of the committed
+shards (training-data/smollm2-135m-instruct), every turn, regenerated again as the data stage does
+(answers up to 512 tokens in context), once per ``--lookup`` value; the identity check is then the
+share of answers equal to the committed ones (made by the f32 engine without lookup).
+
 Pause a background data run first (``kill -STOP $(cat OUT.data.pid)``, ``bench/eagle3_data.sh``): both
 measure the same CPU.
 """
@@ -35,8 +40,9 @@ def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
     return out
 
 
-def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok, weights="f32") -> tuple[float, list[list[int]]]:
-    """(answer tokens/s, answers in prompt order) of the slot engine on single-turn prompts."""
+def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok, weights="f32", lookup=0) -> tuple[dict, list[list[int]]]:
+    """(counts, answers in prompt order) of the slot engine on single-turn prompts; ``lookup``: draft
+    tokens verified per slot and step (prompt lookup)."""
     from specrun.plugins import load_registry
     from specrun_train.data import Conversation, regenerate
 
@@ -58,11 +64,51 @@ def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok, weights="f32
         pre.chat_template = None
         pre.encode = lambda text, **kw: list(prompts[int(text)])  # noqa: E731
         counts = regenerate(engine, pre, iter(convs), out=Path(d), meta={}, max_new_tokens=new_tokens, eos=eos,
-                            vocab_size=49152, quiet=True)
+                            vocab_size=49152, quiet=True, lookup=lookup)
         from specrun_train.data import read_shards
 
         answers = {c["id"]: c["tokens"][c["turns"][0][1] : c["turns"][0][2]] for _, c in read_shards(Path(d))}
-    return counts["answer_tokens_per_s"], [answers[i] for i in range(len(prompts))]
+    return counts, [answers[i] for i in range(len(prompts))]
+
+
+def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str) -> None:
+    """The data stage on the last ``n`` committed conversations, per lookup value, side by side."""
+    import tempfile
+
+    from specrun.models import ModelConfig
+    from specrun.pipeline import load_tokenizer
+    from specrun.plugins import load_registry
+    from specrun_train.data import conversations, read_shards, regenerate
+
+    shards = Path(__file__).resolve().parent.parent / "training-data" / "smollm2-135m-instruct"
+    every = list(read_shards(shards))  # the last n: multi-turn, as the stage's remaining work is
+    meta = every[-1][0]
+    committed = {c["id"]: c for _, c in every[-n:]}
+    wanted = set(committed)
+    convs = [c for c in conversations("sharegpt", max(wanted) + 1) if c.id in wanted]
+    tok = load_tokenizer(model_dir, full=True)
+    eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
+    res: dict = {"conversations": len(convs), "slots": slots, "max_new_tokens": meta["max_new_tokens"]}
+    for k in lookups:
+        engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=meta["max_context"])
+        with tempfile.TemporaryDirectory() as d:
+            counts = regenerate(engine, tok, iter(convs), out=Path(d), meta={}, max_new_tokens=meta["max_new_tokens"],
+                                eos=eos, vocab_size=49152, total_turns=sum(len(c.turns) for c in convs), lookup=k)
+            same = total = 0
+            for _, c in read_shards(Path(d)):
+                ref = committed[c["id"]]
+                for t, r in zip(c["turns"], ref["turns"], strict=False):
+                    total += 1
+                    same += c["tokens"][t[1] : t[2]] == ref["tokens"][r[1] : r[2]] and t[:2] == r[:2]
+        row = {"answer_tokens_per_s": counts["answer_tokens_per_s"], "answer_tokens": counts["answer_tokens"],
+               "seconds": counts["seconds"], "tokens_per_slot_step": round(counts["answer_tokens"] / max(1, counts["slot_steps"]), 2),
+               "rows_per_token": round(counts["rows"] / max(1, counts["answer_tokens"]), 2),
+               "answers_identical_to_committed": f"{same}/{total}"}
+        res[f"lookup{k}"] = row
+        click.echo(f"lookup {k}: {json.dumps(row)}", err=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    click.echo(json.dumps(res))
 
 
 def run_transformers(model_dir, prompts, new_tokens, batch, eos) -> float:
@@ -98,8 +144,12 @@ def run_transformers(model_dir, prompts, new_tokens, batch, eos) -> float:
 @click.option("--max-prompt-tokens", default=512, show_default=True)
 @click.option("--variant", multiple=True, type=click.Choice(VARIANTS),
               help="Engine precisions WEIGHTS-KVCACHE (repeatable) [default: all].")
+@click.option("--lookup", default="0", show_default=True,
+              help="Prompt-lookup draft tokens per slot and step, comma-separated values each run (e.g. 0,3).")
+@click.option("--no-transformers", is_flag=True, help="Leave out the transformers stage (the engine variants only).")
+@click.option("--replay", type=int, default=0, help="Replay the last N committed conversations instead (see above).")
 @click.option("--out", default="bench-out/data-engine.json", show_default=True)
-def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant, out):
+def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant, lookup, no_transformers, replay, out):
     import torch
 
     from specrun.models import ModelConfig, resolve_model
@@ -107,20 +157,32 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
 
     torch.set_num_threads(2)
     model_dir = resolve_model(None)
+    if replay:
+        return run_replay(model_dir, replay, slots, [int(x) for x in lookup.split(",")], out)
     tok = load_tokenizer(model_dir, full=True)
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
     ps = first_turns(tok, prompts, max_prompt_tokens)
     res: dict = {"prompts": len(ps), "new_tokens": new_tokens, "slots": slots, "transformers_batch": batch}
-    variants = [v for v in VARIANTS if v in set(variant)] or VARIANTS
-    for name in variants:
-        weights, kv = name.split("-")
-        tps, answers = run_engine(model_dir, ps, new_tokens, slots, kv, eos, tok, weights)
-        res[f"engine_{name}_tokens_per_s"] = round(tps, 1)
-        res.setdefault("answers", {})[name] = answers
-        click.echo(f"slot engine ({slots} slots, {weights} weights, {kv} KV cache): {tps:.1f} answer tokens/s", err=True)
-    tps = run_transformers(model_dir, ps, new_tokens, batch, eos)
-    res["transformers_tokens_per_s"] = round(tps, 1)
-    click.echo(f"transformers generate (batch {batch}): {tps:.1f} answer tokens/s", err=True)
+    lookups = [int(x) for x in lookup.split(",")]
+    variants = []
+    for base in [v for v in VARIANTS if v in set(variant)] or VARIANTS:
+        for k in lookups:
+            name = base if k == 0 else f"{base}-lookup{k}"
+            variants.append(name)
+            weights, kv = base.split("-")
+            counts, answers = run_engine(model_dir, ps, new_tokens, slots, kv, eos, tok, weights, lookup=k)
+            tps = counts["answer_tokens_per_s"]
+            res[f"engine_{name}_tokens_per_s"] = round(tps, 1)
+            # answer tokens per slot and step (1 without lookup; EOS rows count too) and rows computed per token
+            res[f"engine_{name}_tokens_per_slot_step"] = round(counts["answer_tokens"] / max(1, counts["slot_steps"]), 2)
+            res[f"engine_{name}_rows_per_token"] = round(counts["rows"] / max(1, counts["answer_tokens"]), 2)
+            res.setdefault("answers", {})[name] = answers
+            click.echo(f"slot engine ({slots} slots, {weights} weights, {kv} KV cache, lookup {k}): {tps:.1f} answer "
+                       f"tokens/s", err=True)
+    if not no_transformers:
+        tps = run_transformers(model_dir, ps, new_tokens, batch, eos)
+        res["transformers_tokens_per_s"] = round(tps, 1)
+        click.echo(f"transformers generate (batch {batch}): {tps:.1f} answer tokens/s", err=True)
     pipe = Pipeline.load(None, backend="torch_cuda", device="cpu", precision="f32", drafter="none")
     plain = []
     for p in ps[:identity]:
@@ -141,7 +203,7 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
         click.echo(f"{kv} (weights-KV cache): {same}/{len(plain)} answers identical to plain greedy decoding; "
                    f"first differing token at {sorted(first_diff)}", err=True)
     del res["answers"]
-    for kv in variants:
+    for kv in variants if not no_transformers else []:
         res[f"speedup_{kv}"] = round(res[f"engine_{kv}_tokens_per_s"] / res["transformers_tokens_per_s"], 2)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))

@@ -79,6 +79,97 @@ def test_slot_engine_decodes_what_batch_one_decodes(tiny_models, torch_backend, 
         assert nxt[s] == pred[-1]
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_slot_engine_blocks_predict_what_steps_predict(tiny_models, torch_backend, arch):
+    """Blocks of several tokens per slot (a pending token and a draft), slots of other block sizes
+    beside them, rejected rows rolled back: every row's prediction is the batch-1 greedy prediction
+    after the sequence up to it (mistral: a sliding window of 16, exceeded here)."""
+    engine = torch_backend.slot_engine(str(tiny_models[arch]), slots=3, capacity=128, kv_dtype="f32")
+    rng = np.random.default_rng(1)
+
+    def rand(n):
+        return [int(t) for t in rng.integers(10, 40000, n)]
+
+    seqs = [rand(6), rand(19), rand(3)]
+    for s in range(3):
+        engine.prefill(s, seqs[s])
+    checked = 0
+    for step in range(6):
+        blocks = [rand(1 + (s + step) % 4) for s in range(3)]
+        got = engine.forward_blocks([0, 1, 2], blocks)
+        for s in range(3):
+            k, v = engine.model.new_cache(len(seqs[s]) + len(blocks[s]) + 1, "cpu", torch.float32)
+            with torch.inference_mode():
+                logits, _ = engine.model(torch.tensor([seqs[s] + blocks[s]]), 0, k, v)
+            assert got[s] == logits.argmax(-1).tolist()[len(seqs[s]):], (arch, step, s)
+            checked += len(blocks[s])
+            keep = 1 + step % len(blocks[s])  # as if the draft was accepted up to here
+            seqs[s] += blocks[s][:keep]
+            engine.rollback(s, len(seqs[s]))
+            assert engine.length[s] == len(seqs[s])
+    assert checked > 18
+
+
+class RuleEngine:
+    """A stand-in for the slot engine whose model is a known rule over each slot's cached sequence
+    (it repeats itself, as the target's long answers do, so prompt lookup finds drafts); a cache
+    that regenerate rolled back wrongly would change every later token."""
+
+    def __init__(self, slots: int, capacity: int):
+        self.slots, self.capacity = slots, capacity
+        self.seq: list[list[int]] = [[] for _ in range(slots)]
+
+    @staticmethod
+    def rule(seq: list[int]) -> int:
+        if len(seq) % 97 == 0:
+            return 2  # the end-of-turn token, also inside verified blocks
+        return 100 + (seq[-1] * 3 + len(seq) // 5) % 7
+
+    def reset(self, slot: int) -> None:
+        self.seq[slot] = []
+
+    def prefill(self, slot: int, ids: list[int]) -> int:
+        self.seq[slot] += ids
+        return self.rule(self.seq[slot])
+
+    def forward_blocks(self, slots, blocks):
+        out = []
+        for slot, block in zip(slots, blocks, strict=True):
+            rows = []
+            for t in block:
+                self.seq[slot].append(t)
+                rows.append(self.rule(self.seq[slot]))
+            out.append(rows)
+        return out
+
+    def rollback(self, slot: int, length: int) -> None:
+        del self.seq[slot][length:]
+
+
+def test_regenerate_with_lookup_keeps_the_answers(tmp_path, tiny_models):
+    """Prompt lookup in the data stage: the same conversations and answers as one token per step
+    (answers ending at the end-of-turn token inside a block and at the length limit), in fewer steps."""
+    from specrun.pipeline import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["llama"], full=True)
+    convs = [Conversation(i, [f"Question {i}?", "Go on.", "Why?"][: 1 + i % 3]) for i in range(5)]
+    runs = {}
+    for k in (0, 4):
+        out = tmp_path / f"k{k}"
+        counts = regenerate(RuleEngine(2, 512), tok, iter(convs), out=out, meta={}, max_new_tokens=60, eos={2},
+                            vocab_size=49152, quiet=True, lookup=k)
+        runs[k] = (counts, {c["id"]: c for _, c in read_shards(out)})
+    (c0, got0), (c4, got4) = runs[0], runs[4]
+    assert got0 == got4 and c0["turns"] == c4["turns"] == 1 + 2 + 3 + 1 + 2
+    ends = [c["tokens"][e - 1] for c in got0.values() for _, _, e, _ in c["turns"]]
+    assert 2 in ends and any(t != 2 for t in ends)  # turns ended by the end-of-turn token and by the limit
+    for c in got0.values():  # every answer token is the rule's prediction from the tokens before it
+        for _, a, e, _ in c["turns"]:
+            assert all(c["tokens"][i] == RuleEngine.rule(c["tokens"][:i]) for i in range(a, e))
+    assert c0["rows"] == c0["slot_steps"]  # one row per slot and step without lookup
+    assert c4["rows"] > c4["slot_steps"] and c4["slot_steps"] < c0["slot_steps"]  # drafts made, some accepted
+
+
 @pytest.mark.parametrize("weights", ["f32", "bf16"])
 def test_slot_engine_bf16_cache_stays_close(tiny_models, torch_backend, weights):
     a = torch_backend.slot_engine(str(tiny_models["llama"]), slots=2, capacity=64, kv_dtype="bf16", weights=weights)
@@ -196,15 +287,15 @@ def test_an_interrupted_run_keeps_the_conversations_it_finished(tmp_path, tiny_m
 
     tok = load_tokenizer(tiny_models["llama"], full=True)
     engine = torch_backend.slot_engine(str(tiny_models["llama"]), slots=1, capacity=256, kv_dtype="f32")
-    real_step, calls = engine.step, []
+    real_step, calls = engine.forward_blocks, []
 
-    def step(slots, tokens):
+    def step(slots, blocks):
         calls.append(1)
         if len(calls) == 9:  # the first conversation (6 answer tokens, 6 steps) is done, the second is running
             raise KeyboardInterrupt
-        return real_step(slots, tokens)
+        return real_step(slots, blocks)
 
-    engine.step = step
+    engine.forward_blocks = step
     convs = [Conversation(i, [f"Question {i}?"]) for i in range(3)]
     with pytest.raises(KeyboardInterrupt):
         regenerate(engine, tok, iter(convs), out=tmp_path, meta={}, max_new_tokens=6, eos={-1}, vocab_size=49152,

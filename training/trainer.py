@@ -72,6 +72,7 @@ class TrainOptions:
     data_weights: str = "f32"  # the data engine's weights: f32 (the target's own answers), bf16 or auto
     data_dir: str | None = None  # the shards (default OUT/work/shards)
     data_seconds: float | None = None  # start no new conversation after this many seconds
+    data_lookup: int = 4  # prompt-lookup draft tokens the data engine verifies per slot and step (0: off)
     max_prompt_tokens: int = 512
     steps: int = 2000
     batch_size: int = 4
@@ -287,7 +288,8 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     meta = {"target": Path(model_dir).name, "weights_sha256": [content_digest(w) for w in weights],
             "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context,
             "kv_cache": "bf16" if engine_weights == "bf16" else opts.data_kv_dtype,  # what the engine runs
-            "weights": engine_weights, "engine": "specrun slot engine (torch), greedy"}
+            "weights": engine_weights, "engine": "specrun slot engine (torch), greedy",
+            "lookup": opts.data_lookup}  # informational: lookup keeps the greedy answers (bench/data_engine.py --replay)
     done = set()
     for m, c in read_shards(folder):
         # the same target: the same weights, or the same content-keyed conversion of the default model
@@ -314,7 +316,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
                f"{len(done)} already in {folder}")
     counts = regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=opts.max_new_tokens, eos=eos,
                         vocab_size=tc.vocab_size, total_turns=sum(len(c.turns) for c in todo), quiet=opts.quiet,
-                        stop_after=opts.data_seconds)
+                        stop_after=opts.data_seconds, lookup=opts.data_lookup)
     _log(opts, f"data: {counts['conversations']} conversations, {counts['turns']} answers, {counts['answer_tokens']} "
                f"answer tokens in {counts['seconds']:.0f} s ({counts['answer_tokens_per_s']:.0f} tokens/s) -> {folder}")
     return folder
@@ -1055,6 +1057,9 @@ def _command():
                   "(1.6x faster on CPUs with bf16 units, 10/50 identical; the KV cache is then bf16), auto.")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
+    @click.option("--data-lookup", type=int, default=4, show_default=True,
+                  help="Draft tokens from prompt lookup (trigram matches in the conversation) that the data engine "
+                  "verifies per sequence and step; greedy answers stay the target's own. 0: off.")
     @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
     @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per training step.")
     @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per training sequence.")
@@ -1089,7 +1094,7 @@ def _command():
     @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a train-draft run "
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
-                    data_kv_dtype, data_weights, data_dir, data_seconds, steps, batch_size, max_length,
+                    data_kv_dtype, data_weights, data_dir, data_seconds, data_lookup, steps, batch_size, max_length,
                     ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
@@ -1101,13 +1106,15 @@ def _command():
                             ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
+        if data_lookup < 0:
+            raise SpecrunError(f"--data-lookup must be >= 0 (0: off), got {data_lookup}")
         if not 0 < data_fraction <= 1:
             raise SpecrunError(f"--data-fraction must be in (0, 1], got {data_fraction}")
         if eval_sequences < 0:
             raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
-                            data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, steps=steps, batch_size=batch_size, max_length=max_length,
+                            data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, data_lookup=data_lookup, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, data_fraction=data_fraction, eval_sequences=eval_sequences,
                             seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)

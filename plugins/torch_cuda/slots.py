@@ -53,48 +53,84 @@ class SlotEngine:
         self.length[slot] = start + len(ids)
         return int(logits[-1].argmax())
 
-    @torch.inference_mode()
+    def rollback(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``slot``'s cache (after a block's rejected rows)."""
+        self.length[slot] = min(self.length[slot], length)
+
     def step(self, slots: list[int], tokens: list[int]) -> list[int]:
         """One decode step: ``tokens[b]`` is appended to slot ``slots[b]``; returns each greedy next
         token."""
+        return [rows[0] for rows in self.forward_blocks(slots, [[t] for t in tokens])]
+
+    @torch.inference_mode()
+    def forward_blocks(self, slots: list[int], blocks: list[list[int]]) -> list[list[int]]:
+        """Append ``blocks[b]`` (one or more tokens) to slot ``slots[b]``, causally, all slots in one
+        batched pass; returns the greedy next token after every row of every block.  A block of a
+        pending token and draft tokens verifies the draft (prompt lookup in the data stage): one read
+        of a slot's cache serves all its rows; ``rollback`` then drops the rejected rows."""
         s = self.spec
-        B = len(slots)
-        pos = [self.length[i] for i in slots]
-        if max(pos) >= self.capacity:
+        sizes = [len(b) for b in blocks]
+        base = [self.length[i] for i in slots]
+        if any(p + n > self.capacity for p, n in zip(base, sizes, strict=True)):
             raise ValueError("a slot is full")
+        row_slot = [sl for sl, n in zip(slots, sizes, strict=True) for _ in range(n)]
+        row_pos = [p + j for p, n in zip(base, sizes, strict=True) for j in range(n)]
+        R = len(row_pos)
         m = self.model
-        x = m.model.embed_tokens(torch.tensor(tokens, dtype=torch.long))[:, None]  # [B, 1, H]
-        pos_t = torch.tensor(pos, dtype=torch.long)
-        slot_t = torch.tensor(slots, dtype=torch.long)
-        cos, sin = rope_tables(m.inv_freq, pos_t, x.dtype)  # [B, D]
+        x = m.model.embed_tokens(torch.tensor([t for b in blocks for t in b], dtype=torch.long))[:, None]  # [R, 1, H]
+        pos_t = torch.tensor(row_pos, dtype=torch.long)
+        slot_t = torch.tensor(row_slot, dtype=torch.long)
+        cos, sin = rope_tables(m.inv_freq, pos_t, x.dtype)  # [R, D]
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
         window = s.sliding_window
         gqa = s.num_kv_heads != s.num_heads
         kv_dtype = self.k.dtype
+        masks = [None if n == 1 else self._block_mask(p, n) for p, n in zip(base, sizes, strict=True)]
         for li, layer in enumerate(m.model.layers):
             att = layer.self_attn
             h = layer.input_layernorm(x)
-            q = att.q_proj(h).view(B, 1, s.num_heads, s.head_dim)
-            k = att.k_proj(h).view(B, 1, s.num_kv_heads, s.head_dim)
-            v = att.v_proj(h).view(B, 1, s.num_kv_heads, s.head_dim)
+            q = att.q_proj(h).view(R, 1, s.num_heads, s.head_dim)
+            k = att.k_proj(h).view(R, 1, s.num_kv_heads, s.head_dim)
+            v = att.v_proj(h).view(R, 1, s.num_kv_heads, s.head_dim)
             if s.qk_norm:
                 q, k = att.q_norm(q), att.k_norm(k)
-            q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, 1, D]
-            k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv, 1, D]
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # [R, heads, 1, D]
+            k = apply_rope(k.transpose(1, 2), cos, sin)  # [R, kv, 1, D]
             kc, vc = self.k[li], self.v[li]
             kc[slot_t, :, pos_t] = k[:, :, 0].to(kc.dtype)
             vc[slot_t, :, pos_t] = v[:, 0].to(vc.dtype)
             qk = q.to(kv_dtype)
-            out = torch.empty(B, s.num_heads, 1, s.head_dim, dtype=kv_dtype)
-            for b, (slot, p) in enumerate(zip(slots, pos, strict=True)):
+            out = torch.empty(R, s.num_heads, 1, s.head_dim, dtype=kv_dtype)
+            r = 0
+            for slot, p, n, mask in zip(slots, base, sizes, masks, strict=True):
+                end = p + n
                 lo = 0 if window is None else max(0, p + 1 - window)
-                out[b : b + 1] = F.scaled_dot_product_attention(
-                    qk[b : b + 1], kc[slot : slot + 1, :, lo : p + 1], vc[slot : slot + 1, :, lo : p + 1], enable_gqa=gqa
-                )
+                if n == 1:
+                    out[r : r + 1] = F.scaled_dot_product_attention(
+                        qk[r : r + 1], kc[slot : slot + 1, :, lo:end], vc[slot : slot + 1, :, lo:end], enable_gqa=gqa
+                    )
+                else:  # the block's rows as one query sequence [1, heads, n, D], causal within the block
+                    qb = qk[r : r + n, :, 0].transpose(0, 1)[None]
+                    o = F.scaled_dot_product_attention(qb, kc[slot : slot + 1, :, lo:end], vc[slot : slot + 1, :, lo:end],
+                                                       attn_mask=mask[:, lo:], enable_gqa=gqa)
+                    out[r : r + n] = o[0].transpose(0, 1)[:, :, None]
+                r += n
             out = out.to(x.dtype)
-            x = x + att.o_proj(out.transpose(1, 2).reshape(B, 1, s.num_heads * s.head_dim))
+            x = x + att.o_proj(out.transpose(1, 2).reshape(R, 1, s.num_heads * s.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = m.lm_head(m.model.norm(x[:, 0]))
-        for slot in slots:
-            self.length[slot] += 1
-        return logits.argmax(-1).tolist()
+        best = m.lm_head(m.model.norm(x[:, 0])).argmax(-1).tolist()
+        out_rows, r = [], 0
+        for slot, n in zip(slots, sizes, strict=True):
+            self.length[slot] += n
+            out_rows.append(best[r : r + n])
+            r += n
+        return out_rows
+
+    def _block_mask(self, start: int, n: int) -> torch.Tensor:
+        """bool [n, start+n]: row j (at position start+j) sees positions <= start+j (within the window)."""
+        keys = torch.arange(start + n)[None, :]
+        rows = torch.arange(start, start + n)[:, None]
+        mask = keys <= rows
+        if self.spec.sliding_window is not None:
+            mask &= keys > rows - self.spec.sliding_window
+        return mask
