@@ -280,6 +280,23 @@ def test_data_stage_cli_refuses_other_settings(tmp_path, tiny_models):
     assert r.exit_code == 2 and "other settings" in r.stderr
 
 
+def test_data_stage_reruns_with_shards_outside_out(tmp_path, tiny_models):
+    """bench/eagle3_data.sh's way: --data-dir outside --out; rerunning the same command resumes
+    (it used to refuse: the first run leaves an empty OUT/work/)."""
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tea {i}?"}) + "\n" for i in range(3)))
+    args = ["train-draft", "--target", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), "--data", str(prompts),
+            "--stage", "data", "--gen-batch-size", "2", "--max-new-tokens", "4", "--quiet", "--data-dir", str(tmp_path / "d")]
+    for _ in range(2):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+    assert data_summary(tmp_path / "d")["conversations"] == 3
+
+
 def test_an_interrupted_run_keeps_the_conversations_it_finished(tmp_path, tiny_models, torch_backend):
     """Ctrl-C (kill -INT) during the data stage: conversations already finished but not yet in a
     shard are written before the interrupt goes on; the ones in flight are redone on resume."""

@@ -1003,8 +1003,8 @@ def check_out_dir(out: Path, model_dir: Path, force: bool) -> None:
         contents = sorted(p.name for p in out.iterdir())
     except OSError as exc:
         raise SpecrunError(f"cannot read --out {out}: {exc.strerror or exc}") from None
-    if not contents:
-        return
+    if not contents or (contents == ["work"] and not any((out / "work").iterdir())):
+        return  # empty, or what a data-only run with --data-dir elsewhere leaves: an empty work/
     made = [n for n in contents if n == "config.json" or n.endswith(".safetensors")]
     if made:
         raise SpecrunError(f"--out {out} holds a model or head that train-draft did not make ({made[0]}); it would be "
