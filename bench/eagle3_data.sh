@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 1 of `specrun train-draft` for the default model (SmolLM2-135M-Instruct): the target
 # regenerates every answer of every ShareGPT conversation that starts with a human turn (multi-turn,
-# in context, answers up to 512 tokens), with the continuous-batching slot engine, on idle CPU only.
+# in context, answers up to 512 tokens), with the continuous-batching slot engine (prompt-lookup drafts
+# verified per slot: --data-lookup 4, the default), on idle CPU only.
 # The shards go to training-data/smollm2-135m-instruct/ (committed: they survive a lost machine).
 # Resumable: rerun the same command and it skips the conversations already in the shards.
 #
