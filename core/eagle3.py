@@ -90,7 +90,7 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mm
     import ml_dtypes  # noqa: F401 - registers numpy's bfloat16, which safetensors' numpy reader needs
     from safetensors import SafetensorError, safe_open
 
-    path, out = Path(path), {}
+    path, out, wanted = Path(path), {}, None if names is None else set(names)
     try:
         with safe_open(path, framework="numpy") as f:  # checks the header and that the file is whole
             header: dict = {}
@@ -98,7 +98,7 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None = None, *, mm
                 with open(path, "rb") as raw:
                     base = 8 + struct.unpack("<Q", raw.read(8))[0]
                     header = json.loads(raw.read(base - 8))
-            for n in [n for n in f.keys() if names is None or n in set(names)]:
+            for n in [n for n in f.keys() if wanted is None or n in wanted]:
                 info = header.get(n)
                 if info and info["dtype"] == "F32" and info["data_offsets"][1] > info["data_offsets"][0]:
                     out[n] = np.memmap(path, "<f4", "r", base + info["data_offsets"][0], tuple(info["shape"]))
