@@ -6,19 +6,22 @@
 #   bash bench/eagle3_train.sh [OUT] [STEPS] [more train-draft options, e.g. --stop-at 300]
 #
 # Trains on the committed shards (training-data/smollm2-135m-instruct): whole multi-turn
-# conversations up to 2,048 tokens; 650 steps of 4 conversations = 2 epochs of the 1,371
-# conversations there on 2026-12-03. The training-time test is 5 steps (the benchmark's chains are
-# at most 5 drafts; 7 cost 2x per step here) over a 16,000-token draft vocabulary (100% of the
-# answer tokens). Every 50 steps the held-out acceptance estimate goes to OUT/work/acceptance-curve.*
+# conversations up to 2,048 tokens. The recipe of the second head (2026-12-06): a warm start from the
+# shipped head (its weights and 12,000-token draft vocabulary), 600 steps of 4 conversations (~0.7
+# epoch of the 3,713 conversations there: one session's CPU at ~11 s/step), lr 1e-4 with 1.5% warm-up
+# and cosine decay to 0 over those steps, the training-time test over 5 steps (the benchmark's chains
+# are at most 5 drafts), no feature cache (no sequence is seen twice). Every 50 steps the held-out
+# acceptance estimate goes to OUT/work/acceptance-curve.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-../eagle3-work/smollm2-135m}
-STEPS=${2:-650}
+STEPS=${2:-600}
 shift $(( $# < 2 ? $# : 2 ))
 mkdir -p "$(dirname "$OUT")"
 export OMP_WAIT_POLICY=PASSIVE
 nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --resume --stage vocab --stage train --stage export \
   --data-dir training-data/smollm2-135m-instruct --steps "$STEPS" --batch-size 4 --max-length 2048 --ttt-steps 5 \
-  --lr 2e-4 --draft-vocab-size 16000 --precision bf16 --save-dtype bf16 --save-every 50 --eval-sequences 16 --threads 2 "$@" >>"$OUT.train.log" 2>&1 &
+  --lr 1e-4 --init-from core/heads/smollm2-135m-instruct --no-cache-target --precision bf16 --save-dtype bf16 \
+  --save-every 50 --eval-sequences 16 --threads 2 "$@" >>"$OUT.train.log" 2>&1 &
 echo "$!" >"$OUT.train.pid"
 echo "training started: pid $(cat "$OUT.train.pid"), log $OUT.train.log"

@@ -465,3 +465,33 @@ def test_chat_template_that_fails_in_the_data_stage_is_one_line():
 
     with pytest.raises(SpecrunError, match="the chat template of /models/target cannot be rendered at line 3"):
         TurnTokenizer(Tok()).first("hi")
+
+
+def test_warm_start_from_a_head_keeps_its_weights_and_vocabulary(tmp_path, tiny_models):
+    """--init-from HEAD: the vocabulary stage takes the head's d2t, and training starts from its
+    weights (at lr 0 the first checkpoint equals the head); bad combinations are one line."""
+    target = str(tiny_models["llama"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name {w}."}) + "\n" for w in ("fish", "hills", "ink", "oak")))
+    first = tmp_path / "first"
+    common = ["--target", target, "--batch-size", "2", "--ttt-steps", "2", "--quiet"]
+    r = train_cli(*common, "--out", first, "--data", prompts, "--num-prompts", 4, "--max-new-tokens", 8,
+                  "--gen-batch-size", 4, "--draft-vocab-size", 150, "--steps", 3, "--save-every", 3, "--lr", "5e-3")
+    assert r.exit_code == 0, r.output
+    head = Eagle3Checkpoint.load(first, target)
+
+    warm = tmp_path / "warm"
+    r = train_cli(*common, "--out", warm, "--data-dir", first / "work" / "shards", "--draft-vocab-size", 300,
+                  "--init-from", first, "--stage", "vocab", "--stage", "train", "--steps", 1, "--lr", 0)
+    assert r.exit_code == 0, r.output
+    vocab = read_safetensors(warm / "work" / "vocab.safetensors")
+    assert np.array_equal(vocab["d2t"], head.tensors["d2t"]) and len(vocab["d2t"]) == 150  # not 300
+    state = read_safetensors(next((warm / "work").glob("ckpt-*")) / "state.safetensors")
+    for name, t in head.tensors.items():
+        if name not in ("d2t", "t2d"):
+            assert np.array_equal(state[f"model.{name}"], t), name
+
+    assert_one_line(train_cli(*common, "--out", tmp_path / "x", "--data-dir", first / "work" / "shards",
+                              "--init-from", tmp_path / "nothing", "--stage", "vocab"), "--init-from")
+    assert_one_line(train_cli(*common, "--out", tmp_path / "y", "--init-from", first, "--precondition"),
+                    "--init-from and --precondition")

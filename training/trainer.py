@@ -93,6 +93,7 @@ class TrainOptions:
     precision: str = "bf16"  # autocast of the head's forward (weights and optimizer stay f32)
     precondition: bool = False  # train fc on per-dimension RMS-scaled target features (folded into fc.weight at export)
     init_from_target: bool = True  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
+    init_from: str | None = None  # warm start: an EAGLE-3 head folder for this target (its weights and draft vocabulary)
     cache_target: bool = True  # store the target's features per sequence (work/target-cache)
     stop_at: int | None = None  # end this run after this step (checkpointed); the schedule still spans ``steps``
     threads: int | None = None
@@ -345,7 +346,13 @@ def build_vocab(opts: TrainOptions, vocab_size: int) -> Path:
         np.add.at(prompt_counts, ids[~answer], 1)
     # answer counts rank the tokens; prompt counts break ties (the many answer-count-0 tokens
     # left when the answers use fewer distinct tokens than the draft vocabulary holds)
-    d2t, t2d = vocab_map(counts * (int(prompt_counts.max()) + 1) + prompt_counts, min(opts.draft_vocab_size, vocab_size))
+    if opts.init_from:  # a warm start keeps the head's draft vocabulary (its lm_head rows)
+        start = Eagle3Checkpoint.load(opts.init_from)
+        d2t, t2d = start.tensors["d2t"].astype(np.int64), start.tensors["t2d"].astype(np.bool_)
+        if len(t2d) != vocab_size:
+            raise SpecrunError(f"--init-from {opts.init_from}: the head's vocabulary ({len(t2d)}) differs from the target's ({vocab_size})")
+    else:
+        d2t, t2d = vocab_map(counts * (int(prompt_counts.max()) + 1) + prompt_counts, min(opts.draft_vocab_size, vocab_size))
     write_safetensors(path, {"d2t": d2t, "t2d": t2d, "counts": counts, "prompt_counts": prompt_counts})
     covered = counts[t2d].sum() / max(1, counts.sum())
     _log(opts, f"vocab: {len(d2t)} draft tokens cover {covered:.1%} of {counts.sum()} answer tokens -> {path}")
@@ -777,7 +784,15 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device, used_ids,
                           wd / "target-cache" if opts.cache_target else None)
     module = new_head_module(cfg, read_target_embedding(model_dir), opts.seed).to(device)
-    if opts.init_from_target:  # the head's output then starts in the target's final hidden space
+    if opts.init_from:  # warm start from a trained head (the vocabulary stage took its d2t)
+        start_head = Eagle3Checkpoint.load(opts.init_from, model_dir)
+        if start_head.config.expected_shapes() != cfg.expected_shapes() or \
+                start_head.config.aux_layers_for(tc.num_layers) != cfg.aux_layers_for(tc.num_layers) or \
+                not np.array_equal(start_head.tensors["d2t"], d2t):
+            raise SpecrunError(f"--init-from {opts.init_from} does not fit this run (another shape, aux layers or draft "
+                               "vocabulary than work/vocab.safetensors); start a new --out")
+        module.load_checkpoint(start_head)
+    elif opts.init_from_target:  # the head's output then starts in the target's final hidden space
         with torch.no_grad():
             module.lm_head.weight.copy_(runner.used_rows)
             module.norm.weight.copy_(runner.model.model.norm.weight)
@@ -1089,13 +1104,16 @@ def _command():
                        "SmolLM2 was slightly ahead, not conclusive).")
     @click.option("--init-from-target/--random-init", default=True, show_default=True,
                   help="Start lm_head from the target's rows of the draft vocabulary and norm from its final norm.")
+    @click.option("--init-from", type=click.Path(), default=None,
+                  help="Warm start: begin training from this EAGLE-3 head (same target; its weights and its draft "
+                       "vocabulary, which then replaces --draft-vocab-size).")
     @click.option("--stop-at", type=int, default=None, help="End this run after step N (checkpointed); continue later with --resume.")
     @click.option("--quiet", is_flag=True)
     @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a train-draft run "
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
                     data_kv_dtype, data_weights, data_dir, data_seconds, data_lookup, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, stop_at, quiet, force):
+                    ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, init_from, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
             raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
@@ -1110,13 +1128,17 @@ def _command():
             raise SpecrunError(f"--data-lookup must be >= 0 (0: off), got {data_lookup}")
         if not 0 < data_fraction <= 1:
             raise SpecrunError(f"--data-fraction must be in (0, 1], got {data_fraction}")
+        if init_from and not (Path(init_from) / "config.json").is_file():
+            raise SpecrunError(f"--init-from {init_from} is not an EAGLE-3 head folder (no config.json); give the folder of a trained head")
+        if init_from and precondition:
+            raise SpecrunError("--init-from and --precondition do not go together (the head's fc reads unscaled features)")
         if eval_sequences < 0:
             raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                             data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, data_lookup=data_lookup, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, data_fraction=data_fraction, eval_sequences=eval_sequences,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, init_from=init_from, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
