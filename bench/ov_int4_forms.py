@@ -9,6 +9,11 @@ form is timed for 1 and 4 rows at the given inference precisions:
   exact Q4_1 needs); ``bias``: ``q*scale + min``.
 
     .venv/bin/python bench/ov_int4_forms.py bf16 f32
+    .venv/bin/python bench/ov_int4_forms.py --model    # the whole default model, exact Q4_1 vs nncf
+
+``--model`` stores the default model's own weights in OpenVINO's compressed forms without changing
+them (``exact_4bit``: its matmul weights are exactly GGUF Q4_1, its lm_head Q8_0, as its GGUF file
+holds them) and times it beside specrun's int8 and (nncf) int4 IRs.
 
 Measured 2026-12-06 (AMD EPYC, 2 vCPUs, data stage paused), 1 row, three runs: u4zp 0.94-1.18
 ms, f16zp 1.40-1.54 (one outlier 2.74), sym 1.25-1.84, bias 2.27-2.36 (bf16) / 4.16-4.25 (f32) =
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -88,5 +94,168 @@ def main(hints: list[str]) -> None:
             print(f"{hint} {form:6s} 1 row {one:.2f} ms, 4 rows {four:.2f} ms", flush=True)
 
 
+# ---------------------------------------------------------------------------- the whole default model
+
+GGUF_GROUP = 32  # GGUF's block size for Q4_1 and Q8_0
+MIN_EXACT = 32 * 1024  # weights with fewer elements (RoPE's 64x64 rotation, tiny layers) stay float
+
+
+def gguf_q4_1(w: np.ndarray):
+    """``(q u8 [N, G, 32], d f16 [N, G, 1], m f16 [N, G, 1])`` when every group of 32 weights along a
+    row of ``w`` ([N, K] float32) is exactly ``d * q + m`` computed in float32 with ``q`` in 0..15 and
+    ``d``, ``m`` float16 — GGUF's Q4_1 as dequantized by gguf-py (which is how the default model's
+    float weights were made from its GGUF file); else None.  The group's minimum has ``q = 0`` and
+    its maximum ``q = 15`` in llama.cpp's quantizer, which gives ``m`` and, up to rounding, ``d``."""
+    N, K = w.shape
+    if K % GGUF_GROUP:
+        return None
+    g = w.reshape(N, K // GGUF_GROUP, GGUF_GROUP)
+    mn, mx = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    m = mn.astype(np.float16)
+    if not np.array_equal(m.astype(np.float32), mn):
+        return None
+    d0 = ((mx - mn) / 15).astype(np.float16)
+    q = d = found = None
+    for cand in (d0, np.nextafter(d0, np.float16(np.inf)), np.nextafter(d0, np.float16(-np.inf))):
+        c32 = cand.astype(np.float32)
+        safe = np.where(c32 > 0, c32, 1)
+        qc = np.clip(np.where(c32 > 0, np.rint((g - mn) / safe), 0), 0, 15).astype(np.uint8)
+        ok = ((c32 * qc + m.astype(np.float32)) == g).all(-1, keepdims=True)
+        if found is None:
+            q, d, found = qc, cand, ok
+        else:
+            new = ok & ~found
+            q, d, found = np.where(new, qc, q), np.where(new, cand, d), found | ok
+    return (q, d, m) if found.all() else None
+
+
+def gguf_q8_0(w: np.ndarray):
+    """``(q i8 [N, G, 32], d f16 [N, G, 1])`` when every group of 32 along a row of ``w`` is exactly
+    ``d * q`` (GGUF's Q8_0: ``q`` in -127..127, ``d`` float16); else None."""
+    N, K = w.shape
+    if K % GGUF_GROUP:
+        return None
+    g = w.reshape(N, K // GGUF_GROUP, GGUF_GROUP)
+    d = (np.abs(g).max(-1, keepdims=True) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    q = np.clip(np.where(d32 > 0, np.rint(g / np.where(d32 > 0, d32, 1)), 0), -127, 127).astype(np.int8)
+    return (q, d) if np.array_equal(d32 * q, g) else None
+
+
+def exact_4bit(model) -> dict[str, int] | None:
+    """Store the weights of ``model``'s matmuls in OpenVINO's compressed forms *without changing
+    them*, where they are exactly GGUF Q4_1 (4-bit, as the default model's were) or Q8_0 (its tied
+    embedding / ``lm_head``): u4 with an f16 scale and zero point ``-m / d`` per 32 weights, or i8 with
+    an f16 scale, the decompression patterns OpenVINO's CPU plugin runs as compressed
+    fully-connected layers.  The only rounding is the zero point's to float16 (``m`` moves by at most
+    2^-12 of itself); the compute precision's rounding of the decompressed weights (bf16 on CPUs
+    that have it) is the same as for the float model.  Returns the counts of weights stored each way,
+    or None (the model is left as it was) when some large weight is neither — nncf's re-quantization
+    is then the only int4 there is."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    plan = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.get_attributes()["transpose_a"]:
+            continue
+        const = op.input_value(1).get_node()
+        if const.get_type_name() != "Constant" or _is_identity(const.get_data()) or const.get_element_type() != ov.Type.f32:
+            continue
+        w = const.get_data()
+        if w.ndim != 2 or w.size < MIN_EXACT:
+            continue
+        w = np.ascontiguousarray(w if op.get_attributes()["transpose_b"] else w.T)  # [N, K]
+        form = gguf_q4_1(w) or gguf_q8_0(w)
+        if form is None:
+            return None
+        plan.append((op, form))
+    if not any(len(form) == 3 for _, form in plan):
+        return None
+    counts = {"q4_1": 0, "q8_0": 0}
+    for op, form in plan:
+        N, G = form[0].shape[:2]
+        if len(form) == 3:
+            q, d, m = form
+            flat = (d == 0) & (m != 0)  # a group of equal weights: (0 + sign(m)) * |m|
+            d = np.where(flat, np.abs(m), d)
+            zero = np.where(flat, -np.sign(m), -m.astype(np.float32) / np.where(d == 0, 1, d).astype(np.float32))
+            zero = zero.astype(np.float16)
+            x = ops.subtract(ops.convert(u4_const(ov, q, list(q.shape)), ov.Type.f16), ops.constant(zero))
+            counts["q4_1"] += 1
+        else:
+            q, d = form
+            x = ops.convert(ops.constant(q), ov.Type.f16)
+            counts["q8_0"] += 1
+        x = ops.convert(ops.reshape(ops.multiply(x, ops.constant(d)), [N, G * GGUF_GROUP], False), ov.Type.f32)
+        new = ops.matmul(op.input_value(0), x, False, True)
+        new.set_friendly_name(op.get_friendly_name())
+        op.output(0).replace(new.output(0))
+    model.validate_nodes_and_infer_types()
+    return counts
+
+
+def _is_identity(w: np.ndarray) -> bool:
+    """The graph's hidden-state barrier (x @ I) stays float."""
+    return w.ndim == 2 and w.shape[0] == w.shape[1] and bool(np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype)))
+
+
+def exact_target(md: str):
+    """The default model through specrun's openvino backend with exact_4bit in place of nncf's int4
+    (its IR and probe verdict in a temporary cache, so the user's int4 IR is untouched)."""
+    import tempfile
+
+    from specrun.plugins import load_registry
+    from specrun_openvino import backend as B
+
+    be = load_registry(["openvino"]).get("openvino")
+    saved = B._compress, B.cache_dir
+    tmp = Path(tempfile.mkdtemp(prefix="ov-exact4-"))
+
+    def compress(model, weights):
+        counts = exact_4bit(model)
+        if counts is None:
+            raise SystemExit("the model's weights are not exactly GGUF Q4_1 / Q8_0")
+        print(f"exact 4-bit: {counts}", flush=True)
+        return model
+
+    B._compress, B.cache_dir = compress, lambda: tmp
+    try:
+        return be.load_target(md, device="cpu", precision="int4", options={"threads": 2})
+    finally:
+        B._compress, B.cache_dir = saved
+
+
+def whole_model(steps: int = 48, runs: int = 3) -> None:
+    """1-token decode steps of the default model (prompt of 100 tokens), ms per step (median of each
+    run), and the prefill logits' max abs difference from f32: f32, int8 (nncf), int4 (nncf) and
+    the exact Q4_1/Q8_0 form, each with the padding its batch-invariance probe chose."""
+    from specrun.models import resolve_model
+    from specrun.plugins import load_registry
+
+    be = load_registry(["openvino"]).get("openvino")
+    md = str(resolve_model("smollm2-135m-instruct"))
+    prompt = list(range(1000, 1100))
+    ref = None
+    for name in ("f32", "int8", "int4", "exact-q4_1"):
+        t = exact_target(md) if name == "exact-q4_1" else be.load_target(md, device="cpu", precision=name, options={"threads": 2})
+        times = []
+        for _ in range(runs):
+            t.reset(400)
+            logits = t.forward(prompt).logits
+            tok, per = int(logits[-1].argmax()), []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                tok = int(t.forward([tok]).logits[-1].argmax())
+                per.append(time.perf_counter() - t0)
+            times.append(1000 * float(np.median(per)))
+        ref = logits if ref is None else ref
+        print(f"{name:10s} compute {t.compute_precision}, rows per call >= {max(1, t.min_rows)}: "
+              f"{' / '.join(f'{x:.2f}' for x in times)} ms a step; max |logit - f32| {float(np.abs(logits - ref).max()):.3f}", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["bf16", "f32"])
+    if sys.argv[1:] == ["--model"]:
+        whole_model()
+    else:
+        main(sys.argv[1:] or ["bf16", "f32"])
