@@ -13,7 +13,12 @@ form is timed for 1 and 4 rows at the given inference precisions:
 
 ``--model`` stores the default model's own weights in OpenVINO's compressed forms without changing
 them (``exact_4bit``: its matmul weights are exactly GGUF Q4_1, its lm_head Q8_0, as its GGUF file
-holds them) and times it beside specrun's int8 and (nncf) int4 IRs.
+holds them) and times it beside specrun's int8 and (nncf) int4 IRs.  Measured 2026-12-06 (AMD
+EPYC, 2 vCPUs, nothing else running), ms per 1-token step in three runs, max |logit - f32| of a
+100-token prefill: f32 17.7-19.7, 0; int8 8.2-8.6, 2.73; nncf int4 8.1-8.4, 16.7; exact Q4_1/Q8_0
+11.3-11.4 (its batch-invariance probe wants calls of 2-4 rows; 1 row unpadded measured ~11.9 with
+training beside it), **1.08** (the bf16 compute's rounding).  So the model's own 4-bit weights make
+int4 accurate but not fast on this CPU: the f16 zero point costs more than int8's reads save.
 
 Measured 2026-12-06 (AMD EPYC, 2 vCPUs, data stage paused), 1 row, three runs: u4zp 0.94-1.18
 ms, f16zp 1.40-1.54 (one outlier 2.74), sym 1.25-1.84, bias 2.27-2.36 (bf16) / 4.16-4.25 (f32) =
