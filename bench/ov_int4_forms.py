@@ -211,9 +211,9 @@ def exact_target(md: str):
     import tempfile
 
     from specrun.plugins import load_registry
-    from specrun_openvino import backend as B
 
     be = load_registry(["openvino"]).get("openvino")
+    B = sys.modules[type(be).__module__]  # noqa: N806 - the backend's module (tools import no plugin by name)
     saved = B._compress, B.cache_dir
     tmp = Path(tempfile.mkdtemp(prefix="ov-exact4-"))
 
