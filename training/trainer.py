@@ -91,6 +91,9 @@ class TrainOptions:
     resume: bool = False
     save_dtype: str = "f32"  # the exported head's float weights: f32 (bit-identical to the checkpoint) or bf16
     precision: str = "bf16"  # autocast of the head's forward (weights and optimizer stay f32)
+    target_precision: str = "auto"  # autocast of the target's forward that computes the features: auto, bf16, f32
+    intermediate_size: int | None = None  # the head's MLP width; None: the target's (or the --init-from head's)
+    data_offset: int | None = None  # take step s's batch from step s+offset of the data order (None: 0)
     precondition: bool = False  # train fc on per-dimension RMS-scaled target features (folded into fc.weight at export)
     init_from_target: bool = True  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
     init_from: str | None = None  # warm start: an EAGLE-3 head folder for this target (its weights and draft vocabulary)
@@ -249,17 +252,31 @@ def record_spans(rec: dict) -> list[tuple[int, int]]:
     return [(int(rec["prompt_len"]), len(rec["input_ids"]))]
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX or avx512_bf16), where bf16 matmuls are ~2x f32's."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def data_weights(opts: TrainOptions) -> str:
     """The data engine's weight precision: ``auto`` is bf16 where the CPU has bf16 matrix units
     (AMX or avx512_bf16: 1.6x the f32 engine here, but only 10 of 50 answers equal the f32 target's
     greedy answers, bench/data_engine.py), else f32."""
     if opts.data_weights != "auto":
         return opts.data_weights
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "f32"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "f32"
+    return "bf16" if cpu_has_bf16_units() else "f32"
+
+
+def target_precision(opts: TrainOptions) -> str:
+    """The autocast of the target's forward in training: ``auto`` is bf16 on CUDA and on CPUs with
+    bf16 matrix units (as SpecForge runs its target in bf16; 2x the f32 forward on this project's
+    AMD EPYC with avx512_bf16), else f32."""
+    if opts.target_precision != "auto":
+        return opts.target_precision
+    return "bf16" if opts.device.startswith("cuda") or cpu_has_bf16_units() else "f32"
 
 
 def load_records(opts: TrainOptions) -> list[dict]:
@@ -437,13 +454,22 @@ class TargetRunner:
     back: the restricted logits are recomputed from the stored final hidden state with the draft
     vocabulary's rows of the target's lm_head, skipping the transformer layers (most of the cost).
     Cached or fresh, the values used are the float16-rounded ones, so a resumed run repeats an
-    uninterrupted one exactly."""
+    uninterrupted one exactly.
 
-    def __init__(self, model_dir: Path, aux: Sequence[int], device: str, used_ids, cache_dir: Path | None = None):
+    ``precision`` bf16 runs the forward under bf16 autocast (weights stay f32; the restricted
+    logits are then computed in f32 from the final hidden state, and the full-vocabulary argmax,
+    which only decides whether a row is in the draft vocabulary, is the bf16 lm_head's); its cache
+    files are named apart from f32's."""
+
+    def __init__(self, model_dir: Path, aux: Sequence[int], device: str, used_ids, cache_dir: Path | None = None,
+                 precision: str = "f32"):
         import torch
 
+        if precision not in ("f32", "bf16"):
+            raise SpecrunError(f"target precision must be f32 or bf16, got {precision}")
         load_model, _ = _torch_kit()
         self.torch = torch
+        self.precision = precision
         self.model = load_model(model_dir, torch.float32, device)
         self.device = device
         self.unique = tuple(sorted(set(aux)))
@@ -460,18 +486,20 @@ class TargetRunner:
         captured = {}
         hook = self.model.lm_head.register_forward_hook(lambda m, inp, out: captured.update(final=inp[0][0]))
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                                                        enabled=self.precision == "bf16"):
                 logits, hidden = self.model(torch.tensor([ids], device=self.device), 0, k, v, self.unique)
         finally:
             hook.remove()
-        hidden = hidden.view(S, len(self.unique), -1)[:, self.perm].reshape(S, -1)
-        return hidden, captured["final"], logits.argmax(-1)
+        hidden = hidden.view(S, len(self.unique), -1)[:, self.perm].reshape(S, -1).float()
+        return hidden, captured["final"].float(), logits.argmax(-1)
 
     def features(self, rec: dict, ids: list[int]):
         """(final normed hidden state [n, H], aux hidden [n, n_aux*H], argmax [n]) as float32 / int64;
         the restricted logits are ``final @ used_rows.T``."""
         torch = self.torch
-        path = None if self.cache_dir is None else self.cache_dir / f"{rec.get('id', 'x')}-{len(ids)}.safetensors"
+        tag = "" if self.precision == "f32" else f"-{self.precision}"
+        path = None if self.cache_dir is None else self.cache_dir / f"{rec.get('id', 'x')}-{len(ids)}{tag}.safetensors"
         if path is not None and path.exists():
             got = read_safetensors(path)
             aux = torch.from_numpy(got["aux"]).to(self.device)
@@ -524,9 +552,19 @@ def make_batch(records: list[dict], runner: TargetRunner, used_ids, t2d, max_len
     return ids, hidden, valid, labels, loss_mask
 
 
-def ttt_loss(module, batch, steps: int):
+def label_counts(batch, steps: int) -> list[int]:
+    """Labelled rows of each training-time-test step in ``batch`` (step i labels positions >= 1+i)."""
+    label_pos = batch[3][2]
+    return [int((label_pos >= 1 + i).sum()) for i in range(steps)]
+
+
+def ttt_loss(module, batch, steps: int, denominators: Sequence[int] | None = None):
     """Weighted training-time-test loss; also per-step accuracy and the greedy chain acceptance
-    counts (steps accepted when drafting ``steps`` tokens from each labelled position)."""
+    counts (steps accepted when drafting ``steps`` tokens from each labelled position).
+
+    ``denominators``: the label counts of a whole batch this one is a part of (``label_counts``
+    summed over its parts), so that the parts' losses and accuracies add up to the whole batch's:
+    a step's sequences can then run one at a time, without padding to the longest."""
     torch = __import__("torch")
     ids, hidden, valid, (probs, best, label_pos), loss_mask = batch
     S = ids.shape[1]
@@ -545,7 +583,7 @@ def ttt_loss(module, batch, steps: int):
         m = masks[i]
         keep = label_pos >= 1 + i
         lab = probs[keep] if not bool(keep.all()) else probs  # [N_i, Vd]
-        n = max(1, lab.shape[0])
+        n = max(1, lab.shape[0] if denominators is None else denominators[i])
         step_loss, hits = _soft_cross_entropy(logits, lab, best[keep])
         loss = step_loss / n
         total = total + (LOSS_DECAY**i) * loss
@@ -734,6 +772,66 @@ def fc_input_scale(wd: Path, runner: TargetRunner, records: list[dict], max_leng
     return scale.to(runner.device)
 
 
+RUN_FILE = "run.json"
+
+
+def run_setting(opts: TrainOptions, name: str, default):
+    """A setting that must stay the same for the life of a run (the head's MLP width, the data
+    offset): the value recorded in ``work/run.json`` by its first train stage, else the option's,
+    else ``default``.  An option that contradicts the recorded value is one line."""
+    path = work_dir(opts) / RUN_FILE
+    given = getattr(opts, name)
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text()).get(name)
+        except (OSError, ValueError, AttributeError) as e:
+            raise SpecrunError(f"{path} is damaged ({e}); restore it or start a new --out") from None
+        if recorded is not None:
+            if given is not None and given != recorded:
+                flag = "--" + name.replace("_", "-")
+                raise SpecrunError(f"this run was started with {flag} {recorded} (work/{RUN_FILE}); {flag} {given} "
+                                   "does not fit it: drop the option or use another --out")
+            return recorded
+    return default if given is None else given
+
+
+def record_run_settings(opts: TrainOptions, **settings) -> None:
+    path = work_dir(opts) / RUN_FILE
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=".run.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(settings, f)
+        os.replace(tmp, path)
+
+
+def run_head_config(opts: TrainOptions, target_raw: dict, draft_vocab_size: int) -> Eagle3Config:
+    """The run's head: shaped like the target, its MLP ``--intermediate-size`` wide (default: the
+    ``--init-from`` head's width, else the target's); a resumed run and the export rebuild the
+    width recorded in ``work/run.json``."""
+    cfg = head_config_for(target_raw, draft_vocab_size=draft_vocab_size)
+    default = Eagle3Config.load(opts.init_from).intermediate_size if opts.init_from else cfg.intermediate_size
+    return attrs.evolve(cfg, intermediate_size=run_setting(opts, "intermediate_size", default))
+
+
+def widen_mlp(ck: Eagle3Checkpoint, fresh: dict[str, np.ndarray], width: int) -> Eagle3Checkpoint:
+    """``ck`` with its MLP widened to ``width`` without changing what it computes: the new rows of
+    gate/up come from ``fresh`` (a new module's initial weights), the new columns of down are zero,
+    so the extra units start silent and training decides what they add (a warm start into a wider
+    head)."""
+    old = ck.config.intermediate_size
+    if width < old:
+        raise SpecrunError(f"--intermediate-size {width} is narrower than the --init-from head's {old}; "
+                           "a warm start can only widen the MLP")
+    if width == old:
+        return ck
+    t = dict(ck.tensors)
+    for name in ("midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight"):
+        t[name] = np.concatenate([np.asarray(t[name], np.float32), fresh[name][old:]], axis=0)
+    down = np.asarray(t["midlayer.mlp.down_proj.weight"], np.float32)
+    t["midlayer.mlp.down_proj.weight"] = np.concatenate([down, np.zeros((down.shape[0], width - old), np.float32)], axis=1)
+    return Eagle3Checkpoint(attrs.evolve(ck.config, intermediate_size=width), t, ck.embed, ck.embed_from_target)
+
+
 def new_head_module(cfg: Eagle3Config, embed: np.ndarray, seed: int):
     import torch
 
@@ -757,7 +855,7 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     tc = ModelConfig.load(model_dir)
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
-    cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
+    cfg = run_head_config(opts, tc.raw, len(d2t))
     records = load_records(opts)
     train_recs, val_recs = split_data(records, opts.val_fraction, opts.seed)
     train_recs = data_subset(train_recs, opts.data_fraction, opts.seed)
@@ -782,10 +880,11 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         torch.set_num_threads(opts.threads)
     used_ids = torch.as_tensor(np.arange(len(d2t)) + d2t, device=device)
     runner = TargetRunner(model_dir, cfg.aux_layers_for(tc.num_layers), device, used_ids,
-                          wd / "target-cache" if opts.cache_target else None)
+                          wd / "target-cache" if opts.cache_target else None, target_precision(opts))
     module = new_head_module(cfg, read_target_embedding(model_dir), opts.seed).to(device)
     if opts.init_from:  # warm start from a trained head (the vocabulary stage took its d2t)
         start_head = Eagle3Checkpoint.load(opts.init_from, model_dir)
+        start_head = widen_mlp(start_head, module.export_tensors(), cfg.intermediate_size)
         if start_head.config.expected_shapes() != cfg.expected_shapes() or \
                 start_head.config.aux_layers_for(tc.num_layers) != cfg.aux_layers_for(tc.num_layers) or \
                 not np.array_equal(start_head.tensors["d2t"], d2t):
@@ -803,6 +902,10 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
         start, losses = _load_checkpoint(wd, module, opt)
         if start:
             _log(opts, f"train: resuming from step {start}")
+    offset = run_setting(opts, "data_offset", 0)
+    record_run_settings(opts, intermediate_size=cfg.intermediate_size, data_offset=offset)
+    _log(opts, f"train: head MLP {cfg.intermediate_size} wide; target features at {runner.precision}"
+               + (f"; data order from step {offset}" if offset else ""))
     scale = fc_input_scale(wd, runner, train_recs, opts.max_length, create=opts.precondition and start == 0)
     model = module
     if ddp:
@@ -826,19 +929,27 @@ def train(opts: TrainOptions, model_dir: Path) -> dict:
     if start == 0:
         checkpoint_estimate(0)
     for step in range(start, end):
-        idx = batch_indices(step, opts.batch_size, len(train_recs), opts.seed)[rank::world]
-        batch = make_batch([train_recs[i] for i in idx], runner, used_ids, t2d, opts.max_length, device)
+        idx = batch_indices(offset + step, opts.batch_size, len(train_recs), opts.seed)[rank::world]
+        # one sequence at a time (no padding to the longest: half a step's head compute on this
+        # data), gradients accumulated, each part normalised by the whole batch's label counts; under
+        # DDP one padded part per rank (every rank must run the same number of backward passes)
+        groups = [[train_recs[i] for i in idx]] if ddp else [[train_recs[i]] for i in idx]
+        parts = [make_batch(g, runner, used_ids, t2d, opts.max_length, device) for g in groups]
         if scale is not None:
-            batch = (batch[0], batch[1] / scale, *batch[2:])
+            parts = [(b[0], b[1] / scale, *b[2:]) for b in parts]
+        counts = [sum(c) for c in zip(*(label_counts(b, opts.ttt_steps) for b in parts), strict=True)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, opts.steps, opts.lr, opts.warmup)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
-            loss, _, accs, _ = ttt_loss(_DDPProxy(model) if ddp else module, batch, opts.ttt_steps)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value, accs = 0.0, [0.0] * opts.ttt_steps
+        for part in parts:
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+                loss, _, part_accs, _ = ttt_loss(_DDPProxy(model) if ddp else module, part, opts.ttt_steps, counts)
+            loss.backward()
+            value += loss.detach().item()
+            accs = [a + b for a, b in zip(accs, part_accs, strict=True)]
         torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
         opt.step()
-        value = loss.detach().item()
         losses.append(round(value, 6))
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}", acc0=f"{accs[0]:.2f}")
@@ -878,7 +989,7 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     tc = ModelConfig.load(model_dir)
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
-    cfg = head_config_for(tc.raw, draft_vocab_size=len(d2t))
+    cfg = run_head_config(opts, tc.raw, len(d2t))
     embed = read_target_embedding(model_dir)
     module = new_head_module(cfg, embed, opts.seed)
     dummy = torch.optim.AdamW([p for n, p in module.named_parameters() if n != "embed_tokens.weight"])
@@ -919,7 +1030,8 @@ def validate(opts: TrainOptions, module, model_dir: Path, d2t, t2d_np, max_seque
     tc = ModelConfig.load(model_dir)
     used = torch.as_tensor(np.arange(len(d2t)) + d2t)
     runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used,
-                          work_dir(opts) / "target-cache" if opts.cache_target else None)
+                          work_dir(opts) / "target-cache" if opts.cache_target else None,
+                          target_precision(attrs.evolve(opts, device="cpu")))
     return estimate(module, val[:max_sequences], runner, used, torch.as_tensor(t2d_np), opts, "cpu")
 
 
@@ -989,7 +1101,7 @@ def record_curve(opts: TrainOptions, step: int, point: dict) -> list[dict]:
 
 STAGES = ("data", "vocab", "train", "export")
 #: what a train-draft run leaves in OUT/work (any one of them makes OUT this tool's own run)
-RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE)
+RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE, RUN_FILE)
 SUMMARY_FILE = "specrun-train.json"
 
 
@@ -1097,6 +1209,15 @@ def _command():
                   help="Store the target's hidden states per sequence (float16, work/target-cache) for later epochs.")
     @click.option("--precision", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
                   help="Autocast of the head's forward in training (bf16: ~1.7x faster on CPUs with avx512_bf16).")
+    @click.option("--target-precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True,
+                  help="Autocast of the target's forward that computes the features (auto: bf16 on CUDA and on CPUs "
+                       "with AMX/avx512_bf16, where it is ~2x f32; SpecForge runs its target in bf16).")
+    @click.option("--intermediate-size", type=int, default=None,
+                  help="The head's MLP width [default: the target's, or the --init-from head's]; with --init-from a "
+                       "wider value widens that head without changing its output at the start.")
+    @click.option("--data-offset", type=int, default=None,
+                  help="Take step s's batch from step s+N of the data order [default: 0]: a warm start from a head "
+                       "trained N steps on this data (same seed) continues with sequences it has not seen.")
     @click.option("--save-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
                   help="Float weights of the exported head (bf16: half the size, as SpecForge ships heads).")
     @click.option("--precondition/--no-precondition", default=False, show_default=True,
@@ -1113,7 +1234,7 @@ def _command():
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
                     data_kv_dtype, data_weights, data_dir, data_seconds, data_lookup, steps, batch_size, max_length,
-                    ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, save_dtype, precondition, init_from_target, init_from, stop_at, quiet, force):
+                    ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, target_precision, intermediate_size, data_offset, save_dtype, precondition, init_from_target, init_from, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
             raise SpecrunError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
@@ -1132,13 +1253,17 @@ def _command():
             raise SpecrunError(f"--init-from {init_from} is not an EAGLE-3 head folder (no config.json); give the folder of a trained head")
         if init_from and precondition:
             raise SpecrunError("--init-from and --precondition do not go together (the head's fc reads unscaled features)")
+        if intermediate_size is not None and intermediate_size < 1:
+            raise SpecrunError(f"--intermediate-size must be >= 1, got {intermediate_size}")
+        if data_offset is not None and data_offset < 0:
+            raise SpecrunError(f"--data-offset must be >= 0, got {data_offset}")
         if eval_sequences < 0:
             raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                             data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, data_lookup=data_lookup, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, data_fraction=data_fraction, eval_sequences=eval_sequences,
-                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, init_from=init_from, precondition=precondition, precision=precision, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
+                            seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, init_from=init_from, precondition=precondition, precision=precision, target_precision=target_precision, intermediate_size=intermediate_size, data_offset=data_offset, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)
         work = work_dir(opts)
         if not resume and (work / "latest.json").exists() and (not stages or "train" in stages):
