@@ -389,6 +389,27 @@ def test_out_that_is_not_its_own_run_is_refused(tmp_path, tiny_models):
         check_out_dir(tmp_path / "file", target, force=True)
 
 
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, tiny_models):
+    """Two train-draft processes on one --out (a resume started before the first run had exported)
+    would write the same checkpoints: the second is refused in one line, and runs once the lock is free."""
+    import filelock
+
+    out = tmp_path / "o"
+    (out / "work").mkdir(parents=True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say something."}) + "\n")
+    args = ("--target", tiny_models["llama"], "--out", out, "--data", prompts, "--stage", "vocab", "--resume",
+            "--draft-vocab-size", "50", "--quiet")
+    lock = filelock.FileLock(out / "work" / "run.lock")
+    with lock.acquire(timeout=0):
+        r = train_cli(*args)
+        assert_one_line(r, "another train-draft is running on")
+        assert sorted(p.name for p in (out / "work").iterdir()) == ["run.lock"]
+    r = train_cli(*args)  # free now: the vocabulary stage runs, and finds no data shards
+    assert_one_line(r, "no training data in")
+    assert lock.acquire(timeout=0)  # the run let go of its lock
+
+
 def test_max_length_shorter_than_every_prompt_is_refused(tmp_path, tiny_models, monkeypatch):
     """--max-length below the chat template's length trained on no label (loss 0.000) and wrote a
     useless head; now training refuses before it starts."""

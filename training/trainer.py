@@ -38,6 +38,7 @@ DistributedDataParallel, and rank 0 alone writes checkpoints and the head.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -1101,7 +1102,8 @@ def record_curve(opts: TrainOptions, step: int, point: dict) -> list[dict]:
 
 STAGES = ("data", "vocab", "train", "export")
 #: what a train-draft run leaves in OUT/work (any one of them makes OUT this tool's own run)
-RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE, RUN_FILE)
+RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE, RUN_FILE,
+             "run.lock")
 SUMMARY_FILE = "specrun-train.json"
 
 
@@ -1151,15 +1153,39 @@ def run(opts: TrainOptions, stages: Sequence[str] = STAGES) -> dict:
     check_out_dir(Path(opts.out), model_dir, opts.force)
     work_dir(opts).mkdir(parents=True, exist_ok=True)
     result: dict = {}
-    if "data" in stages and _rank() == 0:
-        generate_data(opts, model_dir)
-    if "vocab" in stages and _rank() == 0:
-        build_vocab(opts, tc.vocab_size)
-    if "train" in stages:
-        result["train"] = train(opts, model_dir)
-    if "export" in stages and _rank() == 0:
-        result["export"] = export(opts, model_dir)
+    with _one_run_per_out(opts):
+        if "data" in stages and _rank() == 0:
+            generate_data(opts, model_dir)
+        if "vocab" in stages and _rank() == 0:
+            build_vocab(opts, tc.vocab_size)
+        if "train" in stages:
+            result["train"] = train(opts, model_dir)
+        if "export" in stages and _rank() == 0:
+            result["export"] = export(opts, model_dir)
     return result
+
+
+@contextlib.contextmanager
+def _one_run_per_out(opts: TrainOptions) -> Iterator[None]:
+    """Hold OUT/work/run.lock for the whole run: a second train-draft on the same --out (two writers of
+    one checkpoint folder, e.g. a resume started before the first run has exported) is refused at once.
+    The lock is the operating system's, so it is released when the holder dies; rank 0 holds it under torchrun."""
+    if _rank() != 0:
+        yield
+        return
+    import filelock
+
+    path = work_dir(opts) / "run.lock"
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise SpecrunError(f"another train-draft is running on {opts.out} ({path} is held); wait for it to end "
+                           "or use another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _command():
