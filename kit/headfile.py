@@ -53,8 +53,10 @@ def aux_ids_to_config(inputs: Sequence[int], eagle_config: dict) -> dict:
         out["eagle_config"] = {**eagle_config, "eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in inputs]}
     return out
 
-def config_to_dict(cfg: Eagle3Config) -> dict:
-    """A head's ``config.json`` (SpecForge / SGLang / vLLM keys; the unknown keys it was read with kept)."""
+def config_to_dict(cfg: Eagle3Config, torch_dtype: str = "float32") -> dict:
+    """A head's ``config.json`` (SpecForge / SGLang / vLLM keys; the unknown keys it was read with kept).
+    ``torch_dtype`` names the dtype its weights are saved in: servers that load with ``dtype=auto``
+    (SGLang, vLLM) take it from there."""
     d = dict(cfg.extra)
     d.update(
         architectures=[ARCHITECTURE],
@@ -74,7 +76,7 @@ def config_to_dict(cfg: Eagle3Config) -> dict:
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=False,
         attention_bias=False,
-        torch_dtype="float32",
+        torch_dtype=torch_dtype,
     )
     if cfg.rope_scaling:
         d["rope_scaling"] = dict(cfg.rope_scaling)
@@ -147,5 +149,5 @@ def save_head(ck: Eagle3Checkpoint, folder: str | Path, *, include_embed: bool =
             raise SpecrunError("cannot include the embedding: the head has none loaded")
         tensors["embed_tokens.weight"] = emb.astype(np.float32)
     write_safetensors(folder / WEIGHTS_FILE, tensors, bf16=dtype == "bf16")
-    write_text_atomic(folder / "config.json", json.dumps(config_to_dict(ck.config), indent=2) + "\n")
+    write_text_atomic(folder / "config.json", json.dumps(config_to_dict(ck.config, "bfloat16" if dtype == "bf16" else "float32"), indent=2) + "\n")
     return folder

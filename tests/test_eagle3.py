@@ -111,6 +111,9 @@ def test_load_save_load_is_bit_identical(tmp_path, tiny_models):
     # weights are rounded to nearest even
     save_head(a, tmp_path / "as-bf16", dtype="bf16")
     back = Eagle3Checkpoint.load(tmp_path / "as-bf16").tensors
+    # the config names the dtype the weights are in (servers loading with dtype=auto read it)
+    assert cfg["torch_dtype"] == "float32"
+    assert json.loads((tmp_path / "as-bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert all(np.array_equal(t, back[n]) for n, t in a.tensors.items())
     f32 = make_head(tmp_path / "f32", seed=4)
     c = Eagle3Checkpoint.load(f32)
