@@ -79,7 +79,7 @@ def wait_quiet(max_wait: float = 60.0, threshold: float = 0.15) -> bool:
     return False
 
 
-def step_costs(targets: dict, reps: int, capacity: int = 2048) -> dict:
+def step_costs(targets: dict, reps: int, capacity: int = 2048, blocks: tuple[int, ...] = (1, 5)) -> dict:
     """Min and median cost (ms) of each (T, context) case.  Per context the cache is filled once
     (a fresh reset, so buffers sized by use are sized for that context); each timed block is
     rolled back; the block sizes are interleaved over repetitions."""
@@ -97,7 +97,7 @@ def step_costs(targets: dict, reps: int, capacity: int = 2048) -> dict:
                     t.forward([7])
                     t.rollback(ctx)
             for name, t in targets.items():
-                for T in (1, 5):
+                for T in blocks:
                     block = [int(x) for x in rng.integers(100, 40000, T)]
                     t0 = time.perf_counter()
                     t.forward(block)
@@ -145,7 +145,7 @@ def measure(name: str, args, model_dir, ids) -> dict:
     """One configuration, in this process (the parent runs each in its own process so that
     thread pools of different runtimes never compete)."""
     t = load_target(name, args.threads, model_dir)
-    costs = step_costs({name: t}, args.reps)
+    costs = step_costs({name: t}, args.reps, blocks=args.blocks)
     out = {"costs": {f"{T}@{ctx}": v[0] for (_, (T, ctx)), v in costs.items()},
            "medians": {f"{T}@{ctx}": v[1] for (_, (T, ctx)), v in costs.items()}}
     if "whole-capacity" not in name:
@@ -159,6 +159,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--blocks", type=lambda v: tuple(sorted({1, 5, *map(int, v.split(","))})), default=(1, 5),
+                    help="verification block sizes to time, e.g. 1,2,3,4,5,6 (1 and 5 always): a table of cost by k")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also the int8 export (with --openvino: int8 and int4 weights)")
     ap.add_argument("--torch", action="store_true", help="also torch_cuda on CPU (the reference)")
@@ -187,7 +189,7 @@ def main() -> None:
     results = {}
     for name in names:
         cmd = [sys.executable, __file__, "--only", name, "--threads", str(args.threads), "--reps", str(args.reps),
-               "--new-tokens", str(args.new_tokens)]
+               "--new-tokens", str(args.new_tokens), "--blocks", ",".join(map(str, args.blocks))]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode or line is None:
@@ -210,6 +212,13 @@ def main() -> None:
     for n in names:
         med = results[n]["medians"]
         print(f"  medians, {n}: " + ", ".join(f"{k.replace('@', ' tok @')} {v:.1f}" for k, v in med.items()))
+    if args.blocks != (1, 5):
+        print("verification block cost by k, relative to a 1-token step at the same context (best of reps):")
+        for ctx in (100, 1500):
+            print(f"{'@' + str(ctx):<{w}}" + "".join(f"{'k=' + str(T):>9}" for T in args.blocks))
+            for n in names:
+                c = results[n]["costs"]
+                print(f"{n:<{w}}" + "".join(f"{c[f'{T}@{ctx}'] / c[f'1@{ctx}']:9.2f}" for T in args.blocks))
     print("targets: plain >= 40 tok/s (f32, 2 threads); 5-token block <= 1.3x a 1-token step; step @1500 <= 1.5x step @100")
     if args.cli:
         for backend in ["onnx_cpu"] + (["openvino"] if args.openvino else []):
