@@ -488,9 +488,9 @@ def test_chat_template_that_fails_in_the_data_stage_is_one_line():
         TurnTokenizer(Tok()).first("hi")
 
 
-def test_warm_start_from_a_head_keeps_its_weights_and_vocabulary(tmp_path, tiny_models):
-    """--init-from HEAD: the vocabulary stage takes the head's d2t, and training starts from its
-    weights (at lr 0 the first checkpoint equals the head); bad combinations are one line."""
+def train_first_head(tmp_path, tiny_models):
+    """A head trained 3 steps on 4 prompts (150 draft tokens): the start of the warm-start tests.
+    Returns the target, the head's folder and the options those tests share."""
     target = str(tiny_models["llama"])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Name {w}."}) + "\n" for w in ("fish", "hills", "ink", "oak")))
@@ -499,6 +499,13 @@ def test_warm_start_from_a_head_keeps_its_weights_and_vocabulary(tmp_path, tiny_
     r = train_cli(*common, "--out", first, "--data", prompts, "--num-prompts", 4, "--max-new-tokens", 8,
                   "--gen-batch-size", 4, "--draft-vocab-size", 150, "--steps", 3, "--save-every", 3, "--lr", "5e-3")
     assert r.exit_code == 0, r.output
+    return target, first, common
+
+
+def test_warm_start_from_a_head_keeps_its_weights_and_vocabulary(tmp_path, tiny_models):
+    """--init-from HEAD: the vocabulary stage takes the head's d2t, and training starts from its
+    weights (at lr 0 the first checkpoint equals the head); bad combinations are one line."""
+    target, first, common = train_first_head(tmp_path, tiny_models)
     head = Eagle3Checkpoint.load(first, target)
 
     warm = tmp_path / "warm"
@@ -524,14 +531,7 @@ def test_widened_warm_start_computes_what_the_head_computed(tmp_path, tiny_model
     keep the width, and a resume asking for another width is one line."""
     from specrun_kit.torch_eagle3 import Eagle3Module
 
-    target = str(tiny_models["llama"])
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Name {w}."}) + "\n" for w in ("fish", "hills", "ink", "oak")))
-    first = tmp_path / "first"
-    common = ["--target", target, "--batch-size", "2", "--ttt-steps", "2", "--quiet"]
-    r = train_cli(*common, "--out", first, "--data", prompts, "--num-prompts", 4, "--max-new-tokens", 8,
-                  "--gen-batch-size", 4, "--draft-vocab-size", 150, "--steps", 3, "--save-every", 3, "--lr", "5e-3")
-    assert r.exit_code == 0, r.output
+    target, first, common = train_first_head(tmp_path, tiny_models)
     head = Eagle3Checkpoint.load(first, target)
     width = head.config.intermediate_size * 3
 
