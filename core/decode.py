@@ -224,7 +224,9 @@ class SpeculativeDecoder:
         n = len(accepted) - 1
         t.rollback(base + 1 + n)
         tokens.extend(accepted)
+        td = time.perf_counter()  # the drafter catching up on the accepted tokens is drafting time too
         d.accepted(tokens, n, None if out.hidden_states is None else out.hidden_states[: n + 1])
+        s.draft_seconds += time.perf_counter() - td
         return accepted, len(draft), len(draft)
 
 
@@ -262,5 +264,7 @@ class TreeSpeculativeDecoder(SpeculativeDecoder):
             accepted, path = verify_tree_sampling(out.logits, tree, sampler)
         t.keep(path)
         tokens.extend(accepted)
+        td = time.perf_counter()
         d.accepted(tokens, len(accepted) - 1, None if out.hidden_states is None else out.hidden_states[path])
+        s.draft_seconds += time.perf_counter() - td
         return accepted, len(tree), max(tree.depths, default=0)

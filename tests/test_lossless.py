@@ -95,6 +95,26 @@ def test_stats_count_positions(target):
     assert s.acceptance_length == pytest.approx((len(out) - 1) / s.target_calls)
 
 
+def test_draft_seconds_count_the_drafter_catching_up(target):
+    """A drafter's work after verification (an EAGLE-3 head's forward over the accepted tokens) is
+    drafting time: the stats count it, not only propose()."""
+    import time
+
+    prompt = PROMPTS[0]
+    ref = plain_greedy(target, prompt)
+
+    class SlowToCatchUp(NoisyOracle):
+        calls = 0
+
+        def accepted(self, tokens, n_accepted, hidden_states=None):
+            SlowToCatchUp.calls += 1
+            time.sleep(0.002)
+
+    _, s = run(target, SlowToCatchUp(ref, len(prompt), 3), prompt, 4)
+    assert SlowToCatchUp.calls == s.target_calls + 1  # after the prefill and after every verification call
+    assert s.draft_seconds >= 0.002 * s.target_calls
+
+
 def test_eos_stops_and_is_not_emitted(target):
     prompt = PROMPTS[0]
     ref = plain_greedy(target, prompt)
