@@ -1102,8 +1102,9 @@ def record_curve(opts: TrainOptions, step: int, point: dict) -> list[dict]:
 
 STAGES = ("data", "vocab", "train", "export")
 #: what a train-draft run leaves in OUT/work (any one of them makes OUT this tool's own run)
+LOCK_FILE = "run.lock"  # held by the running train-draft (one run per --out)
 RUN_FILES = ("latest.json", "vocab.safetensors", "data.jsonl", "shards", "target-cache", SCALE_FILE, RUN_FILE,
-             "run.lock")
+             LOCK_FILE)
 SUMMARY_FILE = "specrun-train.json"
 
 
@@ -1175,7 +1176,7 @@ def _one_run_per_out(opts: TrainOptions) -> Iterator[None]:
         return
     import filelock
 
-    path = work_dir(opts) / "run.lock"
+    path = work_dir(opts) / LOCK_FILE
     lock = filelock.FileLock(path)
     try:
         lock.acquire(timeout=0)
