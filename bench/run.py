@@ -59,6 +59,7 @@ class BenchSettings:
     threads: int | None = None
     tree: tuple[int, int, int] | None = None  # eagle3 dynamic tree: depth, top-k, nodes
     draft_min_prob: float | None = None  # eagle3 chain: None = the pipeline's default
+    draft_gate: bool = True  # model-backed drafters pause where their drafts do not pay (PayingDrafter)
     warmup: int = 1
     repeats: int = 1
     baseline: list[str] = attrs.field(factory=lambda: [BASELINE])
@@ -408,13 +409,13 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 try:
                     tree = {"tree": s.tree} if d == "eagle3" and s.tree else {}
                     own[d] = Pipeline.load(s.target, drafter=d, draft=s.drafts.get(d.split("+")[0]), draft_min_prob=s.draft_min_prob,
-                                           **common, **tree)
+                                           draft_gate=s.draft_gate, **common, **tree)
                 except SpecrunError as exc:
                     raise SpecrunError(f"drafter '{d}' on backend '{b}': {exc}") from None
                 pipes.append(own[d])
         log(f"specrun bench: loading {model_dir.name} on {b}/{device} ...")
         pipe = Pipeline.load(s.target, drafter="model" if "model" in drafters else "none",
-                             draft=s.drafts.get("model"), **common)
+                             draft=s.drafts.get("model"), draft_gate=s.draft_gate, **common)
         pipes.append(pipe)
         for d in drafters:
             if d in own:
@@ -468,6 +469,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
             "reference": REFERENCE if REFERENCE in s.baseline else None, "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
             "draft_min_prob": _min_prob(s) if any(d.startswith("eagle3") for d in drafters) and not s.tree else None,
+            "draft_gate": s.draft_gate if any(d.startswith(("eagle3", "model")) for d in drafters) and not s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -593,6 +595,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--draft-min-prob", type=float, default=None,
               help=f"Stop a draft below this estimated acceptance (eagle3: top draft probability [default: "
                    f"{DEFAULT_MIN_PROB}]; prompt lookup: its acceptance record [default: {DEFAULT_LOOKUP_MIN_PROB}]).")
+@click.option("--draft-gate/--no-draft-gate", default=True, show_default=True,
+              help="Greedy: a model-backed drafter (eagle3 chains, a draft model) drafts only while its drafts "
+                   "measure faster than plain steps on the request; --no-draft-gate: it drafts every call.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline", "baseline", default=BASELINE, show_default=True,
@@ -611,7 +616,7 @@ def _command_line(ctx: click.Context) -> str:
               help="Print the README's performance section from a results.json, and measure nothing.")
 @click.pass_context
 def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_draft_tokens, draft, target, device,
-                  precision, threads, tree, draft_min_prob, warmup, repeats, baseline, no_baseline, baseline_device, baseline_weights, raw, humaneval_raw, out, force, readme):
+                  precision, threads, tree, draft_min_prob, draft_gate, warmup, repeats, baseline, no_baseline, baseline_device, baseline_weights, raw, humaneval_raw, out, force, readme):
     """Measure plain and speculative decoding side by side on real prompts.
 
     Writes report.md (tables), results.json (every measurement, machine facts, versions) and
@@ -636,7 +641,7 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, target=target,
         drafts=draft_paths(draft, drafters),
         devices=per_backend(device, backends, "device", None),
-        precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), draft_min_prob=draft_min_prob, warmup=warmup,
+        precisions=per_backend(precision, backends, "precision", None), threads=threads, tree=parse_tree(tree), draft_min_prob=draft_min_prob, draft_gate=draft_gate, warmup=warmup,
         repeats=repeats, baseline=[] if no_baseline else bl.parse_baselines(baseline), baseline_device=baseline_device, baseline_weights=baseline_weights, raw=raw, humaneval_raw=humaneval_raw, out=out, force=force,
         command=_command_line(ctx),
     )

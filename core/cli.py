@@ -166,6 +166,9 @@ def backend_options(f):
               help=f"Stop a draft at the first position whose estimated acceptance is below this: an eagle3 "
               f"chain's top draft probability [default: {DEFAULT_MIN_PROB}], prompt lookup's record of its own "
               f"acceptance [default: {DEFAULT_LOOKUP_MIN_PROB}]; 0: always k.")
+@click.option("--draft-gate/--no-draft-gate", default=True, show_default=True,
+              help="Greedy: a model-backed drafter (eagle3 chains, a draft model) drafts only while its drafts "
+                   "measure faster than plain steps on the request; --no-draft-gate: it drafts every call.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
@@ -175,7 +178,7 @@ def backend_options(f):
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(prompt, backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
-             num_draft_tokens, tree, draft_min_prob, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
+             num_draft_tokens, tree, draft_min_prob, draft_gate, max_new_tokens, temperature, top_k, top_p, seed, stop, raw, as_json):
     """Generate text for PROMPT with speculative decoding."""
     from .decode import check_prompt_text
     from .eagle3 import parse_tree
@@ -192,7 +195,7 @@ def generate(prompt, backend, device, precision, target, threads, drafter, draft
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
         draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,
-        options={"threads": threads} if threads else None, tree=tree, draft_min_prob=draft_min_prob,
+        options={"threads": threads} if threads else None, tree=tree, draft_min_prob=draft_min_prob, draft_gate=draft_gate,
     )
     kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, raw=raw)
     if as_json:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import attrs
 
 from .decode import SpeculativeDecoder, Stats, check_num_draft_tokens, check_prompt_text
-from .drafters import LookupFirstDrafter, NgramDrafter, NoDrafter, bundled_head
+from .drafters import LookupFirstDrafter, NgramDrafter, NoDrafter, PayingDrafter, bundled_head
 from .drafters.eagle3 import head_aux_layers, head_folder, is_head, load_eagle3_drafter
 from .drafters.model import load_model_drafter
 from .errors import SpecrunError
@@ -71,13 +71,16 @@ class Pipeline:
         registry: Registry | None = None,
         tree: tuple[int, int, int] | None = None,
         draft_min_prob: float | None = None,
+        draft_gate: bool = True,
     ) -> Pipeline:
         """``tree=(depth, topk, max_nodes)`` turns on EAGLE-2/3 dynamic tree drafting (eagle3
         drafter, a target backend with ``tree_attention``), greedy or sampling.
         ``draft_min_prob``: a draft stops at the first position whose estimated acceptance is below
         it: an eagle3 chain's top draft probability (default ``drafters.DEFAULT_MIN_PROB``), prompt
         lookup's record of its own acceptance (default ``drafters.DEFAULT_LOOKUP_MIN_PROB``); 0
-        drafts all ``num_draft_tokens``."""
+        drafts all ``num_draft_tokens``.  ``draft_gate``: a model-backed drafter (eagle3 chains, a
+        draft model) drafts only while its drafts measure faster than plain steps on the request
+        (``drafters.PayingDrafter``; greedy only)."""
         check_num_draft_tokens(num_draft_tokens)  # before anything loads
         if drafter not in (*DRAFTERS, AUTO):
             raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
@@ -133,9 +136,13 @@ class Pipeline:
             d = NgramDrafter(min_prob=draft_min_prob)
         elif drafter == "model":
             d, tokenizer = load_model_drafter(dbe, draft, model_dir, config, **where)
+            if draft_gate:
+                d = PayingDrafter(d)
         else:
             d = load_eagle3_drafter(dbe, draft, model_dir, config, **where, min_prob=draft_min_prob,
                                     tree_topk=tree[1] if tree else 4)
+            if draft_gate and tree is None:
+                d = PayingDrafter(d)
             if lookup_first:
                 d = LookupFirstDrafter(d, min_prob=draft_min_prob)
         if not isinstance(d, NoDrafter) and getattr(tgt, "exact_blocks", None) is False:

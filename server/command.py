@@ -10,7 +10,7 @@ from specrun.cli import backend_options, generate
 from specrun.errors import SpecrunError
 
 # the drafting options of `specrun generate`, the very same click options (names, defaults, help)
-_GENERATE_OPTIONS = ("drafter", "draft", "draft_backend", "draft_device", "num_draft_tokens", "tree", "draft_min_prob")
+_GENERATE_OPTIONS = ("drafter", "draft", "draft_backend", "draft_device", "num_draft_tokens", "tree", "draft_min_prob", "draft_gate")
 
 
 def _generate_options(f):
@@ -38,7 +38,7 @@ def _generate_options(f):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(backend, device, precision, target, threads, drafter, draft, draft_backend, draft_device,
-                  num_draft_tokens, tree, draft_min_prob, host, port, max_queue, max_new_tokens, served_model_name,
+                  num_draft_tokens, tree, draft_min_prob, draft_gate, host, port, max_queue, max_new_tokens, served_model_name,
                   graceful_timeout, log_level):
     """Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming,
     /v1/models, /health, /metrics), one request at a time in arrival order."""
@@ -80,7 +80,7 @@ def serve_command(backend, device, precision, target, threads, drafter, draft, d
     pipe = Pipeline.load(
         target, backend=backend, device=device, precision=precision, drafter=drafter, draft=draft,
         draft_backend=draft_backend, draft_device=draft_device, num_draft_tokens=num_draft_tokens,
-        options={"threads": threads} if threads else None, tree=tree, draft_min_prob=draft_min_prob,
+        options={"threads": threads} if threads else None, tree=tree, draft_min_prob=draft_min_prob, draft_gate=draft_gate,
     )
     model_id = served_model_name or (Path(target).expanduser().name if target and Path(target).expanduser().is_dir()
                                      else target or DEFAULT_MODEL)

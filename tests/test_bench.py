@@ -260,11 +260,14 @@ def test_eagle3_head_beside_ngram(tmp_path, tiny_models, tree):
     out = tmp_path / "out"
     r = invoke("bench", "--target", tiny_models["llama"], "--drafter", "ngram,eagle3", "--draft", f"eagle3={head}",
                "-k", 3, "--dataset", data, "-n", 8, "--no-baseline", "--warmup", 0, "--out", out,
-               *(["--tree", tree] if tree else []))
+               *(["--tree", tree] if tree else ["--no-draft-gate"]))  # the random head drafts every call
     assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads((out / "results.json").read_text())
     assert res["systems"][0]["configs"] == ["none", "ngram", "eagle3"]
     assert res["settings"]["tree"] == ([3, 2, 8] if tree else None)
+    assert res["settings"]["draft_gate"] is (None if tree else False)  # trees are never gated
+    if not tree:
+        assert "draft every call: --no-draft-gate" in (out / "report.md").read_text()
     if tree:
         assert {m["stop_reason"] for m in res["measurements"]} <= {"length", "eos"}
         assert "dynamic tree, depth 3, top-2, 8 nodes" in (out / "report.md").read_text()

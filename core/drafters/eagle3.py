@@ -73,7 +73,13 @@ class Eagle3Drafter(Drafter):
 
     The head's cache holds one entry per final position t (token t+1, target hidden at t); the
     entries of a draft (fed with the head's own outputs) are speculative and are rolled back
-    when the target's verification arrives."""
+    when the target's verification arrives.
+
+    The head catches up lazily: ``accepted`` only keeps the accepted tokens and their target
+    hidden states; the head runs over everything kept in ONE forward when it is next asked to
+    draft.  Where another drafter drafts most calls (``eagle3+ngram`` while prompt lookup finds
+    its continuations) the head then costs nothing on those calls, and a forward over several
+    calls' rows costs about what one call's does (its weights are read once)."""
 
     name = "eagle3"
 
@@ -98,6 +104,9 @@ class Eagle3Drafter(Drafter):
         self._identity = list(self._perm) == list(range(len(self.aux_hidden_layers)))
         self.d2t_ids = np.arange(len(head.d2t), dtype=np.int64) + np.asarray(head.d2t, dtype=np.int64)
         self.final = 0  # head cache entries that are final
+        self.known = 0  # positions whose target hidden states the drafter holds: final + pending
+        self._pending_tokens: list[int] = []  # accepted, not yet run through the head
+        self._pending_hidden: list[np.ndarray] = []
         self.logits: np.ndarray | None = None  # draft logits after the last final entry
         self.hidden: np.ndarray | None = None
 
@@ -116,7 +125,8 @@ class Eagle3Drafter(Drafter):
 
     def start(self, prompt: Sequence[int], capacity: int) -> None:
         self.head.reset(capacity + 1)
-        self.final = 0
+        self.final = self.known = 0
+        self._pending_tokens, self._pending_hidden = [], []
         self.logits = self.hidden = None
 
     def accepted(self, tokens: Sequence[int], n_accepted: int, hidden_states: np.ndarray | None = None) -> None:
@@ -124,11 +134,24 @@ class Eagle3Drafter(Drafter):
             raise SpecrunError("the target backend returned no hidden states; the eagle3 drafter needs a backend with the 'hidden_states' capability")
         m = len(hidden_states)
         first = len(tokens) - 1 - m
-        if first != self.final:
-            raise SpecrunError(f"eagle3 drafter out of step: {self.final} final positions, the target reports rows from {first}")
+        if first != self.known:
+            raise SpecrunError(f"eagle3 drafter out of step: it holds {self.known} positions, the target reports rows from {first}")
+        # kept, not run: the head catches up when it is next asked to draft (a copy: a backend may
+        # reuse its output buffers)
+        self._pending_tokens += list(tokens[first + 1 :])
+        self._pending_hidden.append(np.array(hidden_states, np.float32))
+        self.known = len(tokens) - 1
+        self.logits = self.hidden = None
+
+    def catch_up(self) -> None:
+        """Run the head over the accepted tokens it has not seen, in one forward."""
+        if not self._pending_tokens:
+            return
+        rows = self._pending_hidden[0] if len(self._pending_hidden) == 1 else np.concatenate(self._pending_hidden)
         self.head.rollback(self.final)
-        out = self.head.forward(list(tokens[first + 1 :]), self.target_hidden(np.asarray(hidden_states, np.float32)))
-        self.final = len(tokens) - 1
+        out = self.head.forward(self._pending_tokens, self.target_hidden(rows))
+        self._pending_tokens, self._pending_hidden = [], []
+        self.final = self.known
         self.logits, self.hidden = out.logits[-1], out.hidden[-1]
 
     def _choose(self, logits: np.ndarray, sampler: Sampler | None) -> tuple[int, np.ndarray | None]:
@@ -140,7 +163,10 @@ class Eagle3Drafter(Drafter):
         return sampler.sample(p), p
 
     def propose(self, tokens: Sequence[int], k: int, sampler: Sampler | None) -> Draft:
-        if self.logits is None or k <= 0:
+        if k <= 0:
+            return Draft([])
+        self.catch_up()
+        if self.logits is None:
             return Draft([])
         self.head.rollback(self.final)
         logits, hidden = self.logits, self.hidden
@@ -167,7 +193,10 @@ class Eagle3Drafter(Drafter):
         nodes with the best cumulative log-probability are expanded (one head call per level, with
         a tree mask) into their top-k children; finally the ``max_nodes`` best nodes are kept
         (ordered by score, then depth, so every kept node's parent is kept too)."""
-        if self.logits is None or depth <= 0 or max_nodes <= 0:
+        if depth <= 0 or max_nodes <= 0:
+            return None
+        self.catch_up()
+        if self.logits is None:
             return None
         F = self.final
         self.head.rollback(F)

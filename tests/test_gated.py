@@ -1,0 +1,111 @@
+"""PayingDrafter: a model-backed drafter drafts only while its drafts measure faster than plain steps.
+
+Time here is a fake clock that the target and the drafter advance by what their work would cost,
+so the tests decide nothing by the machine's speed."""
+
+from __future__ import annotations
+
+import pytest
+
+from specrun.decode import SpeculativeDecoder
+from specrun.drafters import PayingDrafter
+from specrun.interfaces import Draft, Drafter
+from specrun.sampling import SamplingParams
+
+from .test_lossless import PROMPTS, plain_greedy
+
+STEP = 10.0  # a 1-token step
+ROW = 1.0  # each further row of a verification block
+HEAD = 3.0  # a model drafter's work per call
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedTarget:
+    """The tiny target, advancing the clock by what a call of that many rows costs."""
+
+    def __init__(self, inner, clock: Clock):
+        self.inner, self.clock = inner, clock
+
+    def forward(self, tokens, **kw):
+        self.clock.now += STEP + ROW * (len(tokens) - 1)
+        return self.inner.forward(tokens, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Oracle(Drafter):
+    """Drafts the target's greedy continuation, right (``right``) or off by one token id, and costs HEAD."""
+
+    name = "oracle"
+
+    def __init__(self, truth: list[int], prompt_len: int, clock: Clock, right: bool):
+        self.truth, self.p, self.clock, self.right = truth, prompt_len, clock, right
+        self.proposed = 0
+
+    def propose(self, tokens, k, sampler):
+        self.clock.now += HEAD
+        self.proposed += 1
+        pos = len(tokens) - self.p
+        prop = list(self.truth[pos : pos + k])
+        return Draft(prop if self.right else [(t + 1) % 49152 for t in prop])
+
+
+@pytest.fixture(scope="module")
+def target(tiny_models, torch_backend):
+    return torch_backend.load_target(str(tiny_models["qwen3"]), device="cpu")
+
+
+def decode(target, right: bool, n: int = 80, sampling=None):
+    prompt = PROMPTS[0]
+    ref = plain_greedy(target, prompt, n)
+    clock = Clock()
+    oracle = Oracle(ref, len(prompt), clock, right)
+    gated = PayingDrafter(oracle, clock=clock)
+    dec = SpeculativeDecoder(TimedTarget(target, clock), gated, 4)
+    out = [t for chunk in dec.generate(prompt, n, sampling) for t in chunk]
+    return out, ref, gated, oracle, dec.stats
+
+
+def test_drafts_that_never_pay_are_paused_and_retried_less_and_less(target):
+    out, ref, gated, oracle, stats = decode(target, right=False)
+    assert out == ref  # lossless whatever is drafted
+    assert gated.calls_paused > 4 * gated.calls_drafted  # mostly plain steps
+    assert oracle.proposed == gated.calls_drafted >= 3  # it was tried again, and again
+    # the waits double: 8, 16, 32 ... paused calls between retries, not one retry every 8 calls
+    assert gated.calls_drafted < stats.target_calls / 8
+
+
+def test_drafts_that_pay_keep_drafting(target):
+    out, ref, gated, oracle, stats = decode(target, right=True)
+    assert out == ref
+    assert gated.calls_paused <= 1  # at most the one plain step that measures what drafting competes with
+    assert stats.acceptance_length > 4
+
+
+def test_sampling_never_pauses(target):
+    """The rule reads the clock; a seed must give the same text every run, so sampling drafts every call."""
+    sampling = SamplingParams(temperature=0.8, seed=3)
+    _, _, gated, oracle, stats = decode(target, right=False, n=30, sampling=sampling)
+    assert gated.calls_paused == 0 and oracle.proposed == stats.target_calls - 1  # the last call has one token left: no draft
+
+
+def test_the_pipeline_gates_model_drafters_unless_told_not_to(tiny_models, tmp_path):
+    from specrun.pipeline import Pipeline
+
+    from .test_eagle3 import make_head
+
+    folder, head = str(tiny_models["llama"]), str(make_head(tmp_path / "h"))
+    on = Pipeline.load(folder, backend="torch_cuda", drafter="eagle3", draft=head)
+    off = Pipeline.load(folder, backend="torch_cuda", drafter="eagle3", draft=head, draft_gate=False)
+    lookup = Pipeline.load(folder, backend="torch_cuda", drafter="eagle3+ngram", draft=head)
+    assert isinstance(on.drafter, PayingDrafter) and not isinstance(off.drafter, PayingDrafter)
+    assert isinstance(lookup.drafter.model, PayingDrafter)
+    assert on.generate("Hello there", max_new_tokens=12).token_ids == off.generate("Hello there", max_new_tokens=12).token_ids
