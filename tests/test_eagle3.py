@@ -332,6 +332,45 @@ def test_eagle3_lossless_with_partial_acceptance(tmp_path, tiny_models, torch_ba
     assert short.accepted / short.drafted > stats.accepted / stats.drafted
 
 
+def test_the_head_catches_up_lazily_in_one_forward(head_dir, tiny_models, torch_backend, target):
+    """accepted() only keeps the rows; the next proposal runs the head once over all of them, and
+    drafts what a head that caught up call by call drafts."""
+    prompt = PROMPTS[0]
+    ref = plain_greedy(target, prompt, 12)
+    seq = prompt + ref
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((len(seq), 3 * target.info.hidden_size)).astype(np.float32)
+
+    def drafter():
+        head = torch_backend.load_eagle3_head(str(head_dir), str(tiny_models["llama"]), device="cpu")
+        d = Eagle3Drafter(head, num_target_layers=3)
+        calls = []
+        real = head.forward
+        head.forward = lambda toks, hid, **kw: calls.append((len(toks), kw.get("from_target", True))) or real(toks, hid, **kw)
+        d.start(prompt, 64)
+        return d, calls
+
+    lazy, calls = drafter()
+    ends = [len(prompt) + 1, len(prompt) + 3, len(prompt) + 4, len(prompt) + 7]  # four verifications
+    last = 0
+    for end in ends:
+        lazy.accepted(seq[:end], end - last - 1, hidden[last : end - 1])
+        last = end - 1
+    assert calls == []  # nothing ran yet
+    got = lazy.propose(seq[: ends[-1]], 3, None)
+    assert calls[0] == (ends[-1] - 1, True)  # one forward over every kept row
+    assert all(not from_target for _, from_target in calls[1:])  # then the chain
+    eager, _ = drafter()
+    last = 0
+    for end in ends:
+        eager.accepted(seq[:end], end - last - 1, hidden[last : end - 1])
+        eager.catch_up()  # as before: a forward per verification
+        last = end - 1
+    assert eager.propose(seq[: ends[-1]], 3, None).tokens == got.tokens
+    with pytest.raises(SpecrunError, match="out of step"):
+        lazy.accepted(seq[: ends[-1] + 2], 0, hidden[: 1])
+
+
 def test_min_prob_is_checked(head_dir, tiny_models, torch_backend):
     from specrun.errors import SpecrunError
 
