@@ -109,3 +109,48 @@ def test_the_pipeline_gates_model_drafters_unless_told_not_to(tiny_models, tmp_p
     assert isinstance(on.drafter, PayingDrafter) and not isinstance(off.drafter, PayingDrafter)
     assert isinstance(lookup.drafter.model, PayingDrafter)
     assert on.generate("Hello there", max_new_tokens=12).token_ids == off.generate("Hello there", max_new_tokens=12).token_ids
+
+
+def test_a_lazy_catch_up_is_charged_per_call_it_covers_and_what_was_learnt_carries_over():
+    """A retry after n paused calls catches up on all n in one go; the gate charges that call what
+    catching up call by call costs (1/n of it), and the next request starts from what was learnt."""
+    clock = Clock()
+
+    class Lazy(Drafter):
+        name = "lazy"
+        pending = 0
+
+        def catch_up(self):
+            clock.now += 4.0 * self.pending  # a forward over the calls it has not seen
+            self.pending = 0
+
+        def propose(self, tokens, k, sampler):
+            self.catch_up()
+            clock.now += 1.0
+            return Draft([7])
+
+        def accepted(self, tokens, n_accepted, hidden_states=None):
+            self.pending += 1
+
+    gated = PayingDrafter(Lazy(), clock=clock)
+
+    def call(accept: int) -> bool:
+        drafted = bool(gated.propose([1, 2, 3], 4, None).tokens)
+        clock.now += STEP + ROW * drafted
+        gated.accepted([1, 2, 3], accept if drafted else 0)
+        return drafted
+
+    gated.start([1], 16)
+    gated.accepted([1, 2], 0)  # after the prefill: the first catch-up is the prompt's, not charged
+    assert call(0) and gated.call_seconds == 1.0 + STEP + ROW  # drafted, nothing accepted
+    assert not call(0)  # the one plain step that measures what drafting competes with
+    assert gated.step_seconds == STEP and not gated.pays()
+    paused = [call(0) for _ in range(7)]  # with the measuring step: 8 paused calls, then a retry
+    assert not any(paused) and gated.calls_paused == 8
+    before = gated.call_seconds
+    assert call(1)  # the retry: it catches up on 9 calls (36 s of forwards), charged 4 s
+    assert gated.call_seconds == pytest.approx(before + 0.2 * (4.0 + 1.0 + STEP + ROW - before))
+    assert gated.call_tokens == pytest.approx(1.0 + 0.2 * 1.0)
+    gated.start([1], 16)  # a new request: still known not to pay, so it starts paused
+    gated.accepted([1, 2], 0)
+    assert not call(0) and gated.calls_paused == 1
