@@ -154,7 +154,8 @@ def backend_options(f):
 @click.option("--drafter", type=click.Choice(["auto", "none", "ngram", "model", "eagle3", "eagle3+ngram"]), default="auto",
               show_default=True,
               help="auto: eagle3+ngram (prompt lookup when the text repeats, else the EAGLE-3 head) with --draft's "
-              "head or the one shipped for the target; 'model' when --draft is a draft model; else ngram.")
+              "head, or off CPUs with the one shipped for the target; 'model' when --draft is a draft model; else "
+              "ngram (on a CPU prompt lookup alone measured faster than the shipped head).")
 @click.option("--draft", default=None, help="Draft model folder (--drafter model) or EAGLE-3 head folder (--drafter eagle3; "
               "default: the head shipped for the target).")
 @click.option("--draft-backend", default=None, help="Backend of the draft model [default: the target's].")

@@ -77,18 +77,25 @@ def test_fast_tokenizer_matches_transformers(default_model_dir):
     assert fast.eos_token_id == full.eos_token_id == 2
 
 
-def test_shipped_head_is_the_default_drafter_and_lossless():
+def test_shipped_head_is_the_default_drafter_off_cpus_and_lossless():
     """The EAGLE-3 head in the package (core/heads/<default model>) loads in the SpecForge format,
-    is what `--drafter auto` (generate's default: eagle3+ngram) drafts with, and greedy output
-    stays exact with it alone and behind prompt lookup."""
+    is what `--drafter auto` (generate's default) drafts with behind prompt lookup off CPUs (on a
+    CPU: prompt lookup alone, measured faster), and greedy output stays exact with it alone and
+    behind prompt lookup."""
     from specrun.drafters import bundled_head
     from specrun.eagle3 import ARCHITECTURE, Eagle3Config
+    from specrun.pipeline import choose_drafter
 
     head = bundled_head(None)
     assert head is not None, "no head ships for the default model"
     cfg = Eagle3Config.load(head)
     assert json.loads((head / "config.json").read_text())["architectures"] == [ARCHITECTURE]
-    auto = Pipeline.load(None, backend="torch_cuda", device="cpu", num_draft_tokens=4)
+    assert [choose_drafter(None, None, None, d) for d in ("cuda", "cuda:1", "gpu", "npu", "cpu", "CPU.0")] == \
+        ["eagle3+ngram"] * 4 + ["ngram"] * 2
+    assert choose_drafter(None, None, (5, 4, 16), "cpu") == "eagle3"  # --tree: the head's trees
+    assert choose_drafter(str(head), None, None, "cpu") == "eagle3+ngram"  # --draft HEAD: that head
+    assert Pipeline.load(None, backend="torch_cuda", device="cpu").drafter.name == "ngram"
+    auto = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="eagle3+ngram", num_draft_tokens=4)
     # the head drafting every call (not paused where its drafts do not pay): its acceptance is asserted below
     alone = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="eagle3", num_draft_tokens=4, draft_gate=False)
     plain = Pipeline.load(None, backend="torch_cuda", device="cpu", drafter="none")

@@ -118,18 +118,24 @@ def test_errors_are_one_line_specrun_errors(tmp_path, tiny_models, numpy_backend
 
 
 @pytest.mark.slow
-def test_default_drafter_works_on_a_backend_without_head_support():
-    """The default drafter on a backend that cannot run EAGLE-3 heads: the shipped head runs on one
-    that can, and the summary line says where; the output is the backend's plain greedy output."""
+def test_the_head_runs_beside_a_backend_without_head_support():
+    """A backend that cannot run EAGLE-3 heads: the default drafter (on a CPU: prompt lookup) works,
+    and the shipped head runs on a backend that can (--draft-backend), the summary line saying
+    where; the output is the backend's plain greedy output either way."""
+    import json
+
     from click.testing import CliRunner
 
     from specrun.cli import main
 
-    r = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6"])
+    base = ["generate", "Hi", "--backend", "numpy_ref", "-n", "6"]
+    r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
-    assert "drafter=eagle3+ngram (" in r.stderr and "numpy_ref/cpu/f32" in r.stderr
-    plain = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6", "--drafter", "none", "--json"])
-    spec = CliRunner().invoke(main, ["generate", "Hi", "--backend", "numpy_ref", "-n", "6", "--json"])
-    import json
-
-    assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert "numpy_ref/cpu/f32 drafter=ngram " in r.stderr
+    head = CliRunner().invoke(main, [*base, "--drafter", "eagle3+ngram", "--draft-backend", "torch_cuda"])
+    assert head.exit_code == 0, head.output
+    assert "drafter=eagle3+ngram (torch_cuda/cpu/" in head.stderr
+    plain = CliRunner().invoke(main, [*base, "--drafter", "none", "--json"])
+    for args in ([], ["--drafter", "eagle3+ngram", "--draft-backend", "torch_cuda"]):
+        spec = CliRunner().invoke(main, [*base, *args, "--json"])
+        assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]

@@ -154,3 +154,24 @@ def test_a_lazy_catch_up_is_charged_per_call_it_covers_and_what_was_learnt_carri
     gated.start([1], 16)  # a new request: still known not to pay, so it starts paused
     gated.accepted([1, 2], 0)
     assert not call(0) and gated.calls_paused == 1
+
+
+def test_lookup_first_falls_back_to_a_one_token_match_where_the_model_drafts_nothing():
+    """eagle3+ngram: a 2-3 token match first, else the model, else (the model paused or unsure)
+    a 1-token match, as prompt lookup alone would draft."""
+    from specrun.drafters import LookupFirstDrafter
+
+    class Fixed(Drafter):
+        name = "fixed"
+
+        def __init__(self, draft):
+            self.draft = draft
+
+        def propose(self, tokens, k, sampler):
+            return Draft(list(self.draft))
+
+    tokens = [5, 6, 7, 9, 5]  # "5" occurred before (then 6, 7, 9); "9 5" did not
+    assert LookupFirstDrafter(Fixed([])).propose(tokens, 3, None).tokens == [6, 7, 9]
+    assert LookupFirstDrafter(Fixed([42])).propose(tokens, 3, None).tokens == [42]
+    assert LookupFirstDrafter(Fixed([42])).propose([*tokens, 6], 3, None).tokens == [7, 9, 5]  # "5 6" matches
+    assert LookupFirstDrafter(Fixed([]), min_ngram=1).short is None
