@@ -54,7 +54,7 @@ class PayingDrafter(Drafter):
         self.call_tokens: float | None = None  # tokens such a call produced
         self._wait = retry_every  # paused calls before the next retry
         self._paused_for = 0
-        self._since = 0  # calls since the model last caught up (None: its catch-up is the prompt's)
+        self._since: int | None = None  # calls since the model last caught up (None: its next catch-up is the prompt's)
         self._retry = False  # the model is being retried on this call
         self._call: tuple[float, float, bool, int] | None = None  # (start, drafted by, model ran, tokens drafted)
         self.calls_drafted = self.calls_paused = 0

@@ -14,8 +14,8 @@ from .ngram import NgramDrafter
 class LookupFirstDrafter(Drafter):
     """Prompt lookup when the sequence repeats itself (its last ``min_ngram``+ tokens occurred
     before), else a model-backed drafter (an EAGLE-3 head), else (the model drafted nothing: paused
-    where its drafts do not pay, or unsure of its first token) lookup of a shorter match.  Small models loop and quote: over 256
-    tokens of MT-bench, lookup drafts were accepted far more often than the shipped head's; the head
+    where its drafts do not pay, or unsure of its first token) lookup of a shorter match.  Small
+    models loop and quote: over 256 tokens of MT-bench, lookup drafts were accepted far more often than the shipped head's; the head
     drafts where lookup finds nothing.  The model drafter still sees every accepted token (its
     cache stays in step); the choice reads the sequence only, so verification stays lossless."""
 
