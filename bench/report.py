@@ -252,8 +252,9 @@ def _dataset_line(results: dict) -> str:
     if st.get("draft_min_prob"):
         tree += f" (eagle3: a chain stops at a step whose top draft probability is < {st['draft_min_prob']:g})"
     if st.get("draft_gate") is not None:
-        tree += (" (model-backed drafters draft only while their drafts measure faster than plain steps)" if st["draft_gate"]
-                 else " (model-backed drafters draft every call: --no-draft-gate)")
+        tree += (" (draft gate: model-backed drafters draft only while their drafts measure faster than plain steps; "
+                 "prompt lookup drafts the length with the most expected tokens per measured second)" if st["draft_gate"]
+                 else " (every call drafts: --no-draft-gate)")
     return (
         f"{st['dataset']}, {n} prompt{'s' * (n != 1)}, up to {st['max_new_tokens']} new tokens, greedy, "
         f"k = {st['num_draft_tokens']} draft tokens{tree}, {st['warmup']} warm-up round(s), {st['repeats']} repeat(s), "

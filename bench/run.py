@@ -59,7 +59,7 @@ class BenchSettings:
     threads: int | None = None
     tree: tuple[int, int, int] | None = None  # eagle3 dynamic tree: depth, top-k, nodes
     draft_min_prob: float | None = None  # eagle3 chain: None = the pipeline's default
-    draft_gate: bool = True  # model-backed drafters pause where their drafts do not pay (PayingDrafter)
+    draft_gate: bool = True  # model drafters pause where drafts do not pay (PayingDrafter); lookup drafts by cost
     warmup: int = 1
     repeats: int = 1
     baseline: list[str] = attrs.field(factory=lambda: [BASELINE])
@@ -422,7 +422,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
                 o = own[d]
                 runner = specrun_runner(o.target, o.drafter, s.num_draft_tokens, pipe.eos_token_ids, template=o.decoder)
             else:
-                dr = {"none": NoDrafter(), "ngram": NgramDrafter(min_prob=s.draft_min_prob)}[d] \
+                dr = {"none": NoDrafter(), "ngram": NgramDrafter(min_prob=s.draft_min_prob, paying=s.draft_gate)}[d] \
                     if d != "model" else pipe.drafter
                 runner = specrun_runner(pipe.target, dr, s.num_draft_tokens, pipe.eos_token_ids)
             configs.append(Config(b, d, runner))
@@ -469,7 +469,7 @@ def run_bench(s: BenchSettings, registry: Registry | None = None, log: Callable[
             "model_dir": str(model_dir), "drafts": s.drafts, "threads": s.threads, "baseline": s.baseline,
             "reference": REFERENCE if REFERENCE in s.baseline else None, "baseline_device": s.baseline_device, "tree": list(s.tree) if s.tree else None,
             "draft_min_prob": _min_prob(s) if any(d.startswith("eagle3") for d in drafters) and not s.tree else None,
-            "draft_gate": s.draft_gate if any(d.startswith(("eagle3", "model")) for d in drafters) and not s.tree else None,
+            "draft_gate": s.draft_gate if any(d.startswith(("eagle3", "model", "ngram")) for d in drafters) and not s.tree else None,
             "chat_template": not s.raw, "requested_devices": s.devices, "requested_precisions": s.precisions,
             "schedule": "per prompt and repeat, every configuration back to back; the order reverses every round",
         },
@@ -597,7 +597,8 @@ def _command_line(ctx: click.Context) -> str:
                    f"{DEFAULT_MIN_PROB}]; prompt lookup: its acceptance record [default: {DEFAULT_LOOKUP_MIN_PROB}]).")
 @click.option("--draft-gate/--no-draft-gate", default=True, show_default=True,
               help="Greedy: a model-backed drafter (eagle3 chains, a draft model) drafts only while its drafts "
-                   "measure faster than plain steps on the request; --no-draft-gate: it drafts every call.")
+                   "measure faster than plain steps on the request, and prompt lookup drafts the length with the most "
+                   "expected tokens per measured second; --no-draft-gate: every call drafts all it can.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded rounds over every configuration first.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Measured rounds per prompt.")
 @click.option("--baseline", "baseline", default=BASELINE, show_default=True,

@@ -169,7 +169,8 @@ def backend_options(f):
               f"acceptance [default: {DEFAULT_LOOKUP_MIN_PROB}]; 0: always k.")
 @click.option("--draft-gate/--no-draft-gate", default=True, show_default=True,
               help="Greedy: a model-backed drafter (eagle3 chains, a draft model) drafts only while its drafts "
-                   "measure faster than plain steps on the request; --no-draft-gate: it drafts every call.")
+                   "measure faster than plain steps on the request, and prompt lookup drafts the length with the most "
+                   "expected tokens per measured second; --no-draft-gate: every call drafts all it can.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")

@@ -97,12 +97,31 @@ def gguf_file(name: str) -> Path:
     return path
 
 
+def bundled_gguf(model_dir: str | Path) -> Path | None:
+    """The GGUF file ``model_dir`` was converted from, where it is the converted folder of a bundled
+    model and that file is still the one it was converted from (same content digest): a backend
+    that runs GGUF files then runs that very file.  Else None."""
+    folder = Path(model_dir)
+    for name in GGUF_MODELS:
+        if folder.parent != cache_dir() / "models" or not folder.name.startswith(f"{name}-"):
+            continue
+        try:
+            gguf = gguf_file(name)
+        except SpecrunError:
+            return None
+        return gguf if folder.name == f"{name}-{_conversion_key(gguf)}" else None
+    return None
+
+
+def _conversion_key(gguf: Path) -> str:
+    return hashlib.sha256(f"{gguf.name}:{content_digest(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+
+
 def _converted_gguf(name: str) -> Path:
     gguf = gguf_file(name)
     # keyed by content, not path or mtime: every virtual environment holding the same package
     # shares one converted copy (517 MB); verified whole (full digests) before each use
-    key = hashlib.sha256(f"{gguf.name}:{content_digest(gguf)}:{CONVERTER_VERSION}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{name}-{key}"
+    target = cache_dir() / "models" / f"{name}-{_conversion_key(gguf)}"
     build_once(target, "model.safetensors", lambda tmp: _convert_gguf(gguf, tmp), version=CONVERTER_VERSION,
                info={"source": gguf.name})
     return target

@@ -151,7 +151,7 @@ class Pipeline:
         if drafter == "none":
             d: Drafter = NoDrafter()
         elif drafter == "ngram":
-            d = NgramDrafter(min_prob=draft_min_prob)
+            d = NgramDrafter(min_prob=draft_min_prob, paying=draft_gate)
         elif drafter == "model":
             d, tokenizer = load_model_drafter(dbe, draft, model_dir, config, **where)
             if draft_gate:

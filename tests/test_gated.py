@@ -175,3 +175,83 @@ def test_lookup_first_falls_back_to_a_one_token_match_where_the_model_drafts_not
     assert LookupFirstDrafter(Fixed([42])).propose(tokens, 3, None).tokens == [42]
     assert LookupFirstDrafter(Fixed([42])).propose([*tokens, 6], 3, None).tokens == [7, 9, 5]  # "5 6" matches
     assert LookupFirstDrafter(Fixed([]), min_ngram=1).short is None
+
+
+class Costs:
+    """A target whose calls cost ``cost(rows)`` on the fake clock."""
+
+    def __init__(self, inner, clock: Clock, cost):
+        self.inner, self.clock, self.cost = inner, clock, cost
+
+    def forward(self, tokens, **kw):
+        self.clock.now += self.cost(len(tokens))
+        return self.inner.forward(tokens, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def paying_lookup(target, prompt, cost, n=60, sampling=None):
+    from specrun.drafters import NgramDrafter
+
+    clock = Clock()
+    drafter = NgramDrafter(paying=True, clock=clock)
+    dec = SpeculativeDecoder(Costs(target, clock, cost), drafter, 4)
+    out = [t for chunk in dec.generate(prompt, n, sampling) for t in chunk]
+    return out, dec.stats, drafter
+
+
+def cycle_target():
+    """A toy LM that counts 0..7 and wraps: prompt lookup drafts it right from the second lap."""
+    import numpy as np
+
+    from .test_sampling import BigramTarget
+
+    return BigramTarget(np.log(np.full((8, 8), 0.01) + 0.9 * np.roll(np.eye(8), 1, axis=1)))
+
+
+def test_paying_lookup_drafts_whole_where_blocks_are_cheap_and_none_where_they_cannot_pay():
+    """Lookup drafts that are always right: with blocks that cost a step (OpenVINO-like) the paying
+    lookup drafts all plain lookup does but for the one plain step that times what drafting competes
+    with; where every further row costs 1.5 steps no draft can pay, so once
+    the block sizes are timed it takes plain steps, exploring now and then — output identical."""
+    from specrun.drafters import NgramDrafter
+
+    prompt = list(range(8)) + [0, 1]
+    full = SpeculativeDecoder(cycle_target(), NgramDrafter(), 4)
+    ref = [t for c in full.generate(prompt, 200) for t in c]
+    cheap_out, cheap, _ = paying_lookup(cycle_target(), prompt, lambda rows: STEP, n=200)
+    dear_out, dear, drafter = paying_lookup(cycle_target(), prompt, lambda rows: STEP * (1.5 * rows - 0.5), n=200)
+    assert cheap_out == ref and dear_out == ref
+    assert full.stats.drafted > 100 and cheap.drafted >= full.stats.drafted - 4  # one plain step, to time it
+    assert dear.drafted < full.stats.drafted / 5  # 10 to time the sizes, then explorations ever further apart
+    assert drafter.cost[1] == pytest.approx(STEP) and set(drafter.cost) == {1, 2, 3, 4, 5}  # every size timed
+
+
+def test_paying_lookup_keeps_drafts_that_are_accepted_even_when_blocks_cost_more():
+    """The choice is expected tokens per second: a match whose drafts are always accepted keeps
+    drafting all 4 where 5 rows cost 2 steps (~4.4 expected tokens for 2 steps' time) and none where
+    every further row costs 1.5 steps."""
+    from specrun.drafters import NgramDrafter
+
+    seq = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    cheap = {1: 1.0, 2: 1.2, 3: 1.5, 4: 1.8, 5: 2.0}
+    dear = {1: 1.0, 2: 2.5, 3: 4.0, 4: 5.5, 5: 6.0}
+    for costs, want in ((cheap, 4), (dear, 0)):
+        d = NgramDrafter(paying=True, clock=Clock())
+        d.start(seq, 64)
+        for _ in range(6):  # a record of every draft accepted
+            d.cost = dict(cheap)
+            drafted = d.propose(seq, 4, None).tokens
+            d.accepted(seq, len(drafted))
+        d.cost = dict(costs)
+        assert len(d.propose(seq, 4, None).tokens) == want
+
+
+def test_paying_lookup_drafts_everything_when_sampling():
+    """Sampling never reads the clock: a seed gives the same text however fast the hardware is."""
+    prompt = list(range(8)) + [0, 1]
+    params = SamplingParams(temperature=0.8, seed=3)
+    a, sa, _ = paying_lookup(cycle_target(), prompt, lambda rows: STEP * rows * 2, n=60, sampling=params)
+    b, sb, _ = paying_lookup(cycle_target(), prompt, lambda rows: STEP, n=60, sampling=params)
+    assert a == b and sa.drafted == sb.drafted > 0

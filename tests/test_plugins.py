@@ -85,7 +85,7 @@ def test_builtin_backends_come_from_entry_points():
     core = Path(__file__).parent.parent / "core"
     for f in core.glob("*.py"):
         text = f.read_text()
-        for plugin in ("specrun_torch_cuda", "specrun_onnx_cpu", "specrun_openvino"):
+        for plugin in ("specrun_torch_cuda", "specrun_onnx_cpu", "specrun_openvino", "specrun_llama_cpp"):
             assert plugin not in text, f"{f.name} imports {plugin}"
 
 
@@ -172,8 +172,13 @@ def test_auto_backend_is_the_fastest_declared_for_the_device():
 def test_auto_backend_of_the_installed_plugins():
     from specrun.plugins import choose_backend, load_registry
 
-    name, precision = choose_backend(load_registry(), "cpu")
-    assert (name, precision) == ("openvino", "int8")  # the fastest exact path measured here (README)
+    registry = load_registry()
+    name, precision = choose_backend(registry, "cpu")
+    # the fastest exact paths measured here (README "Choosing a backend"): llama.cpp where it is built
+    if registry.entries["llama_cpp"].availability().available:
+        assert (name, precision) == ("llama_cpp", "int4")
+    else:
+        assert (name, precision) == ("openvino", "int8")
 
 
 def test_auto_backend_device_errors_name_the_device():
