@@ -36,7 +36,7 @@ from specrun.models import ModelConfig, bundled_gguf
 from specrun.store import cache_dir
 
 INSTALL_HINT = "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install 'specrun[llama_cpp]' (builds llama.cpp: ~5-8 min on 2 cores)"
-GGUF_VERSION = "1"
+GGUF_VERSION = "2"  # 2: models without a tokenizer get byte tokens and a merge
 #: specrun precision -> (llama.cpp file type name, LLAMA_FTYPE_* value).  Measured here: Q4_1 and
 #: Q8_0 blocks are the bits of single steps (activations quantized per row, integer dot products);
 #: F32 and F16 blocks are not (their matmuls change kernels with the row count), so f32 is for
@@ -243,14 +243,12 @@ class LlamaCppBackend(Backend):
         source = bundled_gguf(model_dir)
         if source is not None and _file_type(source) == fmt and not force:
             return source
-        from specrun_kit.export import export_key
-
         from . import convert
 
         convert.check_convertible(model_dir)
         lib = _import_llama()
-        key = export_key(model_dir, (), "gguf-f32")
-        base = cache_dir() / "gguf" / f"{Path(model_dir).name}-f32-g{GGUF_VERSION}-{key}"
+        base = self._f32_folder(model_dir)
+        key = base.name.rsplit("-", 1)[-1]
         f32 = store.build_once(base, "model.gguf", lambda tmp: convert.write_gguf(model_dir, tmp / "model.gguf"),
                                version=GGUF_VERSION, force=force, info={"source": str(model_dir)})
         if precision == "f32":
@@ -260,6 +258,15 @@ class LlamaCppBackend(Backend):
         return store.build_once(folder, "model.gguf",
                                 lambda tmp: convert.quantize(lib, f32, tmp / "model.gguf", ftype, threads),
                                 version=GGUF_VERSION, force=force, info={"source": str(model_dir), "format": fmt})
+
+    def _f32_folder(self, model_dir: str) -> Path:
+        from specrun_kit.export import export_key
+
+        return cache_dir() / "gguf" / f"{Path(model_dir).name}-f32-g{GGUF_VERSION}-{export_key(model_dir, (), 'gguf-f32')}"
+
+    def _f32_source(self, model_dir: str) -> Path | None:
+        folder = self._f32_folder(model_dir)
+        return folder / "model.gguf" if folder.exists() else None
 
     def export(self, model_dir: str, *, precision: str | None = None, aux_hidden_layers: Sequence[int] = (),
                force: bool = False, progress: bool = True) -> Path:
@@ -283,8 +290,11 @@ class LlamaCppBackend(Backend):
         params.n_gpu_layers = 0
         model = lib.llama_model_load_from_file(str(gguf).encode(), params)
         if not model:
-            store.invalidate(gguf.parent) if gguf.parent.parent == cache_dir() / "gguf" else None
-            raise SpecrunError(f"llama.cpp could not load {gguf}; run the command again to rebuild it")
+            if gguf.parent.parent == cache_dir() / "gguf":  # ours: damaged despite its digests, or a converter bug
+                for folder in (gguf.parent, *(p.parent for p in [self._f32_source(model_dir)] if p)):
+                    store.invalidate(folder)
+                raise SpecrunError(f"llama.cpp could not load {gguf} (removed from the cache); run the command again to rebuild it")
+            raise SpecrunError(f"llama.cpp {lib.__version__} could not load {gguf}")
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         if vocab != cfg.vocab_size:
             lib.llama_model_free(model)

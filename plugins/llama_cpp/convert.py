@@ -64,30 +64,41 @@ def _tensors(model_dir: Path):
     if not files:
         raise SpecrunError(f"{model_dir} has no *.safetensors weights")
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name).float().numpy()
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name).float().numpy()
+        except (OSError, ValueError, RuntimeError, Exception) as exc:  # SafetensorError derives from Exception only
+            if isinstance(exc, SpecrunError):
+                raise
+            raise SpecrunError(f"cannot read weights {f}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _vocab(model_dir: Path, n_vocab: int):
     """(tokens, token types, merges) from the folder's BPE tokenizer, padded to the model's vocabulary."""
     import gguf
-    from gguf.vocab import BpeVocab, SpecialVocab
+    from gguf.vocab import BpeVocab, SpecialVocab, bytes_to_unicode
 
-    try:
-        vocab = BpeVocab(model_dir)
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise SpecrunError(f"the llama_cpp backend needs a BPE tokenizer.json in {model_dir} ({exc})") from None
     tokens, types = [], []
-    for text, _score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        types.append(int(toktype))
+    if (model_dir / "tokenizer.json").exists():
+        try:
+            vocab = BpeVocab(model_dir)
+        except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            raise SpecrunError(f"the llama_cpp backend converts BPE tokenizers; {model_dir}/tokenizer.json is not one ({exc})") from None
+        for text, _score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            types.append(int(toktype))
+    else:  # no tokenizer (specrun feeds token ids): the 256 byte tokens llama.cpp's loader needs, then placeholders
+        if n_vocab < 256:
+            raise SpecrunError(f"{model_dir} has no tokenizer.json and a vocabulary of {n_vocab} (< 256) tokens")
+        tokens = [c.encode() for c in bytes_to_unicode().values()]
+        types = [int(gguf.TokenType.NORMAL)] * len(tokens)
     if len(tokens) > n_vocab:
         raise SpecrunError(f"{model_dir}: the tokenizer has {len(tokens)} tokens, the model's vocabulary {n_vocab}")
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         types.append(int(gguf.TokenType.UNUSED))
-    special = SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    special = SpecialVocab(model_dir, load_merges=(model_dir / "tokenizer.json").exists(), n_vocab=n_vocab)
     return tokens, types, special
 
 
@@ -98,6 +109,7 @@ def write_gguf(model_dir: str | Path, out: Path) -> None:
     model_dir = Path(model_dir)
     cfg = check_convertible(model_dir)
     raw = cfg.raw
+    print(f"specrun: converting {model_dir.name} to GGUF for llama.cpp (once) ...", file=sys.stderr, flush=True)
     arch_name = ARCHS[cfg.model_type]
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
     n_head = int(raw["num_attention_heads"])
@@ -126,6 +138,8 @@ def write_gguf(model_dir: str | Path, out: Path) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     special.add_to_gguf(w, quiet=True)
+    if not special.merges:  # llama.cpp's BPE loader wants at least one merge; tokens stay byte-level
+        w.add_token_merges(["\u0120 \u0120"])
 
     tied = bool(raw.get("tie_word_embeddings", False))
     for name, data in _tensors(model_dir):
