@@ -1,7 +1,7 @@
 """llama.cpp backend (CPU), through llama-cpp-python's C API.
 
 The model runs as llama.cpp runs it for its own users: a GGUF file, llama.cpp's kernels and its
-KV cache (f16).  specrun adds what llama.cpp's own loop does not do well on a CPU: verifying a
+KV cache (keys in Q8_0, values in f16: see ``KEY_CACHE``).  specrun adds what llama.cpp's own loop does not do well on a CPU: verifying a
 whole draft in one ``llama_decode`` call and rolling the cache back with ``llama_memory_seq_rm``.
 
 Weight formats: ``int4`` is Q4_1, ``int8`` Q8_0, ``f32`` itself (see ``FORMATS``).  For a bundled
@@ -20,10 +20,7 @@ backend."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from specrun.errors import SpecrunError
 from specrun.interfaces import Availability, Backend, ModelInfo, StepOutput, Target
 from specrun.models import ModelConfig, bundled_gguf
 from specrun.store import cache_dir
+from specrun_kit.probe import blocks_match_steps, remembered
 
 INSTALL_HINT = "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install 'specrun[llama_cpp]' (builds llama.cpp: ~5-8 min on 2 cores)"
 GGUF_VERSION = "2"  # 2: models without a tokenizer get byte tokens and a merge
@@ -49,6 +47,16 @@ CTX_STEP = 1024  # the context is made for the request's capacity rounded up to 
 #: 60 tokens/s).  Its CPU kernel rounds attention to f16, so even f32 weights leave the fp32
 #: reference by ~0.01-0.1 of a logit on the tiny test models (3e-5 without it).
 FLASH_ATTN = 1
+#: the key cache's type at int4/int8: Q8_0 (GGML_TYPE_Q8_0).  With f16 keys (llama.cpp's default)
+#: a single token's flash attention splits a cache of 512+ rows across threads and sums the parts
+#: in another order than a block does: measured here, blocks then left single steps by up to 0.93
+#: of a logit past ~256 tokens of context (4 of 80 MT-bench answers changed by speculation).  With
+#: Q8_0 keys that path is not taken: blocks equal steps bit for bit at 20-1,000 tokens, and a step
+#: is no slower (11.2 vs 11.8 ms at 300 tokens, 15.4 vs 18.4 at 800).  Models whose heads are
+#: narrower than a Q8_0 block (32) keep f16 keys (the probe then tells whether blocks are exact).
+KEY_CACHE = 8
+#: context lengths the exactness probe runs at (short, and past the 512-row split above)
+PROBE_CONTEXTS = (2, 600)
 
 
 def _import_llama():
@@ -59,14 +67,6 @@ def _import_llama():
             f"llama_cpp cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
     return llama_cpp
-
-
-def _cpu_name() -> str:
-    try:
-        return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 class _Quiet:
@@ -128,7 +128,12 @@ class LlamaCppTarget(Target):
         params.flash_attn_type = FLASH_ATTN
         if self.precision == "f32":  # an f32 model keeps an f32 cache (llama.cpp's default is f16)
             params.type_k = params.type_v = 0  # GGML_TYPE_F32
+        else:  # keys in Q8_0, values f16: see KEY_CACHE
+            params.type_k, params.type_v = KEY_CACHE, 1  # GGML_TYPE_F16
         ctx = lib.llama_init_from_model(self.model, params)
+        if not ctx and params.type_k == KEY_CACHE:  # heads narrower than a Q8_0 block (32): f16 keys
+            params.type_k = 1
+            ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
             raise SpecrunError(f"llama.cpp could not make a context of {n_ctx} tokens for {self.path}")
         self.ctx, self.n_ctx = ctx, n_ctx
@@ -318,38 +323,12 @@ def _file_type(gguf: Path) -> str | None:
         return None
 
 
-def _probe_blocks(target: LlamaCppTarget) -> bool:
-    """Whether a token's logits are the same bits as a single step and inside blocks of 2..9 tokens."""
-    ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(20)]
-    target.reset(32)
-    target.forward(ids[:2])
-    steps = np.stack([target.forward([t]).logits[0] for t in ids[2:]])
-    ok = True
-    for T in (2, 3, 5, 6, 9):
-        target.rollback(2)
-        got = np.concatenate([target.forward(ids[2 + i : 2 + i + T]).logits for i in range(0, 18 - T + 1, T)])
-        ok &= bool(np.array_equal(got, steps[: len(got)]))
-    target.reset(32)
-    return ok
-
-
 def _exact_blocks(target: LlamaCppTarget) -> bool:
-    """``_probe_blocks``, remembered per GGUF file, CPU, thread count and llama.cpp version."""
+    """Whether blocks are the bits of single steps, probed once per GGUF file (path, size, mtime),
+    thread count and llama.cpp version on this CPU, and remembered in the cache."""
     st = target.path.stat()
-    key = json.dumps([str(target.path), st.st_size, st.st_mtime_ns, _cpu_name(), target.threads, target.lib.__version__])
-    path = cache_dir() / "probes" / f"llama_cpp-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    try:
-        verdict = json.loads(path.read_text())["exact"]
-        if isinstance(verdict, bool):
-            return verdict
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    verdict = _probe_blocks(target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"exact": verdict}))
-        tmp.replace(path)
-    except OSError:
-        pass
-    return verdict
+    key = [str(target.path), st.st_size, st.st_mtime_ns, target.threads, target.lib.__version__, KEY_CACHE, PROBE_CONTEXTS]
+    contexts = sorted({min(c, target.info.context_length - 20) for c in PROBE_CONTEXTS} - {0})
+    verdict = remembered("llama_cpp", key, lambda: {"exact": all(blocks_match_steps(target, c) for c in contexts)},
+                         lambda v: isinstance(v.get("exact"), bool))
+    return verdict["exact"]

@@ -35,6 +35,7 @@ from specrun.interfaces import Availability, Backend, StepOutput, Target, check_
 from specrun.store import cache_dir
 from specrun_kit.head import KVBufferHead
 from specrun_kit.kvbuffer import KVBufferTarget
+from specrun_kit.probe import blocks_match_steps, cpu_name
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "4"  # 4: the hidden-state barrier stays float
@@ -396,17 +397,7 @@ PAD_SCHEMES = ((2, 4), (5, 5), (8, 8))
 
 def _block_invariant(target: OpenVinoTarget) -> bool:
     """Whether a token's logits are the same bits as a single step and inside blocks of 2..9 tokens."""
-    ids = [(i * 7919) % max(3, target.info.vocab_size - 1) + 1 for i in range(20)]
-    target.reset(32)
-    target.forward(ids[:2])
-    steps = np.stack([target.forward([t]).logits[0] for t in ids[2:]])
-    ok = True
-    for T in (2, 3, 5, 6, 9):
-        target.rollback(2)
-        got = np.concatenate([target.forward(ids[2 + i : 2 + i + T]).logits for i in range(0, 18 - T + 1, T)])
-        ok &= bool(np.array_equal(got, steps[: len(got)]))
-    target.reset(32)
-    return ok
+    return blocks_match_steps(target)
 
 
 def _probe_file(target: OpenVinoTarget) -> Path:
@@ -414,14 +405,8 @@ def _probe_file(target: OpenVinoTarget) -> Path:
     IR's folder name is keyed by the model's content): the probe runs ~40 forwards (1.1 s a probe on
     the default model), once per machine instead of on every load."""
     import hashlib
-    import platform
 
-    cpu = platform.processor()
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     key = json.dumps([target.path.parent.name, target.precision, target.compute_precision, target.device, cpu,
                       _import_ov().__version__])
     return cache_dir() / "probes" / f"openvino-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
