@@ -231,11 +231,11 @@ class LlamaCppBackend(Backend):
 
     def preference(self, device: str):
         """On a CPU: int4 (Q4_1, the default model's own GGUF file), the fastest plain decoding
-        measured on both CPUs of this project, with blocks exact (flash attention; probed per CPU).
-        AMD EPYC without AVX-512, 2026-12-06, ``specrun bench``, 24 MT-bench prompts, 128 tokens:
-        llama_cpp int4 plain ~80 tokens/s against openvino int8's ~30 (OpenVINO's int8 kernels
-        want AVX-512 VNNI); with AVX-512 (earlier sessions) llama.cpp's own plain decoding (110)
-        beat openvino int8 with prompt lookup (103)."""
+        measured on both CPUs of this project, with blocks exact (flash attention, Q8_0 keys;
+        probed per CPU).  AMD EPYC without AVX-512, 2026-12-06, ``specrun bench``, 24 MT-bench
+        questions, 128 tokens: llama_cpp int4 plain 93.6 tokens/s, openvino 30.1 (f32, its default
+        on that CPU; int8 28-34 with ``specrun generate``); on an AVX-512 AMD EPYC llama.cpp's own
+        plain decoding (110) beat openvino int8 with prompt lookup (103)."""
         return (70, "int4") if device.lower().partition(".")[0] == "cpu" else None
 
     def versions(self) -> dict[str, str]:
