@@ -42,11 +42,16 @@ def cpu_name() -> str:
         return platform.processor()
 
 
+def probe_path(kind: str, key: list) -> Path:
+    """Where the verdict of a ``kind`` probe for ``key`` on this CPU is remembered."""
+    digest = hashlib.sha256(json.dumps([*key, cpu_name()]).encode()).hexdigest()[:24]
+    return cache_dir() / "probes" / f"{kind}-{digest}.json"
+
+
 def remembered(kind: str, key: list, probe: Callable[[], dict], valid: Callable[[dict], bool]) -> dict:
     """``probe()``'s verdict for ``key`` (+ this CPU), read from the cache's ``probes`` folder when
     a valid one is there, else probed and written (best effort: a read-only cache probes again)."""
-    digest = hashlib.sha256(json.dumps([*key, cpu_name()]).encode()).hexdigest()[:24]
-    path = cache_dir() / "probes" / f"{kind}-{digest}.json"
+    path = probe_path(kind, key)
     try:
         verdict = json.loads(path.read_text())
         if isinstance(verdict, dict) and valid(verdict):

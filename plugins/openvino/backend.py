@@ -35,7 +35,7 @@ from specrun.interfaces import Availability, Backend, StepOutput, Target, check_
 from specrun.store import cache_dir
 from specrun_kit.head import KVBufferHead
 from specrun_kit.kvbuffer import KVBufferTarget
-from specrun_kit.probe import blocks_match_steps, cpu_name
+from specrun_kit.probe import blocks_match_steps, probe_path, remembered
 
 INSTALL_HINT = "pip install 'specrun[openvino]'"
 IR_VERSION = "4"  # 4: the hidden-state barrier stays float
@@ -400,34 +400,29 @@ def _block_invariant(target: OpenVinoTarget) -> bool:
     return blocks_match_steps(target)
 
 
-def _probe_file(target: OpenVinoTarget) -> Path:
-    """Where the probe's verdict for this IR, precision, device, CPU and OpenVINO is remembered (the
-    IR's folder name is keyed by the model's content): the probe runs ~40 forwards (1.1 s a probe on
-    the default model), once per machine instead of on every load."""
-    import hashlib
+def _probe_key(target: OpenVinoTarget) -> list:
+    """What the probe's verdict depends on besides the CPU: this IR (its folder name is keyed by
+    the model's content), precision, device and OpenVINO.  The probe runs ~40 forwards (1.1 s on the
+    default model), once per machine instead of on every load."""
+    return [target.path.parent.name, target.precision, target.compute_precision, target.device, _import_ov().__version__]
 
-    cpu = cpu_name()
-    key = json.dumps([target.path.parent.name, target.precision, target.compute_precision, target.device, cpu,
-                      _import_ov().__version__])
-    return cache_dir() / "probes" / f"openvino-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+def _probe_file(target: OpenVinoTarget) -> Path:
+    """Where the probe's verdict for this target on this CPU is remembered."""
+    return probe_path("openvino", _probe_key(target))
 
 
 def _make_batch_invariant(target: OpenVinoTarget) -> None:
     """Set ``target.pad_rows`` from the remembered probe verdict, probing once when there is none."""
-    path = _probe_file(target)
-    try:
-        verdict = json.loads(path.read_text())
-        if (verdict["min_rows"], verdict["pad_rows"]) not in ((0, 0), *PAD_SCHEMES) or not isinstance(verdict["exact"], bool):
-            raise ValueError(verdict)
-    except (OSError, ValueError, KeyError, TypeError):
-        verdict = {"exact": _probe_batch_invariance(target), "pad_rows": target.pad_rows, "min_rows": target.min_rows}
-        try:  # best effort: a read-only cache only probes again next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(verdict))
-            tmp.replace(path)
-        except OSError:
-            pass
+
+    def probe() -> dict:
+        exact = _probe_batch_invariance(target)
+        return {"exact": exact, "pad_rows": target.pad_rows, "min_rows": target.min_rows}
+
+    def valid(v: dict) -> bool:
+        return (v["min_rows"], v["pad_rows"]) in ((0, 0), *PAD_SCHEMES) and isinstance(v["exact"], bool)
+
+    verdict = remembered("openvino", _probe_key(target), probe, valid)
     target.pad_rows, target.min_rows = verdict["pad_rows"], verdict["min_rows"]
     target.exact_blocks = verdict["exact"]  # False: the loop warns where it speculates
 
