@@ -67,14 +67,14 @@ def export_command(backend, target, precision, aux_layers, force):
     from specrun.plugins import AUTO, choose_backend, load_registry
 
     registry = load_registry()
-    if backend == AUTO:
-        backend, auto_precision = choose_backend(registry, "cpu")
-        precision = precision or auto_precision
-    be = registry.get(backend)
     try:
         aux = tuple(int(a) for a in aux_layers.split(",") if a.strip())
     except ValueError:
         raise SpecrunError(f"--aux-layers takes comma-separated layer numbers, got '{aux_layers}'") from None
+    if backend == AUTO:  # hidden-state outputs need a backend that returns them
+        backend, auto_precision = choose_backend(registry, "cpu", {"hidden_states"} if aux else set())
+        precision = precision or auto_precision
+    be = registry.get(backend)
     path = be.export(str(resolve_model(target)), precision=precision, aux_hidden_layers=aux, force=force, progress=True)
     click.echo(str(path))
 

@@ -631,7 +631,10 @@ def bench_command(ctx, backend, drafter, dataset, limit, max_new_tokens, num_dra
         from specrun.plugins import choose_backend, load_registry
 
         first_device = (device or "cpu").split(",")[0].split("=")[-1]
-        name, auto_precision = choose_backend(load_registry(), first_device)
+        wanted = split_list(drafter, "drafter")  # EAGLE-3 heads need hidden states, trees one-call verification
+        needs = ({"hidden_states"} if any(d.startswith("eagle3") for d in wanted) else set()) | \
+            ({"tree_attention"} if tree else set())
+        name, auto_precision = choose_backend(load_registry(), first_device, needs)
         backends = list(dict.fromkeys(name if b == "auto" else b for b in backends))
         click.echo(f"specrun bench: --backend auto is {name} at {auto_precision} here", err=True)
         if precision is None:

@@ -104,6 +104,7 @@ class Pipeline:
         if drafter not in (*DRAFTERS, AUTO):
             raise SpecrunError(f"unknown drafter '{drafter}'; choose one of: {', '.join(DRAFTERS)}")
         auto_drafter = drafter == AUTO
+        given_draft = draft
         if auto_drafter:
             drafter = choose_drafter(draft, target, tree, device)
         lookup_first = drafter == "eagle3+ngram"
@@ -119,7 +120,12 @@ class Pipeline:
         registry = registry or load_registry()
         chosen = backend == AUTO_BACKEND
         if chosen:
-            backend, auto_precision = choose_backend(registry, device)
+            # what the drafter needs of the target: an EAGLE-3 head reads hidden states, a tree is
+            # verified in one call (the auto drafter falls back to lookup on its own, below)
+            asked_for_head = drafter == "eagle3" and (not auto_drafter or given_draft is not None)
+            needs = {"tree_attention", "hidden_states"} if tree is not None else \
+                {"hidden_states"} if asked_for_head else set()
+            backend, auto_precision = choose_backend(registry, device, needs)
             precision = precision or auto_precision
         be = registry.get(backend)
         if auto_drafter and drafter == "eagle3" and tree is None:

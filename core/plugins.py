@@ -70,9 +70,11 @@ class Registry:
 AUTO = "auto"
 
 
-def choose_backend(registry: Registry, device: str) -> tuple[str, str]:
+def choose_backend(registry: Registry, device: str, needs: frozenset[str] | set[str] = frozenset()) -> tuple[str, str]:
     """``--backend auto``: the available backend that declares itself fastest on ``device``
-    (``Backend.preference``) and its precision.  The rule: highest preference, then name."""
+    (``Backend.preference``) and its precision.  The rule: highest preference, then name, among
+    the backends with the capabilities ``needs`` (an EAGLE-3 head needs ``hidden_states``, a tree
+    ``tree_attention``)."""
     best: tuple[int, str, str] | None = None
     kind = device.split(":")[0].split(".")[0].lower()
     for name in registry.names():
@@ -81,6 +83,8 @@ def choose_backend(registry: Registry, device: str) -> tuple[str, str]:
             continue
         try:
             if device not in entry.backend.devices() and kind not in {d.split(":")[0].lower() for d in entry.backend.devices()}:
+                continue
+            if not set(needs) <= entry.backend.capabilities():
                 continue
             pref = entry.backend.preference(device)
         except Exception:  # a plugin bug never breaks the choice among the others
@@ -102,6 +106,9 @@ def choose_backend(registry: Registry, device: str) -> tuple[str, str]:
                 be.check_device(device)
         if known and device not in known:
             raise SpecrunError(f"unknown device '{device}'; known: {', '.join(sorted(set(known)))} (see `specrun backends`)")
+        if needs:
+            raise SpecrunError(f"no installed backend for device '{device}' has {', '.join(sorted(needs))}, which this "
+                               f"drafter needs; pass --backend NAME (see `specrun backends`) or another --drafter")
         raise SpecrunError(f"no installed backend declares itself a default for device '{device}'; pass --backend NAME "
                            f"(see `specrun backends`)")
     return best[1], best[2]

@@ -267,7 +267,7 @@ def test_eagle3_head_beside_ngram(tmp_path, tiny_models, tree):
     assert res["settings"]["tree"] == ([3, 2, 8] if tree else None)
     assert res["settings"]["draft_gate"] is (None if tree else False)  # trees are never gated
     if not tree:
-        assert "draft every call: --no-draft-gate" in (out / "report.md").read_text()
+        assert "every call drafts: --no-draft-gate" in (out / "report.md").read_text()
     if tree:
         assert {m["stop_reason"] for m in res["measurements"]} <= {"length", "eos"}
         assert "dynamic tree, depth 3, top-2, 8 nodes" in (out / "report.md").read_text()

@@ -387,7 +387,7 @@ def test_cli_generate_with_eagle3(head_dir, tiny_models):
 
     from specrun.cli import main
 
-    args = ["generate", "Hello there", "--target", str(tiny_models["llama"]), "-n", "16", "--json"]
+    args = ["generate", "Hello there", "--target", str(tiny_models["llama"]), "-n", "16", "--json", "--backend", "openvino"]
     plain = CliRunner().invoke(main, [*args, "--drafter", "none"])
     # --no-draft-gate: the random head drafts every call, though its drafts never pay
     spec = CliRunner().invoke(main, [*args, "--drafter", "eagle3", "--draft", str(head_dir), "-k", "3", "--no-draft-gate"])

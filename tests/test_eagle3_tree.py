@@ -143,8 +143,8 @@ def test_pipeline_tree_option(tiny_models, tmp_path):
 
     hd = make_head(tmp_path / "h", seed=4)
     folder = str(tiny_models["llama"])
-    ref = Pipeline.load(folder, drafter="none").generate("Hi there", max_new_tokens=12)
-    pipe = Pipeline.load(folder, drafter="eagle3", draft=str(hd), tree=(3, 3, 8))
+    ref = Pipeline.load(folder, drafter="none", backend="openvino").generate("Hi there", max_new_tokens=12)
+    pipe = Pipeline.load(folder, drafter="eagle3", draft=str(hd), tree=(3, 3, 8), backend="openvino")
     got = pipe.generate("Hi there", max_new_tokens=12)
     assert got.token_ids == ref.token_ids and got.stats.drafter == "eagle3-tree"
     with pytest.raises(SpecrunError, match="tree drafting needs --drafter eagle3"):
@@ -205,8 +205,8 @@ def test_auto_drafter_follows_draft(tiny_models, tiny_draft, tmp_path):
 
     hd = make_head(tmp_path / "h", seed=5)
     folder = str(tiny_models["llama"])
-    ref = Pipeline.load(folder, drafter="none").generate("Hi there", max_new_tokens=12).token_ids
+    ref = Pipeline.load(folder, drafter="none", backend="openvino").generate("Hi there", max_new_tokens=12).token_ids
     for draft, tree, name in ((hd, None, "eagle3+ngram"), (hd, (3, 3, 8), "eagle3-tree"), (tiny_draft, None, "model")):
-        pipe = Pipeline.load(folder, draft=str(draft), tree=tree)
+        pipe = Pipeline.load(folder, draft=str(draft), tree=tree, backend="openvino")
         got = pipe.generate("Hi there", max_new_tokens=12)
         assert got.stats.drafter == name and got.token_ids == ref

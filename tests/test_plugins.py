@@ -167,6 +167,14 @@ def test_auto_backend_is_the_fastest_declared_for_the_device():
     assert choose_backend(reg, "cpu") == ("fast", "int8")
     with pytest.raises(SpecrunError, match="unknown device 'cuda'; known: cpu"):
         choose_backend(reg, "cuda")
+    # what the drafter needs of the target narrows the choice (an EAGLE-3 head: hidden states)
+    heads = Fake("heads", (20, "int8"))
+    heads.capabilities = lambda: {"hidden_states", "eagle3"}
+    register_backend_for_tests(reg, heads)
+    assert choose_backend(reg, "cpu") == ("fast", "int8")
+    assert choose_backend(reg, "cpu", {"hidden_states"}) == ("heads", "int8")
+    with pytest.raises(SpecrunError, match="no installed backend for device 'cpu' has tree_attention, which this drafter needs"):
+        choose_backend(reg, "cpu", {"tree_attention"})
 
 
 def test_auto_backend_of_the_installed_plugins():
