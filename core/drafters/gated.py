@@ -119,15 +119,16 @@ class PayingDrafter(Drafter):
             start, drafted_by, ran, drafted = call
             now = self.clock()
             if not drafted:  # the target ran one row: a plain step's cost (a head's forwards before it left out)
-                self.step_seconds = _average(self.step_seconds, now - drafted_by)
+                self.step_seconds = running_average(self.step_seconds, now - drafted_by)
             if ran:
-                self.call_seconds = _average(self.call_seconds, now - start)
-                self.call_tokens = _average(self.call_tokens, 1.0 + n_accepted)
+                self.call_seconds = running_average(self.call_seconds, now - start)
+                self.call_tokens = running_average(self.call_tokens, 1.0 + n_accepted)
             if self._retry:
                 self._wait = self.retry_every if self.pays() else min(2 * self._wait, RETRY_MAX)
                 self._retry = False
         self.model.accepted(tokens, n_accepted, hidden_states)
 
 
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else old + ALPHA * (new - old)
+def running_average(old: float | None, new: float, alpha: float = ALPHA) -> float:
+    """An exponential running average (``new`` alone when there is no ``old``)."""
+    return new if old is None else old + alpha * (new - old)

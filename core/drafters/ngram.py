@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import SpecrunError
 from ..interfaces import Draft, Drafter
 from ..sampling import Sampler
+from .gated import running_average
 
 #: weight of the newest timing in the running average cost of a block size
 COST_ALPHA = 0.2
@@ -65,10 +66,10 @@ class NgramDrafter(Drafter):
         self.paying, self.clock = paying, clock
         self.cost: dict[int, float] = {}  # rows of a target call -> running average seconds (kept across requests)
         self._by_match: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # matched suffix length -> (tried, hit)
-        self._call: tuple[float, int, int] | None = None  # (drafted at, rows, matched length) awaiting accepted
+        self._call: tuple[float, int, int, bool] | None = None  # (drafted at, rows, matched length, explored) awaiting accepted
         self.matched = 0  # suffix length of the latest lookup's match
         self._cut = 0  # consecutive drafts cut short by cost
-        self._explore_every = EXPLORE_EVERY  # doubles while explorations find drafts still rejected
+        self._explore_every = EXPLORE_EVERY  # doubles while explorations do not pay
 
     def start(self, prompt: Sequence[int], capacity: int) -> None:
         self._tried, self._hit, self._last = np.zeros(0), np.zeros(0), 0
@@ -141,8 +142,7 @@ class NgramDrafter(Drafter):
         if call is not None:
             start, rows, matched, explored = call
             seconds = self.clock() - start
-            old = self.cost.get(rows)
-            self.cost[rows] = seconds if old is None else old + COST_ALPHA * (seconds - old)
+            self.cost[rows] = running_average(self.cost.get(rows), seconds, COST_ALPHA)
             if rows > 1:
                 tried, hit = self._record(matched, rows - 1)
                 tried *= self.decay
