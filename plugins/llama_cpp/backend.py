@@ -241,7 +241,7 @@ class LlamaCppBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"llama-cpp-python": _import_llama().__version__}
 
-    def gguf_path(self, model_dir: str, precision: str, progress: bool = False, force: bool = False) -> Path:
+    def gguf_path(self, model_dir: str, precision: str, force: bool = False) -> Path:
         """The GGUF file for this model and weight format: the bundled model's own file for its
         format, else converted (and quantized) once into the cache."""
         fmt, ftype = FORMATS[precision]
@@ -278,7 +278,7 @@ class LlamaCppBackend(Backend):
         precision = self.check_precision("cpu", precision)
         if aux_hidden_layers:
             raise SpecrunError("the llama_cpp backend returns no hidden states (EAGLE-3 heads need another backend)")
-        return self.gguf_path(model_dir, precision, progress=progress, force=force)
+        return self.gguf_path(model_dir, precision, force=force)  # conversion prints one line; no bar needed (~4 s)
 
     def build_target(self, model_dir, *, device, precision, aux_hidden_layers, options) -> Target:
         if aux_hidden_layers:
