@@ -4,6 +4,8 @@
     .venv/bin/python bench/steps.py --int8 --torch             # also onnx int8 and the torch_cuda CPU reference
     .venv/bin/python bench/steps.py --openvino --no-ablation   # also openvino at bf16 (its default here) and f32
     .venv/bin/python bench/steps.py --cli                      # also `specrun generate` start-up: first token, peak RSS
+    .venv/bin/python bench/steps.py --no-onnx --no-ablation --openvino --int8 --llama-cpp --blocks 1,2,3,4,5,8
+                                                               # cost by block size, every CPU backend's weight formats
 
 Prints, per configuration: the cost of a 1-token step and of a 5-token verification block at 100
 and at 1,500 tokens of context (median of interleaved repetitions; the cache is filled once and
@@ -40,6 +42,8 @@ CONFIGS = {
     "openvino f32": ("openvino", "f32", False),
     "openvino int8": ("openvino", "int8", False),
     "openvino int4": ("openvino", "int4", False),
+    "llama_cpp int4": ("llama_cpp", "int4", False),
+    "llama_cpp int8": ("llama_cpp", "int8", False),
 }
 
 
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also the int8 export (with --openvino: int8 and int4 weights)")
     ap.add_argument("--torch", action="store_true", help="also torch_cuda on CPU (the reference)")
     ap.add_argument("--openvino", action="store_true", help="also openvino at bf16 and f32")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama_cpp at int4 (Q4_1) and int8 (Q8_0)")
     ap.add_argument("--no-onnx", action="store_true", help="skip onnx f32")
     ap.add_argument("--no-ablation", action="store_true", help="skip the whole-capacity binding ablation")
     ap.add_argument("--cli", action="store_true", help="also time `specrun generate` start-up in a subprocess")
@@ -179,13 +184,20 @@ def main() -> None:
         tok = load_tokenizer(model_dir)
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
         ids = tok.encode(text, add_special_tokens=False)
-        print("RESULT " + json.dumps(measure(args.only, args, model_dir, ids)))
+        from specrun.errors import SpecrunError
+
+        try:
+            result = measure(args.only, args, model_dir, ids)
+        except SpecrunError as exc:  # e.g. bf16 on a CPU without bf16 units: the table goes on without it
+            result = {"skipped": str(exc)}
+        print("RESULT " + json.dumps(result))
         return
 
     names = ([] if args.no_onnx else ["onnx f32"]) + ([] if args.no_ablation else ["onnx f32, whole-capacity binding"])
     names += ["openvino bf16", "openvino f32"] if args.openvino else []
     names += ["openvino int8", "openvino int4"] if args.openvino and args.int8 else []
     names += (["onnx int8"] if args.int8 else []) + (["torch_cuda cpu f32"] if args.torch else [])
+    names += ["llama_cpp int4", "llama_cpp int8"] if args.llama_cpp else []
     results = {}
     for name in names:
         cmd = [sys.executable, __file__, "--only", name, "--threads", str(args.threads), "--reps", str(args.reps),
@@ -195,6 +207,9 @@ def main() -> None:
         if out.returncode or line is None:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
         results[name] = json.loads(line[len("RESULT "):])
+        if "skipped" in results[name]:
+            print(f"{name}: skipped ({results.pop(name)['skipped']})")
+    names = [n for n in names if n in results]
 
     w = max(len(n) for n in names) + 2
     print(f"SmolLM2-135M-Instruct, {args.threads} threads, one process per row; step cost (ms) = best of {args.reps} "
