@@ -255,3 +255,29 @@ def test_paying_lookup_drafts_everything_when_sampling():
     a, sa, _ = paying_lookup(cycle_target(), prompt, lambda rows: STEP * rows * 2, n=60, sampling=params)
     b, sb, _ = paying_lookup(cycle_target(), prompt, lambda rows: STEP, n=60, sampling=params)
     assert a == b and sa.drafted == sb.drafted > 0
+
+
+def test_the_suffix_index_answers_what_a_scan_of_the_whole_sequence_answers():
+    """propose() looks up through an incremental index; it must match lookup()'s full scan as the
+    sequence grows, and after it shrinks (a new request) or changes (another conversation)."""
+    import numpy as np
+
+    from specrun.drafters import NgramDrafter
+    from specrun.drafters.ngram import SuffixIndex
+
+    rng = np.random.default_rng(7)
+    for max_n, min_n in ((3, 1), (3, 3), (2, 1)):
+        scan, index = NgramDrafter(max_n, min_n), SuffixIndex(max_n, min_n)
+        seq: list[int] = []
+        for step in range(400):
+            if step % 97 == 96:  # a shorter sequence, then one that differs inside the indexed part
+                seq = seq[: len(seq) // 2]
+            elif step % 131 == 130 and seq:
+                seq[len(seq) // 3] += 1
+            seq += [int(t) for t in rng.integers(0, 6, rng.integers(1, 4))]  # small vocabulary: many matches
+            for k in (1, 4):
+                want = scan.lookup(seq, k)
+                got, matched = index.lookup(list(seq), k)
+                assert got == want, (step, k)
+                assert matched == scan.matched
+    assert index.lookup([5], 4) == ([], 0)

@@ -22,6 +22,38 @@ EXPLORE_MAX = 256
 DEFAULT_LOOKUP_MIN_PROB = 0.0
 
 
+class SuffixIndex:
+    """The latest earlier occurrence of each n-gram of a growing sequence, kept incrementally: the
+    same answers as ``NgramDrafter.lookup`` in O(new tokens) a call instead of a scan of the whole
+    sequence (the scan cost ~2% of a llama.cpp step at a few hundred tokens).  A sequence that is not
+    an extension of the one indexed (a new request, fewer tokens, other tokens) is re-indexed."""
+
+    def __init__(self, max_ngram: int, min_ngram: int):
+        self.sizes = range(max_ngram, min_ngram - 1, -1)
+        self._seq: list[int] = []
+        self._end: dict[tuple[int, ...], int] = {}  # n-gram -> end (exclusive) of its latest indexed occurrence
+
+    def lookup(self, tokens: Sequence[int], k: int) -> tuple[list[int], int]:
+        """(proposal of at most k tokens, matched suffix length; 0 and [] without a match)."""
+        seq = tokens if isinstance(tokens, list) else [int(t) for t in tokens]
+        n_tok, done = len(seq), len(self._seq)
+        if n_tok < done or seq[:done] != self._seq:
+            self._seq, self._end, done = [], {}, 0
+        end = self._end
+        for p in range(max(done - 1, 0), n_tok - 1):  # n-grams ending at p < n_tok - 1 (not the suffix itself)
+            for n in self.sizes:
+                if p + 1 >= n:
+                    end[tuple(seq[p + 1 - n : p + 1])] = p + 1
+        self._seq = seq[:]
+        for n in self.sizes:
+            if n >= n_tok:
+                continue
+            e = end.get(tuple(seq[n_tok - n :]))
+            if e is not None:
+                return seq[e : e + k], n
+        return [], 0
+
+
 class NgramDrafter(Drafter):
     """Prompt lookup decoding: find the latest earlier occurrence of the last n tokens (n from
     ``max_ngram`` down to ``min_ngram``) and propose what followed it.
@@ -70,10 +102,12 @@ class NgramDrafter(Drafter):
         self.matched = 0  # suffix length of the latest lookup's match
         self._cut = 0  # consecutive drafts cut short by cost
         self._explore_every = EXPLORE_EVERY  # doubles while explorations do not pay
+        self._index = SuffixIndex(max_ngram, min_ngram)
 
     def start(self, prompt: Sequence[int], capacity: int) -> None:
         self._tried, self._hit, self._last = np.zeros(0), np.zeros(0), 0
         self._by_match, self._call = {}, None
+        self._index = SuffixIndex(self.max_ngram, self.min_ngram)
 
     def lookup(self, tokens: Sequence[int], k: int) -> list[int]:
         """What followed the latest earlier occurrence of the longest matching suffix (<= k tokens)."""
@@ -93,7 +127,7 @@ class NgramDrafter(Drafter):
         return []
 
     def propose(self, tokens: Sequence[int], k: int, sampler: Sampler | None) -> Draft:
-        proposal = self.lookup(tokens, k)
+        proposal, self.matched = self._index.lookup(tokens, k) if k > 0 else ([], 0)
         if self.min_prob > 0 and proposal:
             proposal = proposal[: self.worth_drafting(len(proposal))]
         if self.paying and sampler is None:
