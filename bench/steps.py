@@ -184,12 +184,14 @@ def main() -> None:
         tok = load_tokenizer(model_dir)
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
         ids = tok.encode(text, add_special_tokens=False)
-        from specrun.errors import SpecrunError
+        from specrun.plugins import load_registry
 
-        try:
+        backend, precision, _ = CONFIGS[args.only]
+        supported = load_registry([backend]).get(backend).precisions("cpu")
+        if precision not in supported:  # e.g. bf16 on a CPU without bf16 units: the table goes on without it
+            result = {"skipped": f"{backend} cannot run {precision} on this CPU (it can: {', '.join(supported)})"}
+        else:
             result = measure(args.only, args, model_dir, ids)
-        except SpecrunError as exc:  # e.g. bf16 on a CPU without bf16 units: the table goes on without it
-            result = {"skipped": str(exc)}
         print("RESULT " + json.dumps(result))
         return
 
@@ -210,6 +212,8 @@ def main() -> None:
         if "skipped" in results[name]:
             print(f"{name}: skipped ({results.pop(name)['skipped']})")
     names = [n for n in names if n in results]
+    if not names:
+        sys.exit("no configuration to measure on this machine")
 
     w = max(len(n) for n in names) + 2
     print(f"SmolLM2-135M-Instruct, {args.threads} threads, one process per row; step cost (ms) = best of {args.reps} "

@@ -274,6 +274,8 @@ def test_the_suffix_index_answers_what_a_scan_of_the_whole_sequence_answers():
                 seq = seq[: len(seq) // 2]
             elif step % 131 == 130 and seq:
                 seq[len(seq) // 3] += 1
+            elif step % 37 == 36 and len(seq) > 3:  # a recent token changed: n-grams indexed from it are stale
+                seq[-3] = (seq[-3] + 1) % 6
             seq += [int(t) for t in rng.integers(0, 6, rng.integers(1, 4))]  # small vocabulary: many matches
             for k in (1, 4):
                 want = scan.lookup(seq, k)
@@ -281,3 +283,12 @@ def test_the_suffix_index_answers_what_a_scan_of_the_whole_sequence_answers():
                 assert got == want, (step, k)
                 assert matched == scan.matched
     assert index.lookup([5], 4) == ([], 0)
+    assert index.lookup([1, 2, 1], 0) == ([], 0)
+    assert index.lookup(np.array([1, 2, 1, 2]), 4) == ([1, 2], 2)  # arrays as lists
+
+    # the drafter's propose() goes through the index (and start() resets it)
+    d, scan = NgramDrafter(3, 1), NgramDrafter(3, 1)
+    for prompt, want in (([4, 5, 6, 4, 5], [6, 4]), ([9, 8, 9], [8, 9])):
+        d.start(prompt, 64)
+        assert d.propose(prompt, 2, None).tokens == scan.lookup(prompt, 2) == want
+        assert d.matched == scan.matched > 0

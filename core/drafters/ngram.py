@@ -24,9 +24,11 @@ DEFAULT_LOOKUP_MIN_PROB = 0.0
 
 class SuffixIndex:
     """The latest earlier occurrence of each n-gram of a growing sequence, kept incrementally: the
-    same answers as ``NgramDrafter.lookup`` in O(new tokens) a call instead of a scan of the whole
-    sequence (the scan cost ~2% of a llama.cpp step at a few hundred tokens).  A sequence that is not
-    an extension of the one indexed (a new request, fewer tokens, other tokens) is re-indexed."""
+    same answers as ``NgramDrafter.lookup``, indexing only the tokens added since the last call
+    (the sequence is still copied and compared, at C speed) instead of scanning all of it with
+    NumPy: 16-20 us a call against 60-105 us at 100-800 tokens, measured on a ~11 ms llama.cpp step.
+    A sequence that is not an extension of the one indexed (a new request, fewer tokens, other
+    tokens) is re-indexed."""
 
     def __init__(self, max_ngram: int, min_ngram: int):
         self.sizes = range(max_ngram, min_ngram - 1, -1)
@@ -35,7 +37,9 @@ class SuffixIndex:
 
     def lookup(self, tokens: Sequence[int], k: int) -> tuple[list[int], int]:
         """(proposal of at most k tokens, matched suffix length; 0 and [] without a match)."""
-        seq = tokens if isinstance(tokens, list) else [int(t) for t in tokens]
+        if k <= 0:
+            return [], 0
+        seq = tokens if isinstance(tokens, list) else np.asarray(tokens, dtype=np.int64).tolist()
         n_tok, done = len(seq), len(self._seq)
         if n_tok < done or seq[:done] != self._seq:
             self._seq, self._end, done = [], {}, 0
