@@ -36,6 +36,9 @@ from specrun.errors import SpecrunError
 from specrun.tokenizer import render_chat
 
 SHARD_GLOB = "shard-*.npz"
+#: seconds over which the progress bar's answer tokens/s is measured (a run paused with SIGSTOP, or
+#: slowed by other work, shows its current speed again within this time; the summary is the whole run's)
+RATE_WINDOW = 120.0
 
 
 @attrs.define
@@ -337,6 +340,7 @@ def regenerate(
     bar = tqdm(total=total_turns, desc="data (regenerating answers)", unit="turn", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
     t0 = last_shard = time.perf_counter()
+    recent = deque([(t0, 0)])  # (time, answer tokens so far): the bar's rate is over the last RATE_WINDOW s
     exhausted = False
 
     def flush(force: bool = False) -> None:
@@ -438,8 +442,13 @@ def regenerate(
                         continue
                     bar.update(len(st.conv.turns) - st.turn)
                 finish(slot)
-            dt = time.perf_counter() - t0
-            bar.set_postfix(answer_tok_s=f"{counts['answer_tokens'] / dt:.0f}", slots=len(active), refresh=False)
+            now = time.perf_counter()
+            recent.append((now, counts["answer_tokens"]))
+            while now - recent[0][0] > RATE_WINDOW and len(recent) > 2:
+                recent.popleft()
+            (t_a, n_a), (t_b, n_b) = recent[0], recent[-1]
+            rate = (n_b - n_a) / (t_b - t_a) if t_b > t_a else 0.0
+            bar.set_postfix(answer_tok_s=f"{rate:.0f}", slots=len(active), refresh=False)
             fill()
     finally:  # interrupted too (Ctrl-C, kill): the conversations already finished are kept
         flush(force=True)
