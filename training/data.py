@@ -391,7 +391,6 @@ def regenerate(
 
     # trigram matches only: replayed offline on the committed answers at k=4, they give 2.56 tokens
     # per slot and step for 1.15 rows computed per token (150 conversations); 1-grams 2.90 for 1.42 (300)
-    # each slot's SuffixIndex(3, 3) answers what NgramDrafter(3, 3).lookup answers, incrementally
 
     def block(st: _Slot) -> list[int]:
         """The pending token and, with ``lookup``, the draft that follows it (within the answer's budget)."""

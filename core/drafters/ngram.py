@@ -23,10 +23,10 @@ DEFAULT_LOOKUP_MIN_PROB = 0.0
 
 
 class SuffixIndex:
-    """The latest earlier occurrence of each n-gram of a growing sequence, kept incrementally: the
-    same answers as ``NgramDrafter.lookup``, indexing only the tokens added since the last call
-    (the sequence is still copied and compared, at C speed) instead of scanning all of it with
-    NumPy: 16-20 us a call against 60-105 us at 100-800 tokens, measured on a ~11 ms llama.cpp step.
+    """Prompt lookup's search: what followed the latest earlier occurrence of the longest suffix
+    (``max_ngram`` down to ``min_ngram`` tokens) of a growing sequence.  The n-grams are indexed
+    as tokens arrive (the sequence is still copied and compared, at C speed) instead of scanning
+    all of it with NumPy every call: 16-20 us a call against 60-105 us at 100-800 tokens, measured on a ~11 ms llama.cpp step.
     A sequence that is not an extension of the one indexed (a new request, fewer tokens, other
     tokens) is re-indexed."""
 
@@ -103,7 +103,7 @@ class NgramDrafter(Drafter):
         self.cost: dict[int, float] = {}  # rows of a target call -> running average seconds (kept across requests)
         self._by_match: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # matched suffix length -> (tried, hit)
         self._call: tuple[float, int, int, bool] | None = None  # (drafted at, rows, matched length, explored) awaiting accepted
-        self.matched = 0  # suffix length of the latest lookup's match
+        self.matched = 0  # suffix length of the latest proposal's match
         self._cut = 0  # consecutive drafts cut short by cost
         self._explore_every = EXPLORE_EVERY  # doubles while explorations do not pay
         self._index = SuffixIndex(max_ngram, min_ngram)
@@ -113,25 +113,8 @@ class NgramDrafter(Drafter):
         self._by_match, self._call = {}, None
         self._index = SuffixIndex(self.max_ngram, self.min_ngram)
 
-    def lookup(self, tokens: Sequence[int], k: int) -> list[int]:
-        """What followed the latest earlier occurrence of the longest matching suffix (<= k tokens)."""
-        arr = np.asarray(tokens, dtype=np.int64)
-        n_tok = len(arr)
-        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
-            pattern = arr[-n:]
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. n_tok-1-n
-            hits = np.flatnonzero((windows == pattern).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                proposal = arr[start : start + k].tolist()
-                if proposal:
-                    self.matched = n
-                    return proposal
-        self.matched = 0
-        return []
-
     def propose(self, tokens: Sequence[int], k: int, sampler: Sampler | None) -> Draft:
-        proposal, self.matched = self._index.lookup(tokens, k) if k > 0 else ([], 0)
+        proposal, self.matched = self._index.lookup(tokens, k)
         if self.min_prob > 0 and proposal:
             proposal = proposal[: self.worth_drafting(len(proposal))]
         if self.paying and sampler is None:

@@ -231,8 +231,9 @@ class LlamaCppBackend(Backend):
 
     def preference(self, device: str):
         """On a CPU: int4 (Q4_1, the default model's own GGUF file), the fastest plain decoding
-        measured on both CPUs of this project, with blocks exact (flash attention, Q8_0 keys;
-        probed per CPU).  AMD EPYC without AVX-512, 2026-12-06, ``specrun bench``, 24 MT-bench
+        of specrun's backends on the CPUs where it was measured, with blocks exact (flash attention,
+        Q8_0 keys; probed per CPU).  Intel Xeon with AVX-512 VNNI, 2026-12-07, 24 MT-bench
+        questions, 256 tokens: plain 77.6 tokens/s, openvino int8 51.0 (60.3 with lookup).  AMD EPYC without AVX-512, 2026-12-06, ``specrun bench``, 24 MT-bench
         questions, 128 tokens: llama_cpp int4 plain 93.6 tokens/s, openvino 30.1 (f32, its default
         on that CPU; int8 28-34 with ``specrun generate``); on an AVX-512 AMD EPYC llama.cpp's own
         plain decoding (110) beat openvino int8 with prompt lookup (103)."""
