@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 LAYERS, HIDDEN, INTER, GROUP = 30, 576, 1536, 32
-FORMS = ("f32", "sym", "u4zp", "f16zp", "bias")
+FORMS = ("f32", "sym", "u4zp", "f16zp", "bias", "split", "split0")
 
 
 def u4_const(ov, q: np.ndarray, shape: list[int]):
@@ -46,7 +46,7 @@ def u4_const(ov, q: np.ndarray, shape: list[int]):
     return ov.op.Constant(t)
 
 
-def weight(ov, ops, rng, form: str, n: int, k: int):
+def weight(ov, ops, rng, form: str, n: int, k: int, x=None):
     q = rng.integers(0, 16, (n, k // GROUP, GROUP)).astype(np.uint8)
     d = (rng.random((n, k // GROUP, 1)) * 0.01 + 0.001).astype(np.float16)
     m = (-(rng.random((n, k // GROUP, 1)) * 0.08)).astype(np.float16)
@@ -59,6 +59,14 @@ def weight(ov, ops, rng, form: str, n: int, k: int):
         x = ops.multiply(ops.subtract(wf, ops.convert(z, ov.Type.f16)), ops.constant(d))
     elif form == "f16zp":
         x = ops.multiply(ops.subtract(wf, ops.constant(exact_zp.astype(np.float16))), ops.constant(d))
+    elif form in ("split", "split0"):  # u4 times its scale + the minimums times x's group sums (split0: a u4 zero point 0)
+        if form == "split0":  # the nearest u4 zero point; the minimums' remainder goes to the correction
+            z = np.clip(np.rint(exact_zp), 0, 15).astype(np.uint8)
+            wf = ops.subtract(wf, ops.convert(u4_const(ov, z, [n, k // GROUP, 1]), ov.Type.f16))
+            m = (m.astype(np.float32) + z * d.astype(np.float32)).astype(np.float32)
+        x_dq = ops.matmul(x, ops.convert(ops.reshape(ops.multiply(wf, ops.constant(d)), [n, k], False), ov.Type.f32), False, True)
+        sums = ops.reduce_sum(ops.reshape(x, [-1, k // GROUP, GROUP], False), ops.constant(np.int64(2)), False)
+        return ops.add(x_dq, ops.matmul(sums, ops.constant(m.reshape(n, k // GROUP).astype(np.float32)), False, True))
     elif form == "bias":
         x = ops.add(ops.multiply(wf, ops.constant(d)), ops.constant(m))
     else:  # sym
@@ -70,6 +78,10 @@ def model(ov, ops, rng, form: str):
     inp = ops.parameter([-1, HIDDEN], ov.Type.f32, name="x")
     x = inp
     for _ in range(LAYERS):
+        if form in ("split", "split0"):  # weight() returns the product
+            h = weight(ov, ops, rng, form, INTER, HIDDEN, x)
+            x = ops.add(x, weight(ov, ops, rng, form, HIDDEN, INTER, ops.relu(h)))
+            continue
         h = ops.matmul(x, weight(ov, ops, rng, form, INTER, HIDDEN), False, True)
         x = ops.add(x, ops.matmul(ops.relu(h), weight(ov, ops, rng, form, HIDDEN, INTER), False, True))
     return ov.Model([x], [inp])
@@ -257,7 +269,7 @@ def whole_model(steps: int = 48, runs: int = 3) -> None:
                 per.append(time.perf_counter() - t0)
             times.append(1000 * float(np.median(per)))
         ref = logits if ref is None else ref
-        print(f"{name:10s} compute {t.compute_precision}, rows per call >= {max(1, t.min_rows)}: "
+        print(f"{name:10s} compute {t.compute_precision}, rows per call {t.ladder or 'any'} (static graphs: {t.static}): "
               f"{' / '.join(f'{x:.2f}' for x in times)} ms a step; max |logit - f32| {float(np.abs(logits - ref).max()):.3f}", flush=True)
 
 

@@ -156,6 +156,9 @@ class SpeculativeDecoder:
         capacity = min(len(prompt) + max_new_tokens + self._block_room() + 1, limit)
         eos = set(eos_token_ids)
 
+        prepare = getattr(t, "prepare", None)  # optional (targets need not subclass Target)
+        if prepare is not None:
+            prepare(1 if isinstance(d, NoDrafter) else 1 + self._block_room())
         t0 = time.perf_counter()
         t.reset(capacity)
         d.start(prompt, capacity)

@@ -86,6 +86,11 @@ class Target(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
+    def prepare(self, max_rows: int) -> None:  # noqa: B027 - optional hook
+        """The loop is about to run calls of at most ``max_rows`` tokens after the prefill (1: plain
+        decoding): build what they need now (e.g. graphs compiled per block size), before anything
+        is timed.  Optional; must not change any result."""
+
     # optional: token-tree verification (backends with the ``tree_attention`` capability)
     def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> StepOutput:
         """Run a token tree on top of the cache in ONE call.  ``parents[0] == -1`` (node 0 follows

@@ -288,26 +288,44 @@ def test_bf16_cache_keeps_rotary_positions_exact(tiny_models, ov_backend):
     assert err[:50].max() < 0.02 and err[400:].max() < 0.02, (err[:50].max(), err[400:].max())
 
 
-def test_fixed_block_shape_padding_keeps_blocks_exact(tiny_models, ov_backend):
-    """The padding the backend turns on where compressed weights are not batch-invariant (probed at
-    load): forced on, blocks and single steps give the same bits, trees keep their paths, and greedy
-    speculative output equals plain output."""
-    from specrun_openvino.backend import PAD_SCHEMES, _block_invariant
+@pytest.mark.parametrize("precision", ["f32", "int8"])
+def test_every_block_shape_scheme_keeps_blocks_exact(precision, tiny_models, ov_backend):
+    """Each scheme the load-time probe may choose (static graphs per row count, or the dynamic graph
+    padded to a ladder of row counts), forced on: blocks and single steps give the same bits, the
+    static graphs are the ones that run, trees keep their paths, and greedy speculative output
+    equals plain output."""
+    from specrun_openvino.backend import LADDERS, _block_invariant
 
-    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
-    for lo, hi in PAD_SCHEMES:
-        target.min_rows, target.pad_rows = lo, hi
-        assert _block_invariant(target) and target.block_rows == hi
-    plain = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT, 20) for x in c]
-    spec = [x for c in SpeculativeDecoder(target, NgramDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
-    again = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
-    assert len(plain) == 20 and spec == again
-    target.reset(16)
-    target.forward(PROMPT)
-    out = target.forward_tree([5, 7, 9], [-1, 0, 0])
-    assert out.logits.shape[0] == 3
-    target.keep([0, 2])
-    assert target.length == len(PROMPT) + 2
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision=precision)
+    for static, ladder in LADDERS:
+        if not ladder:
+            continue
+        target.static, target.ladder = static, ladder
+        assert _block_invariant(target) and target.block_rows == ladder[-1]
+        if static:
+            assert set(ladder) <= set(target._static)  # every row count ran on its own static graph
+        plain = [x for c in SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
+        spec = [x for c in SpeculativeDecoder(target, NgramDrafter(), 4).generate(PROMPT + PROMPT, 20) for x in c]
+        assert len(plain) == 20 and spec == plain, (static, ladder)
+        target.reset(16)
+        target.forward(PROMPT)
+        out = target.forward_tree([5, 7, 9], [-1, 0, 0])
+        assert out.logits.shape[0] == 3
+        target.keep([0, 2])
+        assert target.length == len(PROMPT) + 2
+
+
+def test_static_graphs_compute_what_the_dynamic_graph_computes(tiny_models, ov_backend):
+    """The graphs compiled per row count are the same model: f32 logits of a decode continued on
+    static graphs stay within rounding of the dynamic graph's."""
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="f32")
+    runs = []
+    for static in (True, False):
+        target.static, target.ladder = static, (1, 2, 3, 5, 8)
+        target.reset(32)
+        target.forward(PROMPT)
+        runs.append(np.concatenate([target.forward([5, 9, 11]).logits, target.forward([3]).logits]))
+    assert runs[0].shape == runs[1].shape and np.abs(runs[0] - runs[1]).max() < 1e-3
 
 
 def test_the_batch_invariance_probe_runs_once_per_machine(tiny_models, ov_backend, monkeypatch):
@@ -323,4 +341,23 @@ def test_the_batch_invariance_probe_runs_once_per_machine(tiny_models, ov_backen
 
     monkeypatch.setattr(ob, "_block_invariant", no_probe)
     again = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
-    assert (again.pad_rows, again.min_rows) == (first.pad_rows, first.min_rows)
+    assert (again.static, again.ladder) == (first.static, first.ladder)
+
+
+def test_prepare_compiles_the_static_graphs_the_loop_will_use(tiny_models, ov_backend):
+    """The loop announces its largest call before timing anything: plain decoding gets the 1-row
+    graph only, a chain of 4 drafts the graphs up to the 5-row one, and nothing is compiled later."""
+    from specrun_openvino.backend import LADDERS
+
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
+    target.static, target.ladder = LADDERS[0]
+    target._static = {}
+    list(SpeculativeDecoder(target, NoDrafter(), 4).generate(PROMPT, 8))
+    assert sorted(target._static) == [1]
+    target._static = {}
+    decoder = SpeculativeDecoder(target, NgramDrafter(), 4)
+    gen = decoder.generate(PROMPT + PROMPT, 16)
+    next(gen)  # the prefill has run: everything the loop needs is compiled by now
+    compiled = sorted(target._static)
+    list(gen)
+    assert compiled == [r for r in LADDERS[0][1] if r <= 5] == sorted(target._static)

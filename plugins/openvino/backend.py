@@ -16,8 +16,10 @@ fastest precision (see ``_compute``).  Whatever ran is what ``Target.precision``
 Greedy speculative decoding is exact at every precision because the graph is batch-invariant:
 a token's logits are bit-identical whether it runs alone or anywhere in a block (the block's
 keys are written into their cache rows inside the graph, so every query attends to one sequence
-in cache order; OpenVINO's kernels, bf16 and dynamically quantized int8 included, then give each
-row the same result whatever the block size).  ``tests/test_openvino.py`` checks it bit for bit."""
+in cache order), and every call after the prefill runs in one class of shapes: graphs compiled
+for static row counts (1, 3, 5 and 8 rows, blocks padded up to them), which also skip the
+dynamic graph's per-call shape work, or the padding the load-time probe finds exact on this
+machine (``LADDERS``).  ``tests/test_openvino.py`` checks it bit for bit."""
 
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ class OpenVinoTarget(KVBufferTarget):
     used positions rounded up to ``ROWS`` (it grows by copying, once per ``ROWS`` tokens), so the
     masked tail costs little attention and input shapes repeat between steps."""
 
-    def __init__(self, compiled, meta, precision: str, compute: str, device: str, path: Path, bf16_cache: bool = False):
+    def __init__(self, compiled, meta, precision: str, compute: str, device: str, path: Path, bf16_cache: bool = False,
+                 compile_static=None):
         super().__init__(meta, "openvino", device, precision, path)
         self.compiled = compiled
         self.request = compiled.create_infer_request()
@@ -97,31 +100,40 @@ class OpenVinoTarget(KVBufferTarget):
         # converts the whole cache from f32 (0.9 ms of a 14 ms int8 step at 100 tokens); the graph's
         # new_kv output stays f32 and _execute rounds the block's rows
         self.kv_dtype = np.uint16 if bf16_cache else np.float32
-        self._bound: np.ndarray | None = None  # the buffer whose slices are set as the cache inputs
-        # > 0: every call after the prefill runs as chunks of at most pad_rows rows, each padded to
-        # at least min_rows rows (see _make_batch_invariant); the loop drafts at most pad_rows - 1
-        self.pad_rows = 0
-        self.min_rows = 0
+        self._bound: dict[int, np.ndarray] = {}  # id(request) -> the buffer whose slices are set as its cache inputs
+        # rows -> the graph compiled with a static block of that many rows (built on first use)
+        self._compile_static = compile_static
+        self._static: dict[int, object] = {}
+        # the calls after the prefill (see _make_batch_invariant): with a ladder, each runs as chunks of
+        # at most ladder[-1] rows, each padded to the smallest row count of the ladder that holds it,
+        # on the graph compiled for that row count (static) or on the dynamic one; the loop drafts at
+        # most ladder[-1] - 1.  Empty: any row count, the dynamic graph.
+        self.ladder: tuple[int, ...] = ()
+        self.static = False
 
     @property
     def block_rows(self) -> int | None:
-        return self.pad_rows or None
+        return self.ladder[-1] if self.ladder else None
+
+    def _rows(self, n: int) -> int:
+        return next(r for r in self.ladder if r >= n)
 
     def forward(self, tokens, *, all_logits: bool = True):
         T = len(tokens)
-        if not self.pad_rows or T == 0 or self._len == 0:  # a prefill: plain and speculative run the same one
+        if not self.ladder or T == 0 or self._len == 0:  # a prefill: plain and speculative run the same one
             return super().forward(tokens, all_logits=all_logits)
-        # one class of block shapes for every call after the prefill: the runtime picks its matmul
-        # kernels by the number of rows, so a token's logits must not depend on the block it is
-        # verified in.  Blocks run as chunks of at most pad_rows rows, each padded to at least
-        # min_rows (after its real rows: causal, the padding changes nothing and is dropped), each
-        # chunk on the cache the previous one wrote
-        R, lo = self.pad_rows, self.min_rows
+        # one class of block shapes for every call after the prefill: runtimes pick their kernels by
+        # the number of rows (and a graph compiled for a static row count skips the per-call shape
+        # work of the dynamic one: ~25% of a step), so a token's logits must not depend on the block
+        # it is verified in.  Blocks run as chunks of at most ladder[-1] rows, each padded to a row
+        # count of the ladder (after its real rows: causal, the padding changes nothing and is
+        # dropped), each chunk on the cache the previous one wrote
+        R = self.ladder[-1]
         logits, hidden = [], []
         for c in range(0, T, R):
             chunk = list(tokens[c : c + R])
             n, start = len(chunk), self._len
-            rows = max(n, lo)
+            rows = self._rows(n)
             out = self._run(chunk + [chunk[-1]] * (rows - n), np.arange(start, start + rows, dtype=np.int64),
                             np.tri(rows, dtype=bool), np.arange(rows, dtype=np.int64))  # the lm_head on them too
             self._len = start + n
@@ -134,10 +146,9 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
-        R = max(T, self.min_rows)  # padded as forward is
-        if not self.pad_rows or T > self.pad_rows or R == T or len(parents) != T:
+        if not self.ladder or T > self.ladder[-1] or len(parents) != T or self._rows(T) == T:
             return super().forward_tree(tokens, parents)
-        # the padding: a chain of copies of the last node, after the real nodes
+        R = self._rows(T)  # padded as forward is: a chain of copies of the last node, after the real nodes
         out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)))
         self._len = self._tree[0] + T
         self._tree = (self._tree[0], T)
@@ -154,17 +165,35 @@ class OpenVinoTarget(KVBufferTarget):
     def _grown(self, end: int) -> int:
         return min(-(-end // ROWS) * ROWS, self.info.context_length)
 
+    def prepare(self, max_rows: int) -> None:
+        """Compile the static graphs of the row counts that calls of up to ``max_rows`` tokens use
+        (~1.2 s each for the default model on 2 cores, once per process: before the loop times anything)."""
+        if self.static and self.ladder:
+            for rows in self.ladder:
+                self._static_request(rows)
+                if rows >= max_rows:
+                    break
+
+    def _static_request(self, rows: int):
+        req = self._static.get(rows)
+        if req is None:
+            req = self._static[rows] = self._compile_static(rows).create_infer_request()
+        return req
+
     def _execute(self, ids, positions, block_mask, out_index, start: int):
         feed = {"input_ids": ids, "positions": positions, "block_mask": block_mask, "output_index": out_index}
         kv, req = self._kv, self.request
-        if self._bound is not kv:  # bind each (layer, k/v) slice of a new buffer once, by reference
+        T = len(ids)
+        if self.static and start > 0 and T in self.ladder and len(out_index) == T:
+            req = self._static_request(T)
+        if self._bound.get(id(req)) is not kv:  # bind each (layer, k/v) slice of a new buffer once, by reference
             ov = _import_ov()
             kind = ov.Type.bf16 if self.kv_dtype == np.uint16 else ov.Type.f32
             names = iter(self._names)
             for layer in range(self.meta.num_layers):
                 for k in range(2):
                     req.set_tensor(next(names), ov.Tensor(kv[layer, k], kv[layer, k].shape, kind))
-            self._bound = kv
+            self._bound[id(req)] = kv
         req.infer(feed, share_inputs=True, share_outputs=True)
         out = req.get_tensor("new_kv").data
         new_kv = to_bf16_bits(out) if self.kv_dtype == np.uint16 else np.array(out)
@@ -176,7 +205,8 @@ class OpenVinoTarget(KVBufferTarget):
         super().close()
         self.request = None
         self.compiled = None
-        self._bound = None
+        self._static = {}
+        self._bound = {}
 
 
 class OpenVinoDraftHead(KVBufferHead):
@@ -304,10 +334,10 @@ class OpenVinoBackend(Backend):
         core = self._core()
         bf16_cache = compute == "bf16" and device.startswith("cpu")  # other plugins may not take bf16 tensors
 
-        def compile_ir(xml: Path):
+        def read_ir(xml: Path):
             meta = ex.GraphMeta(**json.loads((xml.parent / "graph.json").read_text()))
             if not bf16_cache:
-                return core.compile_model(str(xml), ov_device(device), config), meta
+                return core.read_model(str(xml)), meta
             ov = _import_ov()
             ppp = ov.preprocess.PrePostProcessor(core.read_model(str(xml)))
             for name in meta.past_names:  # the cache goes in as bf16, as attention reads it
@@ -315,7 +345,11 @@ class OpenVinoBackend(Backend):
             # new_kv stays f32: OpenVINO computes an output's "tail" (here RoPE, whose cos/sin the
             # queries share) in f32; typed bf16 it would round the angles pos x freq to bf16 (keys
             # 24% off at position 1,000).  _execute rounds the block's rows to bf16 itself.
-            return core.compile_model(ppp.build(), ov_device(device), config), meta
+            return ppp.build(), meta
+
+        def compile_ir(xml: Path):
+            model, meta = read_ir(xml)
+            return core.compile_model(model, ov_device(device), config), meta
 
         try:
             compiled, meta = compile_ir(xml)
@@ -326,10 +360,20 @@ class OpenVinoBackend(Backend):
                 compiled, meta = compile_ir(xml)
             except (RuntimeError, ValueError, OSError) as exc:
                 raise SpecrunError(f"OpenVINO cannot compile {xml} for {device}: {str(exc).splitlines()[0]}") from None
-        target = OpenVinoTarget(compiled, meta, precision, compute, device, xml, bf16_cache=bf16_cache)
+
+        def compile_static(rows: int):
+            """The graph with a block of exactly ``rows`` tokens (the cache's length stays dynamic)."""
+            model, _ = read_ir(xml)
+            shapes = {"input_ids": [rows], "positions": [rows], "block_mask": [rows, rows], "output_index": [rows]}
+            shapes.update({name: [meta.num_kv_heads, -1, meta.head_dim] for name in meta.past_names})
+            model.reshape(shapes)
+            return core.compile_model(model, ov_device(device), config)
+
+        target = OpenVinoTarget(compiled, meta, precision, compute, device, xml, bf16_cache=bf16_cache,
+                                compile_static=compile_static)
         if precision in WEIGHTS:
             _check_small_blocks(target, device)
-            _make_batch_invariant(target)
+        _make_batch_invariant(target)
         return target
 
     def _compute(self, device: str, precision: str) -> str:
@@ -389,10 +433,16 @@ def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
     return store.build_once(folder, main_file, build, version=IR_VERSION, force=force)
 
 
-#: (min rows, max rows) of the calls after the prefill, tried in order where compressed weights
-#: are not batch-invariant: seen on an Intel Xeon with AMX, rows computed in calls of 2-4 rows agree
-#: bit for bit (a 2-row step costs 17.7 ms at int8, a 5-row one 24.7 ms, unpadded 1 row 14.9 ms)
-PAD_SCHEMES = ((2, 4), (5, 5), (8, 8))
+#: (static, ladder): the shapes of the calls after the prefill, tried in order until a token's
+#: logits are the same bits alone and in blocks.  Static: a graph compiled per row count of the
+#: ladder (OpenVINO's CPU plugin then skips the per-call shape inference and allocation of its
+#: ~1,300 dynamic nodes: a 1-token int8 step of the default model at 300 tokens of context 18.8 ->
+#: 13.9 ms, a 5-row block 22.0 -> 16.9, Intel Xeon, 2 threads, 2026-12-07), compiled on first
+#: use.  Where kernels change with the row count (seen on an Intel Xeon with AMX: compressed weights
+#: in calls of 1 row, of 2-4 and of 5+ rows gave three classes of bits) a ladder within one class
+#: is exact.  The dynamic graph is the fallback, unpadded first.
+LADDERS = ((True, (1, 3, 5, 8)), (True, (2, 3, 4)), (True, (5,)), (True, (8,)),
+           (False, ()), (False, (2, 3, 4)), (False, (5,)), (False, (8,)))
 
 
 def _block_invariant(target: OpenVinoTarget) -> bool:
@@ -402,9 +452,10 @@ def _block_invariant(target: OpenVinoTarget) -> bool:
 
 def _probe_key(target: OpenVinoTarget) -> list:
     """What the probe's verdict depends on besides the CPU: this IR (its folder name is keyed by
-    the model's content), precision, device and OpenVINO.  The probe runs ~40 forwards (1.1 s on the
-    default model), once per machine instead of on every load."""
-    return [target.path.parent.name, target.precision, target.compute_precision, target.device, _import_ov().__version__]
+    the model's content), precision, device and OpenVINO.  The probe runs ~40 forwards per ladder
+    tried and compiles its static graphs, once per machine instead of on every load."""
+    return ["ladders-1", target.path.parent.name, target.precision, target.compute_precision, target.device,
+            _import_ov().__version__]
 
 
 def _probe_file(target: OpenVinoTarget) -> Path:
@@ -413,35 +464,34 @@ def _probe_file(target: OpenVinoTarget) -> Path:
 
 
 def _make_batch_invariant(target: OpenVinoTarget) -> None:
-    """Set ``target.pad_rows`` from the remembered probe verdict, probing once when there is none."""
+    """Set ``target.static`` / ``target.ladder`` from the remembered probe verdict, probing once when there is none."""
 
     def probe() -> dict:
         exact = _probe_batch_invariance(target)
-        return {"exact": exact, "pad_rows": target.pad_rows, "min_rows": target.min_rows}
+        return {"exact": exact, "static": target.static, "ladder": list(target.ladder)}
 
     def valid(v: dict) -> bool:
-        return (v["min_rows"], v["pad_rows"]) in ((0, 0), *PAD_SCHEMES) and isinstance(v["exact"], bool)
+        return (v.get("static"), tuple(v.get("ladder") or ())) in LADDERS and isinstance(v.get("exact"), bool)
 
     verdict = remembered("openvino", _probe_key(target), probe, valid)
-    target.pad_rows, target.min_rows = verdict["pad_rows"], verdict["min_rows"]
+    target.static, target.ladder = verdict["static"], tuple(verdict["ladder"])
+    target._static = {r: q for r, q in target._static.items() if target.static and r in target.ladder}  # the probe's others
     target.exact_blocks = verdict["exact"]  # False: the loop warns where it speculates
 
 
 def _probe_batch_invariance(target: OpenVinoTarget) -> bool:
-    """Greedy speculative output must equal plain output at every precision.  With compressed
-    weights OpenVINO's CPU plugin picks its matmul kernels by the block's row count on some CPUs
-    (seen on an Intel Xeon with AMX, OpenVINO 2026.4: 1-token steps differ from blocks, blocks of
-    2-4 agree with each other, 5 and 8 do not; on AMD EPYC all agree), so tokens verified in a block
-    got other bits than single steps.  Probed at load: where blocks differ, every call after the
-    prefill runs in the first class of shapes in ``PAD_SCHEMES`` the probe finds exact (2-4 rows:
-    a step computes 2 rows and the loop drafts at most 3 tokens; else 5, else 8 rows).  True when exact."""
-    if _block_invariant(target):
-        return True
-    for lo, hi in PAD_SCHEMES:
-        target.min_rows, target.pad_rows = lo, hi
-        if _block_invariant(target):
-            return True
-    target.min_rows = target.pad_rows = 0
+    """Greedy speculative output must equal plain output at every precision, so a token's logits
+    must not depend on the block it is verified in.  OpenVINO's CPU plugin picks kernels by the
+    row count (and a static graph per row count may pick others again), so every call after the
+    prefill runs in the first (static, ladder) of ``LADDERS`` the probe finds exact.  True when exact."""
+    for static, ladder in LADDERS:
+        target.static, target.ladder = static, ladder
+        try:
+            if _block_invariant(target):
+                return True
+        except RuntimeError:  # a device that cannot compile a static graph: the next scheme
+            target.reset(32)
+    target.static, target.ladder = False, ()
     return False
 
 
