@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -277,6 +278,14 @@ def test_eagle3_head_beside_ngram(tmp_path, tiny_models, tree):
     assert res["settings"]["drafts"] == {"eagle3": str(head)}
 
 
+def test_distinct_ngrams_measures_repetition():
+    from specrun_bench.report import distinct_ngrams
+
+    assert distinct_ngrams(list(range(20))) == 1.0
+    assert distinct_ngrams([1, 2, 3] * 10) == pytest.approx(3 / 27)  # a loop: 3 distinct 4-grams of 27
+    assert distinct_ngrams([1, 2, 3, 4]) is None  # one 4-gram says nothing
+
+
 def test_draft_paths():
     from specrun_bench.run import draft_paths
 
@@ -480,6 +489,15 @@ def test_llama_cpp_baseline_times_decode_as_t_n_minus_t_1_and_is_the_reference(f
     assert "## Outside baseline: llama.cpp (llama-cpp-python 0.0-fake, tiny.Q8_0.gguf" in md
     assert "## Against llama.cpp plain decoding" in md
     assert "LlamaPromptLookupDecoding(num_pred_tokens=4)" in md
+    # each configuration's repetitiveness beside its speed: the median share of distinct 4-grams
+    from specrun_bench.report import distinct_ngrams
+
+    for s in res["systems"]:
+        for c in s["configs"]:
+            answers = [m["token_ids"] for m in res["measurements"] if m["system"] == s["name"] and m["config"] == c]
+            median = float(np.median([distinct_ngrams(t) for t in answers]))
+            assert res["summary"][s["name"]][c]["distinct_4grams"]["median"] == pytest.approx(median)
+    assert "| distinct 4-grams |" in md
     section = invoke("bench", "--readme", out / "results.json").output
     assert "vs llama.cpp plain |" in section and "| llama.cpp | Q8_0 | none |" in section
 
