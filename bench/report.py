@@ -458,8 +458,8 @@ def render_readme_section(results: dict, heading: str = "## Performance") -> str
     ref = st.get("reference") if st.get("reference") in summary else None
     lines += [
         "| system | precision | drafter | acceptance length | tokens/s (median) | speed-up vs plain | greedy identical |"
-        + (f" vs {ref} plain |" if ref else ""),
-        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ref else ""),
+        + (f" vs {ref} plain |" if ref else "") + " distinct 4-grams |",
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ref else "") + " --- |",
     ]
     for s in results["systems"]:
         for c in s["configs"]:
@@ -477,12 +477,15 @@ def render_readme_section(results: dict, heading: str = "## Performance") -> str
                 f"| {_f(tps and tps['median'], '.1f')} "
                 f"| {'1.00×' if plain else _f(sm['speedup_vs_plain'] and sm['speedup_vs_plain']['median'], '.2f', '×')} "
                 f"| {'–' if plain else _identical(sm)} |" + (f" {_f(vs_ref and vs_ref['median'], '.2f', '×')} |" if ref else "")
+                + f" {_f(sm.get('distinct_4grams') and sm['distinct_4grams']['median'])} |"
             )
     lines += [
         "",
         "Acceptance length: tokens per target call (1.00 for plain decoding). Tokens/s: decode throughput after "
         "the first token. Speed-up: median of per-prompt ratios against plain decoding on the same backend, "
-        "measured back to back. Regenerate with `specrun bench --readme results.json`.",
+        "measured back to back. Distinct 4-grams: median share of an answer's 4-grams that occur once (low: the "
+        "format degenerates into loops, which prompt lookup drafts easily). Regenerate with "
+        "`specrun bench --readme results.json`.",
         "",
     ]
     return "\n".join(lines)
