@@ -55,34 +55,32 @@ def timed(step, n: int) -> float:
 
 
 def specrun_rows(precision: str, args, model_dir) -> None:
-    import openvino as ov
-
     from specrun.plugins import load_registry
 
-    t = load_registry(["openvino"]).get("openvino").load_target(str(model_dir), device="cpu", precision=precision,
-                                                              options={"threads": args.threads})
     ids = [(i * 7919) % 40000 + 100 for i in range(args.context)]
-    t.reset(args.context + 64)
-    t.forward(ids)
-    start = t._len
-    tok = [ids[-1]]
+    for prof in (False, True):
+        backend = load_registry(["openvino"]).get("openvino")
+        if prof:  # every graph this target compiles from now on keeps per-node times
+            backend._core().set_property("CPU", {"PERF_COUNT": True})
+        t = backend.load_target(str(model_dir), device="cpu", precision=precision, options={"threads": args.threads})
+        t.prepare(1)
+        t.reset(args.context + 64)
+        t.forward(ids)
+        start = t.length
+        tok = [ids[-1]]
 
-    def step():
-        t.forward(tok)
-        t.rollback(start)
+        def step(t=t, start=start, tok=tok):
+            t.forward(tok)
+            t.rollback(start)
 
-    whole = timed(step, args.steps)
-    print(f"specrun {precision}: static graphs {t.static}, rows per call {t.ladder or 'any'}, compute {t.compute_precision}; "
-          f"Target.forward of 1 token at {start} tokens: {whole:.2f} ms")
-    core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": t.compute_precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-              "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
-    t.compiled = core.compile_model(str(t.path), "CPU", config)
-    t.request = t.compiled.create_infer_request()
-    t._bound = None
-    step()
-    total, per = profile(t.request, step, args.steps)
-    report(f"specrun {precision} (profiled)", total, per, args.top)
+        step()
+        if not prof:
+            print(f"specrun {precision}: static graphs {t.static}, rows per call {t.ladder or 'any'}, compute "
+                  f"{t.compute_precision}; Target.forward of 1 token at {start} tokens: {timed(step, args.steps):.2f} ms")
+        else:
+            request = t._static[1] if t.static else t.request
+            total, per = profile(request, step, args.steps)
+            report(f"specrun {precision} (profiled)", total, per, args.top)
 
 
 def genai_rows(args) -> None:

@@ -17,7 +17,7 @@ Greedy speculative decoding is exact at every precision because the graph is bat
 a token's logits are bit-identical whether it runs alone or anywhere in a block (the block's
 keys are written into their cache rows inside the graph, so every query attends to one sequence
 in cache order), and every call after the prefill runs in one class of shapes: graphs compiled
-for static row counts (1, 3, 5 and 8 rows, blocks padded up to them), which also skip the
+for static row counts (1, 5 and 8 rows, blocks padded up to them), which also skip the
 dynamic graph's per-call shape work, or the padding the load-time probe finds exact on this
 machine (``LADDERS``).  ``tests/test_openvino.py`` checks it bit for bit."""
 
@@ -100,7 +100,8 @@ class OpenVinoTarget(KVBufferTarget):
         # converts the whole cache from f32 (0.9 ms of a 14 ms int8 step at 100 tokens); the graph's
         # new_kv output stays f32 and _execute rounds the block's rows
         self.kv_dtype = np.uint16 if bf16_cache else np.float32
-        self._bound: dict[int, np.ndarray] = {}  # id(request) -> the buffer whose slices are set as its cache inputs
+        # graph (0: the dynamic one, else the static one's rows) -> the buffer whose slices are set as its cache inputs
+        self._bound: dict[int, np.ndarray] = {}
         # rows -> the graph compiled with a static block of that many rows (built on first use)
         self._compile_static = compile_static
         self._static: dict[int, object] = {}
@@ -167,7 +168,8 @@ class OpenVinoTarget(KVBufferTarget):
 
     def prepare(self, max_rows: int) -> None:
         """Compile the static graphs of the row counts that calls of up to ``max_rows`` tokens use
-        (~1.2 s each for the default model on 2 cores, once per process: before the loop times anything)."""
+        (~1.2 s and ~400 MB each for the default model on 2 cores, once per process: before the loop
+        times anything)."""
         if self.static and self.ladder:
             for rows in self.ladder:
                 self._static_request(rows)
@@ -178,22 +180,23 @@ class OpenVinoTarget(KVBufferTarget):
         req = self._static.get(rows)
         if req is None:
             req = self._static[rows] = self._compile_static(rows).create_infer_request()
+            self._bound.pop(rows, None)  # a new request: nothing bound yet
         return req
 
     def _execute(self, ids, positions, block_mask, out_index, start: int):
         feed = {"input_ids": ids, "positions": positions, "block_mask": block_mask, "output_index": out_index}
-        kv, req = self._kv, self.request
+        kv, req, graph = self._kv, self.request, 0
         T = len(ids)
         if self.static and start > 0 and T in self.ladder and len(out_index) == T:
-            req = self._static_request(T)
-        if self._bound.get(id(req)) is not kv:  # bind each (layer, k/v) slice of a new buffer once, by reference
+            req, graph = self._static_request(T), T
+        if self._bound.get(graph) is not kv:  # bind each (layer, k/v) slice of a new buffer once, by reference
             ov = _import_ov()
             kind = ov.Type.bf16 if self.kv_dtype == np.uint16 else ov.Type.f32
             names = iter(self._names)
             for layer in range(self.meta.num_layers):
                 for k in range(2):
                     req.set_tensor(next(names), ov.Tensor(kv[layer, k], kv[layer, k].shape, kind))
-            self._bound[id(req)] = kv
+            self._bound[graph] = kv
         req.infer(feed, share_inputs=True, share_outputs=True)
         out = req.get_tensor("new_kv").data
         new_kv = to_bf16_bits(out) if self.kv_dtype == np.uint16 else np.array(out)
@@ -437,11 +440,14 @@ def _cached(folder: Path, main_file: str, build, force: bool = False) -> Path:
 #: logits are the same bits alone and in blocks.  Static: a graph compiled per row count of the
 #: ladder (OpenVINO's CPU plugin then skips the per-call shape inference and allocation of its
 #: ~1,300 dynamic nodes: a 1-token int8 step of the default model at 300 tokens of context 18.8 ->
-#: 13.9 ms, a 5-row block 22.0 -> 16.9, Intel Xeon, 2 threads, 2026-12-07), compiled on first
-#: use.  Where kernels change with the row count (seen on an Intel Xeon with AMX: compressed weights
-#: in calls of 1 row, of 2-4 and of 5+ rows gave three classes of bits) a ladder within one class
-#: is exact.  The dynamic graph is the fallback, unpadded first.
-LADDERS = ((True, (1, 3, 5, 8)), (True, (2, 3, 4)), (True, (5,)), (True, (8,)),
+#: 13.9 ms, a 5-row block 22.0 -> 16.9, Intel Xeon, 2 threads, 2026-12-07), compiled when the
+#: loop first needs it (``prepare``).  Each compiled graph holds its own copy of the repacked
+#: weights (~400 MB resident for the default model at int8), so the ladder is short: blocks of
+#: 2-5 rows all run as 5 (a 3-row block costs 1.14 steps there, a 5-row one 1.22).  Where kernels
+#: change with the row count (seen on an Intel Xeon with AMX: compressed weights in calls of 1 row,
+#: of 2-4 and of 5+ rows gave three classes of bits) a ladder within one class is exact.  The
+#: dynamic graph is the fallback, unpadded first.
+LADDERS = ((True, (1, 5, 8)), (True, (1, 5)), (True, (2, 4)), (True, (5,)), (True, (8,)),
            (False, ()), (False, (2, 3, 4)), (False, (5,)), (False, (8,)))
 
 
@@ -475,7 +481,9 @@ def _make_batch_invariant(target: OpenVinoTarget) -> None:
 
     verdict = remembered("openvino", _probe_key(target), probe, valid)
     target.static, target.ladder = verdict["static"], tuple(verdict["ladder"])
-    target._static = {r: q for r, q in target._static.items() if target.static and r in target.ladder}  # the probe's others
+    for rows in target._static:  # the probe's graphs: the loop compiles the ones it needs (prepare), no more
+        target._bound.pop(rows, None)
+    target._static = {}
     target.exact_blocks = verdict["exact"]  # False: the loop warns where it speculates
 
 
