@@ -361,3 +361,25 @@ def test_prepare_compiles_the_static_graphs_the_loop_will_use(tiny_models, ov_ba
     compiled = sorted(target._static)
     list(gen)
     assert compiled == [r for r in LADDERS[0][1] if r <= 5] == sorted(target._static)
+
+
+def test_token_trees_larger_than_the_ladder_run_on_one_static_graph(tiny_models, ov_backend):
+    """A tree of more nodes than the largest block is padded to the size ``prepare`` compiled for
+    trees (a multiple of the top of the ladder), on a static graph like every other call after the
+    prefill; a chain-shaped tree computes what single steps compute, and keep() follows its path."""
+    from specrun_openvino.backend import LADDERS
+
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="f32")
+    target.static, target.ladder = LADDERS[0]
+    target.prepare(17)  # a tree decoder with 16 nodes
+    assert target._tree_rows == 24 and 24 in target._static
+    nodes = [5, 9, 11, 3, 7, 13, 17, 19, 23, 29]
+    target.reset(64)
+    target.forward(PROMPT)
+    steps = np.stack([target.forward([t]).logits[0] for t in nodes])
+    target.rollback(len(PROMPT))
+    out = target.forward_tree(nodes, [-1, *range(len(nodes) - 1)])
+    assert out.logits.shape[0] == len(nodes) and np.abs(out.logits - steps).max() < 1e-4
+    target.keep([0, 1, 2])
+    assert target.length == len(PROMPT) + 3
+    assert np.abs(target.forward([3]).logits[0] - steps[3]).max() < 1e-4

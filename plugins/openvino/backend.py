@@ -111,13 +111,19 @@ class OpenVinoTarget(KVBufferTarget):
         # most ladder[-1] - 1.  Empty: any row count, the dynamic graph.
         self.ladder: tuple[int, ...] = ()
         self.static = False
+        self._tree_rows = 0  # static graphs: the rows every token tree larger than the ladder runs as
 
     @property
     def block_rows(self) -> int | None:
         return self.ladder[-1] if self.ladder else None
 
     def _rows(self, n: int) -> int:
-        return next(r for r in self.ladder if r >= n)
+        """The row count a call of ``n`` tokens runs as: the ladder's smallest that holds it; beyond the
+        ladder (token trees on static graphs) the size ``prepare`` compiled, or a multiple of the top."""
+        top = self.ladder[-1]
+        if n <= top:
+            return next(r for r in self.ladder if r >= n)
+        return self._tree_rows if n <= self._tree_rows else -(-n // top) * top
 
     def forward(self, tokens, *, all_logits: bool = True):
         T = len(tokens)
@@ -147,7 +153,7 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
-        if not self.ladder or T > self.ladder[-1] or len(parents) != T or self._rows(T) == T:
+        if not self.ladder or (T > self.ladder[-1] and not self.static) or len(parents) != T or self._rows(T) == T:
             return super().forward_tree(tokens, parents)
         R = self._rows(T)  # padded as forward is: a chain of copies of the last node, after the real nodes
         out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)))
@@ -175,6 +181,9 @@ class OpenVinoTarget(KVBufferTarget):
                 self._static_request(rows)
                 if rows >= max_rows:
                     break
+            if max_rows > self.ladder[-1]:  # token trees: one static size for all of them
+                self._tree_rows = max(self._tree_rows, self._rows(max_rows))
+                self._static_request(self._tree_rows)
 
     def _static_request(self, rows: int):
         req = self._static.get(rows)
@@ -187,7 +196,7 @@ class OpenVinoTarget(KVBufferTarget):
         feed = {"input_ids": ids, "positions": positions, "block_mask": block_mask, "output_index": out_index}
         kv, req, graph = self._kv, self.request, 0
         T = len(ids)
-        if self.static and start > 0 and T in self.ladder and len(out_index) == T:
+        if self.static and start > 0 and len(out_index) == T and self._rows(T) == T:
             req, graph = self._static_request(T), T
         if self._bound.get(graph) is not kv:  # bind each (layer, k/v) slice of a new buffer once, by reference
             ov = _import_ov()
