@@ -296,11 +296,12 @@ class OpenVinoBackend(Backend):
 
     def preference(self, device: str):
         """On a CPU: int8 weights, the fastest exact configuration that passes the conformance kit
-        (``specrun bench``, 30 MT-bench prompts, 256 tokens, 2026-12-03, Intel Xeon with AMX, blocks
-        of 2-4 rows: plain 50.3 tokens/s, ngram 69.5, 30/30 identical; 91.3 / 104.7 on AMD EPYC,
-        NOTES).  int4 is faster (59.3 / 106.6 in the next run) but its logits leave the f32
-        reference by up to 12 on the default model (conformance C01/C02/C05 fail at the kit's
-        tolerances), so it is never chosen for the user; elsewhere its default precision."""
+        (``specrun bench``, all 80 MT-bench questions, 256 tokens, 2026-12-07, Intel Xeon with
+        AVX-512 VNNI, static graphs: plain 70.2 tokens/s, ngram 99.1, 80/80 identical; llama_cpp
+        int4, preferred above this, 95.8 / 93.4).  int4 (nncf) is faster but its logits leave the
+        f32 reference by up to 12 on the default model (conformance C01/C02/C05 fail at the kit's
+        tolerances) and its answers loop (0.37 distinct 4-grams on 8 MT-bench questions against
+        0.6-0.7), so it is never chosen for the user; elsewhere its default precision."""
         dev = device.lower().partition(".")[0]
         if dev == "cpu":
             return (50, "int8") if "int8" in self.precisions("cpu") else (40, self.precisions("cpu")[0])
