@@ -80,7 +80,9 @@ class KVBufferTarget(Target):
         self._tree = None
         return out
 
-    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> StepOutput:
+    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int], *, real: int | None = None) -> StepOutput:
+        """``real``: only the first ``real`` nodes are the caller's (a runtime's padding follows them;
+        it may reach past the model's context limit, into the buffer's spare rows)."""
         T = len(tokens)
         if T == 0 or len(parents) != T:
             raise ValueError("forward_tree needs as many parents as tokens (>= 1)")
@@ -94,7 +96,7 @@ class KVBufferTarget(Target):
                 depth[i] = depth[p] + 1
             anc[i, i] = True
         start = self._len
-        out = self._run(tokens, start + depth, anc, np.arange(T, dtype=np.int64))
+        out = self._run(tokens, start + depth, anc, np.arange(T, dtype=np.int64), real=real)
         self._tree = (start, T)
         return out
 
@@ -105,10 +107,14 @@ class KVBufferTarget(Target):
         self._len = start + len(idx)
         self._tree = None
 
-    def _run(self, tokens: Sequence[int], positions: np.ndarray, block_mask: np.ndarray, out_index: np.ndarray) -> StepOutput:
+    def _run(self, tokens: Sequence[int], positions: np.ndarray, block_mask: np.ndarray, out_index: np.ndarray,
+             real: int | None = None) -> StepOutput:
+        """``real``: the first ``real`` tokens are the caller's, the rest a runtime's padding, which
+        may reach past the context limit (into spare rows of the buffer: see ``_grown``)."""
         T = len(tokens)
         start, end = self._len, self._len + T
-        if int(positions.max()) + 1 > self.info.context_length or end > self.info.context_length:
+        n = T if real is None else real
+        if int(positions[:n].max()) + 1 > self.info.context_length or start + n > self.info.context_length:
             raise SpecrunError(f"sequence of {end} tokens exceeds the model's context limit of {self.info.context_length}")
         if end > self.capacity:  # grow (rare: the loop reserves enough up front)
             self._allocate(self._grown(end))

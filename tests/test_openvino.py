@@ -301,6 +301,7 @@ def test_every_block_shape_scheme_keeps_blocks_exact(precision, tiny_models, ov_
         if not ladder:
             continue
         target.static, target.ladder = static, ladder
+        target._static, target._bound = {}, {}  # no graph left over from the previous scheme
         assert _block_invariant(target) and target.block_rows == ladder[-1]
         if static:
             assert set(ladder) <= set(target._static)  # every row count ran on its own static graph
@@ -363,23 +364,45 @@ def test_prepare_compiles_the_static_graphs_the_loop_will_use(tiny_models, ov_ba
     assert compiled == [r for r in LADDERS[0][1] if r <= 5] == sorted(target._static)
 
 
-def test_token_trees_larger_than_the_ladder_run_on_one_static_graph(tiny_models, ov_backend):
-    """A tree of more nodes than the largest block is padded to the size ``prepare`` compiled for
-    trees (a multiple of the top of the ladder), on a static graph like every other call after the
-    prefill; a chain-shaped tree computes what single steps compute, and keep() follows its path."""
+def test_token_trees_run_on_the_static_graphs(tiny_models, ov_backend):
+    """A tree within the ladder is padded to a ladder size and runs on that static graph: a
+    chain-shaped tree gives single steps' bits, and keep() follows its path.  A larger tree passed
+    to forward_tree directly (the loop keeps trees within block_rows) runs on a static graph of the
+    next multiple of the top of the ladder, equal to rounding."""
     from specrun_openvino.backend import LADDERS
 
     target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="f32")
     target.static, target.ladder = LADDERS[0]
-    target.prepare(17)  # a tree decoder with 16 nodes
-    assert target._tree_rows == 24 and 24 in target._static
     nodes = [5, 9, 11, 3, 7, 13, 17, 19, 23, 29]
     target.reset(64)
     target.forward(PROMPT)
     steps = np.stack([target.forward([t]).logits[0] for t in nodes])
-    target.rollback(len(PROMPT))
-    out = target.forward_tree(nodes, [-1, *range(len(nodes) - 1)])
-    assert out.logits.shape[0] == len(nodes) and np.abs(out.logits - steps).max() < 1e-4
-    target.keep([0, 1, 2])
-    assert target.length == len(PROMPT) + 3
-    assert np.abs(target.forward([3]).logits[0] - steps[3]).max() < 1e-4
+    for n in (4, 10):
+        target.rollback(len(PROMPT))
+        out = target.forward_tree(nodes[:n], [-1, *range(n - 1)])
+        assert out.logits.shape[0] == n and target._rows(n) in target._static
+        assert np.array_equal(out.logits, steps[:n]) if n <= target.block_rows else np.abs(out.logits - steps[:n]).max() < 1e-4
+        target.keep([0, 1, 2])
+        assert target.length == len(PROMPT) + 3
+        assert np.array_equal(target.forward([3]).logits[0], steps[3]) if n <= target.block_rows else True
+    with pytest.raises(ValueError):
+        target.forward_tree([], [])
+
+
+@pytest.mark.parametrize("ladder", [(1, 5, 8), (2, 4)])
+def test_padding_may_pass_the_context_limit(ladder, tiny_models, ov_backend):
+    """The last tokens before the model's context limit: a block padded to the ladder reaches past
+    it (into spare cache rows) instead of failing, with single steps' bits (with a ladder without 1
+    row, a single step is padded too); the limit itself still holds for real tokens."""
+    target = ov_backend.load_target(str(tiny_models["llama"]), device="cpu", precision="int8")
+    target.static, target.ladder = True, ladder
+    limit = target.info.context_length
+    prompt = (PROMPT * (limit // len(PROMPT) + 1))[: limit - 3]
+    target.reset(limit)
+    target.forward(prompt)
+    block = target.forward([5, 9, 11]).logits  # 3 rows padded to 4 or 5: past the limit
+    target.rollback(limit - 3)
+    steps = np.stack([target.forward([t]).logits[0] for t in (5, 9, 11)])  # the last one at limit - 1
+    assert target.length == limit and np.array_equal(block, steps)
+    with pytest.raises(SpecrunError, match="context limit"):
+        target.forward([3])

@@ -111,7 +111,6 @@ class OpenVinoTarget(KVBufferTarget):
         # most ladder[-1] - 1.  Empty: any row count, the dynamic graph.
         self.ladder: tuple[int, ...] = ()
         self.static = False
-        self._tree_rows = 0  # static graphs: the rows every token tree larger than the ladder runs as
 
     @property
     def block_rows(self) -> int | None:
@@ -119,11 +118,10 @@ class OpenVinoTarget(KVBufferTarget):
 
     def _rows(self, n: int) -> int:
         """The row count a call of ``n`` tokens runs as: the ladder's smallest that holds it; beyond the
-        ladder (token trees on static graphs) the size ``prepare`` compiled, or a multiple of the top."""
+        ladder (a token tree passed to ``forward_tree`` directly: the loop keeps trees within
+        ``block_rows``) the next multiple of the top, on static graphs the probe did not check."""
         top = self.ladder[-1]
-        if n <= top:
-            return next(r for r in self.ladder if r >= n)
-        return self._tree_rows if n <= self._tree_rows else -(-n // top) * top
+        return next(r for r in self.ladder if r >= n) if n <= top else -(-n // top) * top
 
     def forward(self, tokens, *, all_logits: bool = True):
         T = len(tokens)
@@ -142,7 +140,7 @@ class OpenVinoTarget(KVBufferTarget):
             n, start = len(chunk), self._len
             rows = self._rows(n)
             out = self._run(chunk + [chunk[-1]] * (rows - n), np.arange(start, start + rows, dtype=np.int64),
-                            np.tri(rows, dtype=bool), np.arange(rows, dtype=np.int64))  # the lm_head on them too
+                            np.tri(rows, dtype=bool), np.arange(rows, dtype=np.int64), real=n)  # the lm_head on them too
             self._len = start + n
             logits.append(out.logits[:n])
             if out.hidden_states is not None:
@@ -153,10 +151,11 @@ class OpenVinoTarget(KVBufferTarget):
 
     def forward_tree(self, tokens, parents):
         T = len(tokens)
-        if not self.ladder or (T > self.ladder[-1] and not self.static) or len(parents) != T or self._rows(T) == T:
+        if not self.ladder or T == 0 or (T > self.ladder[-1] and not self.static) or len(parents) != T or self._rows(T) == T:
             return super().forward_tree(tokens, parents)
         R = self._rows(T)  # padded as forward is: a chain of copies of the last node, after the real nodes
-        out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)))
+        out = super().forward_tree(list(tokens) + [int(tokens[-1])] * (R - T), list(parents) + list(range(T - 1, R - 1)),
+                                   real=T)
         self._len = self._tree[0] + T
         self._tree = (self._tree[0], T)
         hidden = None if out.hidden_states is None else out.hidden_states[:T]
@@ -170,20 +169,18 @@ class OpenVinoTarget(KVBufferTarget):
             self._allocate(ROWS)
 
     def _grown(self, end: int) -> int:
-        return min(-(-end // ROWS) * ROWS, self.info.context_length)
+        # padding rows after a block's real rows may reach past the context limit (spare rows)
+        return min(-(-end // ROWS) * ROWS, self.info.context_length + (self.ladder[-1] if self.ladder else 0))
 
     def prepare(self, max_rows: int) -> None:
         """Compile the static graphs of the row counts that calls of up to ``max_rows`` tokens use
         (~1.2 s and ~400 MB each for the default model on 2 cores, once per process: before the loop
         times anything)."""
         if self.static and self.ladder:
-            for rows in self.ladder:
+            for rows in self.ladder:  # the loop drafts within block_rows (= the top of the ladder)
                 self._static_request(rows)
                 if rows >= max_rows:
                     break
-            if max_rows > self.ladder[-1]:  # token trees: one static size for all of them
-                self._tree_rows = max(self._tree_rows, self._rows(max_rows))
-                self._static_request(self._tree_rows)
 
     def _static_request(self, rows: int):
         req = self._static.get(rows)
