@@ -6,13 +6,20 @@ form is timed for 1 and 4 rows at the given inference precisions:
 
 * ``f32``: dense weights; ``sym``: u4 minus a constant 8; ``u4zp``: nncf's pattern (u4 zero point
   through Convert; rounded, so not exact for Q4_1); ``f16zp``: an f16 zero point -min/scale (what
-  exact Q4_1 needs); ``bias``: ``q*scale + min``.
+  exact Q4_1 needs); ``bias``: ``q*scale + min``; ``split``: exact Q4_1 as ``x @ (q*scale)`` plus
+  the group minimums times x's group sums (a small extra MatMul); ``split0``: the same with the
+  nearest u4 zero point and the remainder in the minimums.
 
     .venv/bin/python bench/ov_int4_forms.py bf16 f32
 
 Measured 2026-12-06 (AMD EPYC, 2 vCPUs, data stage paused), 1 row, three runs: u4zp 0.94-1.18
 ms, f16zp 1.40-1.54 (one outlier 2.74), sym 1.25-1.84, bias 2.27-2.36 (bf16) / 4.16-4.25 (f32) =
 folded to dense, dense 2.12-2.27 / 4.17-4.36.
+
+Measured 2026-12-07 (Intel Xeon, AVX-512 VNNI, no bf16, 2 vCPUs), f32, 1 / 4 rows, ms: f32 8.0-8.5 /
+9.2-9.8, sym 2.4-2.5 / 3.9-4.1, u4zp 1.4-1.6 / 1.9-2.3, f16zp 2.7-2.8 / 4.0-4.5, bias 7.8-8.9 / 9.3-10.8,
+split 2.2-2.4 / 2.8-3.0, split0 2.4-2.6 / 3.1-3.3: the exact split forms beat f16zp but their extra
+nodes cost more than u4zp's fast path saves, so exact Q4_1 stays slower than nncf's rounded forms.
 
     .venv/bin/python bench/ov_int4_forms.py --model    # the whole default model, exact Q4_1 vs nncf
 
