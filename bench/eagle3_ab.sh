@@ -3,7 +3,8 @@
 # target's initialisation for the same STEPS steps on the same committed data, in the same order
 # (seed 0), differing only in one option; the first arm computes the target's features and caches
 # them, the others read that cache (a symlink), so arms after the first cost only the head.
-# Each arm's held-out acceptance estimate (16 conversations, chains of 5) is in ARM/work/acceptance-curve.json.
+# Each arm's held-out acceptance estimate (16 conversations, chains of 5) is in ARM/work/acceptance-curve.json
+# and printed at the end of the arm.
 #
 #   bash bench/eagle3_ab.sh [STEPS] [ARM_OPTIONS ...]    e.g. bash bench/eagle3_ab.sh 100 "--draft-vocab-size 16000" "--draft-vocab-size 32000"
 set -euo pipefail
@@ -25,5 +26,5 @@ for arm in "$@"; do
     --lr 1e-4 --cache-target --precision f32 --save-every "$STEPS" --eval-sequences 16 --threads 2 --quiet $arm \
     >>"$BASE/$name.log" 2>&1
   first=${first:-$out}
-  echo "$arm: $(grep -o 'held-out acceptance length [0-9.]*' "$BASE/$name.log" | tail -1)"
+  echo "$arm: held-out acceptance length $(.venv/bin/python -c 'import json, sys; print(json.load(open(sys.argv[1]))[-1]["acceptance_length"])' "$out/work/acceptance-curve.json")"
 done
