@@ -20,6 +20,7 @@ for arm in "$@"; do
   if [ -n "$first" ] && [ ! -e "$out/work/target-cache" ]; then
     mkdir -p "$out/work" && ln -s "$(realpath "$first/work/target-cache")" "$out/work/target-cache"
   fi
+  # --force: a later arm's folder already holds the cache link, so it is not empty and not yet a run
   # shellcheck disable=SC2086
   OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/specrun train-draft --out "$out" --resume --force --stage vocab --stage train \
     --data-dir training-data/smollm2-135m-instruct --steps "$STEPS" --batch-size 4 --max-length 2048 --ttt-steps 5 \
