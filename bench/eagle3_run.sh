@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 13's planned training run of the default model's EAGLE-3 head, fixed up front (session 18,
+# 2026-12-07): the committed shards 00000-00079 (6,071 conversations; 5,788 train, 283 held out),
+# 2 epochs = 2,894 steps of 4 conversations cut at 512 tokens (SpecForge's Qwen2.5-0.5B recipe;
+# the benchmark's contexts — MT-bench first turns + 256 new tokens — stay under 512), a 16,000-token
+# draft vocabulary and 5 TTT steps (both chosen by the A/B in docs/training-eagle3.md), lr 1e-4
+# with 1.5% warm-up and cosine decay over the 2,894 steps, from the target's initialisation, the
+# target's features cached in the first epoch for the second. Measured before starting: 6.4 s a
+# step with the features computed (2-core AMD EPYC), so ~5 h of CPU; 25 s a step at 2,048 tokens.
+# Resumable across sessions: rerun the same command (checkpoints every 50 steps in OUT/work/; the
+# held-out acceptance estimate on 32 conversations goes to OUT/work/acceptance-curve.{json,png}).
+#
+#   bash bench/eagle3_run.sh [OUT] [more train-draft options, e.g. --data-fraction 0.25 --steps 724]
+#   kill -STOP $(cat OUT.train.pid)   # pause it while benchmarking; kill -CONT to go on
+#
+# The run reads its shards through OUT.shards/ (links to exactly these files), so shards that the
+# data stage adds later do not change its data, order or schedule.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-../eagle3-work/run512}
+shift $(( $# < 1 ? $# : 1 ))
+SRC=training-data/smollm2-135m-instruct
+DATA=$OUT.shards
+mkdir -p "$DATA"
+for i in $(seq 0 79); do
+  f=$(printf 'shard-%05d.npz' "$i")
+  [ -f "$SRC/$f" ] || { echo "eagle3_run.sh: $SRC/$f is missing: check out the repository's training data" >&2; exit 1; }
+  ln -sfn "$(realpath "$SRC/$f")" "$DATA/$f"
+done
+export OMP_WAIT_POLICY=PASSIVE
+nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --resume --stage vocab --stage train --stage export \
+  --data-dir "$DATA" --steps 2894 --batch-size 4 --max-length 512 --ttt-steps 5 --lr 1e-4 \
+  --draft-vocab-size 16000 --precision bf16 --cache-target --save-dtype bf16 --save-every 50 \
+  --eval-sequences 32 --threads 2 "$@" >>"$OUT.train.log" 2>&1 &
+echo "$!" >"$OUT.train.pid"
+echo "training started: pid $(cat "$OUT.train.pid"), log $OUT.train.log"
