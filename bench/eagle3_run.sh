@@ -10,15 +10,20 @@
 # Resumable across sessions: rerun the same command (checkpoints every 50 steps in OUT/work/; the
 # held-out acceptance estimate on 32 conversations goes to OUT/work/acceptance-curve.{json,png}).
 #
-#   bash bench/eagle3_run.sh [OUT] [more train-draft options, e.g. --data-fraction 0.25 --steps 724]
+#   bash bench/eagle3_run.sh [OUT] [FRACTION] [more train-draft options]
 #   kill -STOP $(cat OUT.train.pid)   # pause it while benchmarking; kill -CONT to go on
 #
+# FRACTION (default 1) trains on that nested share of the training records for 2 epochs of it (the
+# scaling table's heads: bash bench/eagle3_run.sh ../eagle3-work/run512-25 0.25), with the same
+# held-out records, reading the target's features from the full run's cache where it has them.
 # The run reads its shards through OUT.shards/ (links to exactly these files), so shards that the
 # data stage adds later do not change its data, order or schedule.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-../eagle3-work/run512}
-shift $(( $# < 1 ? $# : 1 ))
+FULL=../eagle3-work/run512
+OUT=${1:-$FULL}
+FRACTION=${2:-1}
+shift $(( $# < 2 ? $# : 2 ))
 SRC=training-data/smollm2-135m-instruct
 DATA=$OUT.shards
 mkdir -p "$DATA"
@@ -27,9 +32,27 @@ for i in $(seq 0 79); do
   [ -f "$SRC/$f" ] || { echo "eagle3_run.sh: $SRC/$f is missing: check out the repository's training data" >&2; exit 1; }
   ln -sfn "$(realpath "$SRC/$f")" "$DATA/$f"
 done
+# 2 epochs of the run's training records at 4 a step (the full run: 2 x 5,788 / 4 = 2,894 steps)
+STEPS=$(.venv/bin/python - "$DATA" "$FRACTION" <<'PY'
+import sys
+from specrun_train.trainer import TrainOptions, data_subset, load_records, split_data
+o = TrainOptions(target=None, out="-", data_dir=sys.argv[1], data_fraction=float(sys.argv[2]))
+train, _ = split_data(load_records(o), o.val_fraction, o.seed)
+print(-(-2 * len(data_subset(train, o.data_fraction, o.seed)) // 4))
+PY
+)
+FORCE=""
+if [ "$FRACTION" != 1 ] && [ -d "$FULL/work/target-cache" ]; then
+  if [ ! -e "$OUT/work/target-cache" ] && [ ! -e "$OUT/work/latest.json" ]; then
+    mkdir -p "$OUT/work" && ln -s "$(realpath "$FULL/work/target-cache")" "$OUT/work/target-cache"
+  fi
+  # the folder holds the cache link before it holds a run: train-draft refuses a non-empty folder without --force
+  if [ -L "$OUT/work/target-cache" ]; then FORCE=--force; fi
+fi
+echo "$OUT: $STEPS steps (2 epochs of ${FRACTION} of the training records)"
 export OMP_WAIT_POLICY=PASSIVE
-nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --resume --stage vocab --stage train --stage export \
-  --data-dir "$DATA" --steps 2894 --batch-size 4 --max-length 512 --ttt-steps 5 --lr 1e-4 \
+nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --resume $FORCE --stage vocab --stage train --stage export \
+  --data-dir "$DATA" --data-fraction "$FRACTION" --steps "$STEPS" --batch-size 4 --max-length 512 --ttt-steps 5 --lr 1e-4 \
   --draft-vocab-size 16000 --precision bf16 --cache-target --save-dtype bf16 --save-every 50 \
   --eval-sequences 32 --threads 2 "$@" >>"$OUT.train.log" 2>&1 &
 echo "$!" >"$OUT.train.pid"
