@@ -24,6 +24,14 @@ FULL=../eagle3-work/run512
 OUT=${1:-$FULL}
 FRACTION=${2:-1}
 shift $(( $# < 2 ? $# : 2 ))
+if ! [[ "$FRACTION" =~ ^(1|0?\.[0-9]*[1-9][0-9]*|1\.0*)$ ]]; then
+  echo "eagle3_run.sh: FRACTION must be a share of the training records in (0, 1], e.g. 0.25; got '$FRACTION'" >&2
+  exit 2
+fi
+if [ -e "$OUT.train.pid" ] && kill -0 "$(cat "$OUT.train.pid")" 2>/dev/null; then
+  echo "eagle3_run.sh: a run into $OUT is going on (pid $(cat "$OUT.train.pid")); wait for it or stop it first" >&2
+  exit 2
+fi
 SRC=training-data/smollm2-135m-instruct
 DATA=$OUT.shards
 mkdir -p "$DATA"
