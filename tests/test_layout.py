@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 PLUGINS = {"specrun_torch_cuda", "specrun_onnx_cpu", "specrun_openvino", "specrun_llama_cpp"}
 TOOLS = {"specrun_bench", "specrun_train", "specrun_conformance", "specrun_server", "specrun_cache"}
-# a benchmark script may import the tool it measures (bench/data_engine.py times train-draft's data stage, bench/eagle3_vocab.py reads its data)
-MEASURES = {"specrun_bench.data_engine": {"specrun_train"}, "specrun_bench.eagle3_vocab": {"specrun_train"}}
+# a benchmark script may import the tool it measures (bench/data_engine.py times train-draft's data stage,
+# bench/eagle3_vocab.py reads its data, bench/eagle3_heldout.py runs its held-out estimate on finished heads)
+MEASURES = {"specrun_bench.data_engine": {"specrun_train"}, "specrun_bench.eagle3_vocab": {"specrun_train"},
+            "specrun_bench.eagle3_heldout": {"specrun_train"}}
 
 
 def modules() -> dict[str, Path]:
