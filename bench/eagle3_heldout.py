@@ -1,5 +1,5 @@
-"""Held-out acceptance estimate of trained EAGLE-3 heads on a training run's own evaluation set
-(issue 13): the reference line for a run's acceptance curve.
+"""Acceptance estimates of EAGLE-3 heads, teacher-forced: on a training run's own held-out set (the
+reference line for its acceptance curve) or on the target's own answers to MT-bench (issue 13).
 
 A run of ``specrun train-draft`` estimates its head at every checkpoint on the first
 ``--eval-sequences`` held-out conversations (greedy chains of ``--ttt-steps`` drafts from every
@@ -9,8 +9,15 @@ same length, so the curve can be read against them (the held-out records are cho
 the seed and each record's id: a head trained on an earlier, smaller set of the shards never saw
 them either).
 
+``--set mt-bench`` estimates on the target's own greedy answers (f32, the data engine: exact) to
+the 80 MT-bench first turns, 256 new tokens each — what ``specrun bench --dataset mt-bench -n 256``
+decodes — made once into ``--mt-bench-dir``: a minute-scale predictor of the benchmark's tokens per
+call (the benchmark's chains may also stop early at ``--draft-min-prob``; use ``--ttt-steps`` = its
+``-k``).  A HEAD is a head folder (SpecForge format) or a training run's ``--out`` folder (its
+latest checkpoint, while it trains).
+
     .venv/bin/python bench/eagle3_heldout.py core/heads/smollm2-135m-instruct [HEAD ...] \\
-        [--data-dir ../eagle3-work/run512.shards] [--max-length 512] [--sequences 32]
+        [--set heldout|mt-bench] [--data-dir ../eagle3-work/run512.shards] [--max-length 512] [--sequences 32]
 """
 
 from __future__ import annotations
@@ -18,31 +25,85 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+from specrun.errors import SpecrunError
+
+
+def mtbench_records(folder: Path, model_dir: Path, threads: int) -> list[dict]:
+    """The target's greedy answers (256 tokens) to the 80 MT-bench first turns, as training-data records;
+    generated into ``folder`` by the data engine where missing (a minute or two on 2 cores)."""
+    from specrun.models import ModelConfig
+    from specrun.pipeline import load_tokenizer
+    from specrun_bench.prompts import load_prompts
+    from specrun_train.data import Conversation, read_shards, records_from_shards, regenerate
+    from specrun_train.trainer import _torch_backend
+
+    convs = [Conversation(i, [p.text]) for i, p in enumerate(load_prompts("mt-bench"))]
+    done = {c["id"] for _, c in read_shards(folder)} if folder.is_dir() else set()
+    todo = [c for c in convs if c.id not in done]
+    if todo:
+        import torch
+
+        torch.set_num_threads(threads)
+        tc = ModelConfig.load(model_dir)
+        tok = load_tokenizer(model_dir, full=True)
+        eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
+        engine = _torch_backend().slot_engine(model_dir, slots=16, capacity=1024, kv_dtype="f32", weights="f32")
+        meta = {"target": Path(model_dir).name, "max_new_tokens": 256, "kv_cache": "f32", "weights": "f32",
+                "engine": "specrun slot engine (torch), greedy", "set": "mt-bench first turns"}
+        regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=256, eos=eos,
+                   vocab_size=tc.vocab_size, total_turns=len(todo), lookup=4)
+    records = records_from_shards(folder)
+    if len(records) != len(convs):
+        raise SpecrunError(f"{folder} holds {len(records)} MT-bench answers, not {len(convs)}: move it aside to make it again")
+    return records
+
+
+def load_module(head: str, model_dir: Path, tc):
+    """(module, d2t, t2d) of a head folder, or of a training run's latest checkpoint."""
+    import torch
+
+    from specrun.eagle3 import Eagle3Checkpoint, read_safetensors, read_target_embedding
+    from specrun_train.trainer import TrainOptions, _load_checkpoint, new_head_module, run_head_config
+
+    embed = read_target_embedding(model_dir)
+    work = Path(head) / "work"
+    if (work / "latest.json").exists():  # a run folder: its vocabulary and latest checkpoint
+        voc = read_safetensors(work / "vocab.safetensors")
+        d2t, t2d = voc["d2t"], voc["t2d"].astype(np.bool_)
+        module = new_head_module(run_head_config(TrainOptions(target=None, out=head), tc.raw, len(d2t)), embed, 0)
+        params = [p for n, p in module.named_parameters() if n != "embed_tokens.weight"]
+        step, _ = _load_checkpoint(work, module, torch.optim.AdamW(params))
+        return module, d2t, t2d, f"step {step}"
+    ck = Eagle3Checkpoint.load(head, model_dir)
+    module = new_head_module(ck.config, embed, 0)
+    module.load_checkpoint(ck)
+    return module, ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_), "head"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("heads", nargs="+", help="EAGLE-3 head folders (SpecForge format) for the default model")
-    p.add_argument("--data-dir", default="../eagle3-work/run512.shards", help="the run's shards")
+    p.add_argument("heads", nargs="+", help="EAGLE-3 head folders (SpecForge format) or training runs' --out folders")
+    p.add_argument("--set", choices=["heldout", "mt-bench"], default="heldout")
+    p.add_argument("--data-dir", default="../eagle3-work/run512.shards", help="the run's shards (--set heldout)")
+    p.add_argument("--mt-bench-dir", default="../eagle3-work/mtbench-answers", help="the target's MT-bench answers")
     p.add_argument("--max-length", type=int, default=512, help="the run's --max-length")
-    p.add_argument("--sequences", type=int, default=32, help="the run's --eval-sequences")
-    p.add_argument("--ttt-steps", type=int, default=5, help="the run's --ttt-steps (the chain's length)")
+    p.add_argument("--sequences", type=int, default=32, help="the run's --eval-sequences (--set heldout)")
+    p.add_argument("--ttt-steps", type=int, default=5, help="the chain's length (the run's --ttt-steps)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
     import torch
 
-    from specrun.eagle3 import Eagle3Checkpoint, read_target_embedding
-    from specrun.errors import SpecrunError
     from specrun.models import ModelConfig, resolve_model
     from specrun_train.trainer import (
         TargetRunner,
         TrainOptions,
         estimate,
         load_records,
-        new_head_module,
         split_data,
         target_precision,
     )
@@ -53,24 +114,24 @@ def main() -> None:
         tc = ModelConfig.load(model_dir)
         opts = TrainOptions(target=None, out="-", data_dir=args.data_dir, max_length=args.max_length,
                             ttt_steps=args.ttt_steps, cache_target=False)
-        _, held = split_data(load_records(opts), opts.val_fraction, opts.seed)
-        held = held[: args.sequences]
-        if not held:
+        if args.set == "mt-bench":
+            records = mtbench_records(Path(args.mt_bench_dir), model_dir, args.threads)
+        else:
+            _, records = split_data(load_records(opts), opts.val_fraction, opts.seed)
+            records = records[: args.sequences]
+        if not records:
             raise SpecrunError(f"no held-out conversations in {args.data_dir}")
         for head in args.heads:
             t0 = time.perf_counter()
-            ck = Eagle3Checkpoint.load(head, model_dir)
-            module = new_head_module(ck.config, read_target_embedding(model_dir), opts.seed)
-            module.load_checkpoint(ck)
-            d2t, t2d = ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_)
+            module, d2t, t2d, what = load_module(head, model_dir, tc)
             used = torch.as_tensor(np.arange(len(d2t)) + d2t)
-            runner = TargetRunner(model_dir, ck.config.aux_layers_for(tc.num_layers), "cpu", used, None,
+            runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, None,
                                   target_precision(opts))
-            point = estimate(module, held, runner, used, torch.as_tensor(t2d), opts, "cpu")
-            print(f"{head}: held-out acceptance length {point['acceptance_length']:.3f} (step accuracies "
-                  f"{', '.join(f'{a:.3f}' for a in point['accuracy'])}; {point['sequences']} conversations, "
-                  f"{point['positions']} positions, {args.max_length} tokens, draft vocabulary {len(d2t)}; "
-                  f"{time.perf_counter() - t0:.0f} s)", flush=True)
+            point = estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu")
+            print(f"{head} ({what}): {args.set} acceptance length {point['acceptance_length']:.3f} (chains of "
+                  f"{args.ttt_steps}; step accuracies {', '.join(f'{a:.3f}' for a in point['accuracy'])}; "
+                  f"{point['sequences']} conversations, {point['positions']} positions, {args.max_length} tokens, "
+                  f"draft vocabulary {len(d2t)}; {time.perf_counter() - t0:.0f} s)", flush=True)
     except SpecrunError as exc:
         sys.exit(f"eagle3_heldout: {exc}")
 
