@@ -12,17 +12,18 @@ broadcast the way the plugin's pattern expects) and asks:
   same token verified in a block of 5 (the cache rolled back to ``P`` rows by ``set_state``): the
   bits must be equal for greedy speculation to stay lossless;
 * **fast?** ms per one-token call at 128 / 640 / 1,536 cached rows over 30 layers, against
-  ``ov_kv_copy.py``'s ``param`` (specrun's copy) and ``nocopy`` (the floor) on the same shapes, and
-  what a rollback (``set_state`` of every layer's keys and values) costs.
+  specrun's form on the same shapes and settings (``build_copy``: the cache an input, the new row
+  scattered into a copy, MatMul-Softmax-MatMul; and without the copy, the floor), and what a
+  rollback (``set_state`` of every layer's keys and values) costs.
 
     .venv/bin/python bench/ov_inplace.py [--threads N]
 
 Measured 2026-12-07 (2-core AMD EPYC with AVX-512, OpenVINO 2026.4, a training run paused): the
-plugin fuses the pattern (runtime nodes MemoryInput/MemoryOutput/ScaledDotProductAttention); 3-4 of
-5 block rows differ from the lone step after 31 / 100 / 300 / 640 cached rows (max abs 1.2e-7 to
-2.4e-7): not exact; a one-token call 1.17 / 3.96 / 8.35 ms at 128 / 640 / 1,536 rows, a rollback
-3.4 / 13.4 / 27.8 ms; ``ov_kv_copy.py param nocopy`` in the same session: 0.66 / 1.99 / 3.55 and
-0.54 / 2.15 / 4.80 ms.
+plugin fuses the pattern (runtime nodes MemoryInput/MemoryOutput/ScaledDotProductAttention); with 2
+threads 3-4 of 5 block rows differ from the lone step after 31 / 100 / 300 / 640 cached rows (max
+abs 1.2e-7 to 2.4e-7), with 1 thread none; a one-token call in place 1.25 / 4.53 / 8.52 ms at 128 /
+640 / 1,536 rows against 2.44 / 8.68 / 13.15 for specrun's copy form and 2.01 / 5.44 / 9.38 without
+the copy; a rollback (set_state of 60 tensors) 3.46 / 17.79 / 37.58 ms.
 """
 
 from __future__ import annotations
@@ -62,6 +63,55 @@ def build(ov, layers: int):
             cats.append(ops.reshape(wide, ops.constant(np.array([0, KV_HEADS * GROUP, -1, HEAD_DIM], np.int64)), True))
         x = ops.add(ops.scaled_dot_product_attention(x, cats[0], cats[1], mask, scale, causal=False), q)
     return ov.Model([ops.result(x)], sinks, [beam, q, k_new, v_new, mask], "inplace")
+
+
+def build_copy(ov, layers: int, copy: bool):
+    """specrun's form on the same shapes: each layer's cache is an input (the whole buffer), the new
+    row is scattered into a copy of it at ``pos`` (``copy``; without it the MatMuls read the input as
+    it is: wrong results, the floor), then MatMul, mask, Softmax, MatMul with a KV head's 3 query
+    heads as 3 rows."""
+    ops = ov.opset13
+    q = ops.parameter([1, KV_HEADS * GROUP, 1, HEAD_DIM], ov.Type.f32, name="q")
+    k_new = ops.parameter([1, KV_HEADS, 1, HEAD_DIM], ov.Type.f32, name="k")
+    v_new = ops.parameter([1, KV_HEADS, 1, HEAD_DIM], ov.Type.f32, name="v")
+    pos = ops.parameter([1], ov.Type.i64, name="pos")
+    mask = ops.parameter([1, 1, 1, -1], ov.Type.f32, name="mask")  # [1, rows]: 0 up to pos, then -inf
+    params, x = [q, k_new, v_new, pos, mask], q
+    grouped = ops.constant(np.array([1, KV_HEADS, GROUP, HEAD_DIM], np.int64))
+    back = ops.constant(np.array([1, KV_HEADS * GROUP, 1, HEAD_DIM], np.int64))
+    scale = ops.constant(np.float32(HEAD_DIM**-0.5))
+    for i in range(layers):
+        kv = []
+        for kind, new in (("k", k_new), ("v", v_new)):
+            past = ops.parameter([1, KV_HEADS, -1, HEAD_DIM], ov.Type.f32, name=f"past_{kind}{i}")
+            params.append(past)
+            kv.append(ov.opset3.scatter_update(past, pos, new, ops.constant(np.int64(2))) if copy else past)
+        qg = ops.multiply(ops.reshape(x, grouped, False), scale)  # [1, 3, 3, D]
+        p = ops.softmax(ops.add(ops.matmul(qg, kv[0], False, True), mask), 3)  # [1, 3, 3, rows]
+        x = ops.add(ops.reshape(ops.matmul(p, kv[1], False, False), back, False), q)
+    return ov.Model([ops.result(x)], params, "copy" if copy else "nocopy")
+
+
+def timing_copy(ov, core, config, cached: int, copy: bool, n: int = 40) -> float:
+    """Median ms of a one-token call over 30 layers of ``build_copy`` with ``cached`` rows used in a
+    buffer of ``cached + 64`` rows (specrun's buffer grows in steps of 64)."""
+    req = core.compile_model(build_copy(ov, 30, copy), "CPU", config).create_infer_request()
+    rng = np.random.default_rng(0)
+    rows = cached + 64
+    inputs = {"q": rng.standard_normal((1, KV_HEADS * GROUP, 1, HEAD_DIM), dtype=np.float32),
+              "k": rng.standard_normal((1, KV_HEADS, 1, HEAD_DIM), dtype=np.float32),
+              "v": rng.standard_normal((1, KV_HEADS, 1, HEAD_DIM), dtype=np.float32),
+              "pos": np.array([cached], np.int64),
+              "mask": np.where(np.arange(rows) <= cached, 0.0, -np.inf).astype(np.float32)[None, None, None]}
+    for i in range(30):
+        for kind in "kv":
+            inputs[f"past_{kind}{i}"] = rng.standard_normal((1, KV_HEADS, rows, HEAD_DIM), dtype=np.float32)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        req.infer(inputs, share_inputs=True)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times[5:]))
 
 
 def feed(rng, cached: int, tokens: int, step_of=None):
@@ -142,14 +192,18 @@ def main() -> None:
               "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     runtime = core.compile_model(build(ov, 1), "CPU", config).get_runtime_model()
     kinds = sorted({op.get_rt_info()["layerType"].astype(str) for op in runtime.get_ops()})
-    print(f"OpenVINO {ov.__version__}, {args.threads} threads; runtime node types: {', '.join(kinds)}")
-    for cached in (31, 100, 300, 640):
-        bad, worst = exactness(ov, core, config, cached)
-        print(f"{cached:5d} cached rows: {bad}/5 block rows differ from the lone step (max abs {worst:.3g})", flush=True)
+    print(f"OpenVINO {ov.__version__}, {args.threads} threads, f32; runtime node types: {', '.join(kinds)}")
+    for threads in sorted({args.threads, 1}, reverse=True):
+        cfg = {**config, "INFERENCE_NUM_THREADS": threads}
+        for cached in (31, 100, 300, 640):
+            bad, worst = exactness(ov, core, cfg, cached)
+            print(f"{threads} thread(s), {cached:4d} cached rows: {bad}/5 block rows differ from the lone step "
+                  f"(max abs {worst:.3g})", flush=True)
     for cached in (128, 640, 1536):
         call, rollback = timing(ov, core, config, cached)
-        print(f"{cached:5d} cached rows: one-token call {call:.2f} ms, rollback (set_state, 60 tensors) {rollback:.2f} ms",
-              flush=True)
+        copy, floor = (timing_copy(ov, core, config, cached, c) for c in (True, False))
+        print(f"{cached:5d} cached rows, one-token call over 30 layers: in place {call:.2f} ms (a rollback: set_state "
+              f"of 60 tensors {rollback:.2f} ms), specrun's copy {copy:.2f} ms, no copy {floor:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
