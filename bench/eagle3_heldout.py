@@ -17,7 +17,7 @@ call (the benchmark's chains may also stop early at ``--draft-min-prob``; use ``
 latest checkpoint, while it trains).
 
     .venv/bin/python bench/eagle3_heldout.py core/heads/smollm2-135m-instruct [HEAD ...] \\
-        [--set heldout|mt-bench] [--data-dir ../eagle3-work/run512.shards] [--max-length 512] [--sequences 32]
+        [--set heldout|mt-bench] [--data-dir ../eagle3-work/run512.shards] [--max-length N] [--sequences 32]
 """
 
 from __future__ import annotations
@@ -51,23 +51,35 @@ def mtbench_records(folder: Path, model_dir: Path, threads: int) -> list[dict]:
         tc = ModelConfig.load(model_dir)
         tok = load_tokenizer(model_dir, full=True)
         eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
-        engine = _torch_backend().slot_engine(model_dir, slots=16, capacity=1024, kv_dtype="f32", weights="f32")
+        engine = _torch_backend().slot_engine(model_dir, slots=16, capacity=2048, kv_dtype="f32", weights="f32")
         meta = {"target": Path(model_dir).name, "max_new_tokens": 256, "kv_cache": "f32", "weights": "f32",
                 "engine": "specrun slot engine (torch), greedy", "set": "mt-bench first turns"}
         regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=256, eos=eos,
                    vocab_size=tc.vocab_size, total_turns=len(todo), lookup=4)
+    for m, _ in read_shards(folder):
+        if m.get("target") != Path(model_dir).name or m.get("max_new_tokens") != 256 or m.get("weights") != "f32":
+            raise SpecrunError(f"{folder} holds answers made otherwise ({m.get('target')}, {m.get('max_new_tokens')} tokens, "
+                               f"{m.get('weights')} weights): give another --mt-bench-dir")
     records = records_from_shards(folder)
-    if len(records) != len(convs):
-        raise SpecrunError(f"{folder} holds {len(records)} MT-bench answers, not {len(convs)}: move it aside to make it again")
+    if sorted(r["id"] for r in records) != [c.id for c in convs]:
+        raise SpecrunError(f"{folder} does not hold exactly one answer to each of the {len(convs)} MT-bench first turns "
+                           f"({len(records)} records): give another --mt-bench-dir")
     return records
 
 
 def load_module(head: str, model_dir: Path, tc):
-    """(module, d2t, t2d) of a head folder, or of a training run's latest checkpoint."""
+    """(module, d2t, t2d, what, fc input scale or None) of a head folder, or of a training run's latest
+    checkpoint (read again if the run replaced it meanwhile)."""
     import torch
 
     from specrun.eagle3 import Eagle3Checkpoint, read_safetensors, read_target_embedding
-    from specrun_train.trainer import TrainOptions, _load_checkpoint, new_head_module, run_head_config
+    from specrun_train.trainer import (
+        SCALE_FILE,
+        TrainOptions,
+        _load_checkpoint,
+        new_head_module,
+        run_head_config,
+    )
 
     embed = read_target_embedding(model_dir)
     work = Path(head) / "work"
@@ -76,12 +88,22 @@ def load_module(head: str, model_dir: Path, tc):
         d2t, t2d = voc["d2t"], voc["t2d"].astype(np.bool_)
         module = new_head_module(run_head_config(TrainOptions(target=None, out=head), tc.raw, len(d2t)), embed, 0)
         params = [p for n, p in module.named_parameters() if n != "embed_tokens.weight"]
-        step, _ = _load_checkpoint(work, module, torch.optim.AdamW(params))
-        return module, d2t, t2d, f"step {step}"
+        for attempt in range(3):  # a live run writes the next checkpoint, then deletes this one
+            try:
+                step, _ = _load_checkpoint(work, module, torch.optim.AdamW(params))
+                break
+            except SpecrunError:
+                if attempt == 2:
+                    raise
+                time.sleep(5)
+        scale = None
+        if (work / SCALE_FILE).exists():  # trained on scaled fc inputs (--precondition)
+            scale = torch.from_numpy(read_safetensors(work / SCALE_FILE)["scale"])
+        return module, d2t, t2d, f"step {step}", scale
     ck = Eagle3Checkpoint.load(head, model_dir)
     module = new_head_module(ck.config, embed, 0)
     module.load_checkpoint(ck)
-    return module, ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_), "head"
+    return module, ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_), "head", None
 
 
 def main() -> None:
@@ -90,7 +112,10 @@ def main() -> None:
     p.add_argument("--set", choices=["heldout", "mt-bench"], default="heldout")
     p.add_argument("--data-dir", default="../eagle3-work/run512.shards", help="the run's shards (--set heldout)")
     p.add_argument("--mt-bench-dir", default="../eagle3-work/mtbench-answers", help="the target's MT-bench answers")
-    p.add_argument("--max-length", type=int, default=512, help="the run's --max-length")
+    p.add_argument("--features-dir", help="where the target's features are kept, rounded to float16 as a run with a "
+                   "feature cache uses them [default: DATA_DIR-features, or MT_BENCH_DIR/features]")
+    p.add_argument("--max-length", type=int, help="tokens per sequence [default: 512 (the run's) for heldout, 1024 "
+                   "for mt-bench, where 3 of the 80 prompts and answers pass 512]")
     p.add_argument("--sequences", type=int, default=32, help="the run's --eval-sequences (--set heldout)")
     p.add_argument("--ttt-steps", type=int, default=5, help="the chain's length (the run's --ttt-steps)")
     p.add_argument("--threads", type=int, default=2)
@@ -112,9 +137,11 @@ def main() -> None:
     try:
         model_dir = resolve_model(None)
         tc = ModelConfig.load(model_dir)
-        opts = TrainOptions(target=None, out="-", data_dir=args.data_dir, max_length=args.max_length,
-                            ttt_steps=args.ttt_steps, cache_target=False)
-        if args.set == "mt-bench":
+        mt = args.set == "mt-bench"
+        max_length = args.max_length or (1024 if mt else 512)
+        features = Path(args.features_dir or (Path(args.mt_bench_dir) / "features" if mt else args.data_dir.rstrip("/") + "-features"))
+        opts = TrainOptions(target=None, out="-", data_dir=args.data_dir, max_length=max_length, ttt_steps=args.ttt_steps)
+        if mt:
             records = mtbench_records(Path(args.mt_bench_dir), model_dir, args.threads)
         else:
             _, records = split_data(load_records(opts), opts.val_fraction, opts.seed)
@@ -123,14 +150,14 @@ def main() -> None:
             raise SpecrunError(f"no held-out conversations in {args.data_dir}")
         for head in args.heads:
             t0 = time.perf_counter()
-            module, d2t, t2d, what = load_module(head, model_dir, tc)
+            module, d2t, t2d, what, scale = load_module(head, model_dir, tc)
             used = torch.as_tensor(np.arange(len(d2t)) + d2t)
-            runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, None,
+            runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, features,
                                   target_precision(opts))
-            point = estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu")
+            point = estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu", scale)
             print(f"{head} ({what}): {args.set} acceptance length {point['acceptance_length']:.3f} (chains of "
                   f"{args.ttt_steps}; step accuracies {', '.join(f'{a:.3f}' for a in point['accuracy'])}; "
-                  f"{point['sequences']} conversations, {point['positions']} positions, {args.max_length} tokens, "
+                  f"{point['sequences']} conversations, {point['positions']} positions, {max_length} tokens, "
                   f"draft vocabulary {len(d2t)}; {time.perf_counter() - t0:.0f} s)", flush=True)
     except SpecrunError as exc:
         sys.exit(f"eagle3_heldout: {exc}")
