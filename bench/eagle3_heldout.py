@@ -106,6 +106,22 @@ def load_module(head: str, model_dir: Path, tc):
     return module, ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_), "head", None
 
 
+def head_estimate(head: str, records: list[dict], model_dir: Path, opts, features: Path | None) -> tuple[str, dict]:
+    """(what was read, the estimate) of one head or run folder on ``records``, as the trainer's
+    ``estimate`` computes it with ``opts``' length and chain (``features``: the float16 feature cache)."""
+    import torch
+
+    from specrun.models import ModelConfig
+    from specrun_train.trainer import TargetRunner, estimate, target_precision
+
+    tc = ModelConfig.load(model_dir)
+    module, d2t, t2d, what, scale = load_module(head, model_dir, tc)
+    used = torch.as_tensor(np.arange(len(d2t)) + d2t)
+    runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, features, target_precision(opts))
+    return what, {**estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu", scale),
+                  "draft_vocab": len(d2t)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("heads", nargs="+", help="EAGLE-3 head folders (SpecForge format) or training runs' --out folders")
@@ -123,20 +139,12 @@ def main() -> None:
 
     import torch
 
-    from specrun.models import ModelConfig, resolve_model
-    from specrun_train.trainer import (
-        TargetRunner,
-        TrainOptions,
-        estimate,
-        load_records,
-        split_data,
-        target_precision,
-    )
+    from specrun.models import resolve_model
+    from specrun_train.trainer import TrainOptions, load_records, split_data
 
     torch.set_num_threads(args.threads)
     try:
         model_dir = resolve_model(None)
-        tc = ModelConfig.load(model_dir)
         mt = args.set == "mt-bench"
         max_length = args.max_length or (1024 if mt else 512)
         features = Path(args.features_dir or (Path(args.mt_bench_dir) / "features" if mt else args.data_dir.rstrip("/") + "-features"))
@@ -150,15 +158,11 @@ def main() -> None:
             raise SpecrunError(f"no held-out conversations in {args.data_dir}")
         for head in args.heads:
             t0 = time.perf_counter()
-            module, d2t, t2d, what, scale = load_module(head, model_dir, tc)
-            used = torch.as_tensor(np.arange(len(d2t)) + d2t)
-            runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, features,
-                                  target_precision(opts))
-            point = estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu", scale)
+            what, point = head_estimate(head, records, model_dir, opts, features)
             print(f"{head} ({what}): {args.set} acceptance length {point['acceptance_length']:.3f} (chains of "
                   f"{args.ttt_steps}; step accuracies {', '.join(f'{a:.3f}' for a in point['accuracy'])}; "
                   f"{point['sequences']} conversations, {point['positions']} positions, {max_length} tokens, "
-                  f"draft vocabulary {len(d2t)}; {time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"draft vocabulary {point['draft_vocab']}; {time.perf_counter() - t0:.0f} s)", flush=True)
     except SpecrunError as exc:
         sys.exit(f"eagle3_heldout: {exc}")
 

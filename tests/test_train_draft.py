@@ -655,3 +655,38 @@ def test_a_batch_run_one_sequence_at_a_time_equals_the_padded_batch(tiny_models)
         torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-4, atol=1e-6)
     loss_c, _, _ = grads_of(parts, None)  # normalised per part instead: another loss (the test can fail)
     assert loss_c != pytest.approx(loss_a, rel=1e-3)
+
+
+def test_heldout_script_reproduces_the_runs_own_estimate(tmp_path, tiny_models):
+    """bench/eagle3_heldout.py (the reference line for a run's curve) computes what the run logged at
+    its last checkpoint, from the run folder and from the exported head, with features made afresh."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from specrun.cli import main
+    from specrun_bench.eagle3_heldout import head_estimate
+    from specrun_train.trainer import split_data
+
+    target = str(tiny_models["llama"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in ("owls", "snow", "bread", "ink")))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train-draft", "--target", target, "--out", str(out), "--data", str(prompts),
+                                  "--max-new-tokens", "10", "--gen-batch-size", "4", "--batch-size", "2", "--steps", "4",
+                                  "--draft-vocab-size", "200", "--ttt-steps", "2", "--lr", "5e-3", "--save-every", "4",
+                                  "--eval-sequences", "1", "--data-weights", "f32", "--quiet"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    logged = json.loads((out / "work" / "acceptance-curve.json").read_text())[-1]
+    assert logged["step"] == 4
+    opts = TrainOptions(target=target, out=str(out), ttt_steps=2)
+    _, held = split_data(load_records(opts), opts.val_fraction, opts.seed)
+    head = tmp_path / "head"
+    head.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(out / name, head / name)
+    for i, folder in enumerate((out, head)):
+        what, point = head_estimate(str(folder), held[:1], Path(target), opts, tmp_path / f"features-{i}")
+        assert what == ("step 4" if folder == out else "head")
+        assert point["acceptance_length"] == logged["acceptance_length"], (folder, point, logged)
+        assert point["accuracy"] == logged["accuracy"] and point["positions"] == logged["positions"]
