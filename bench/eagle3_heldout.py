@@ -39,7 +39,7 @@ def mtbench_records(folder: Path, model_dir: Path, threads: int) -> list[dict]:
     from specrun.pipeline import load_tokenizer
     from specrun_bench.prompts import load_prompts
     from specrun_train.data import Conversation, read_shards, records_from_shards, regenerate
-    from specrun_train.trainer import _torch_backend
+    from specrun_train.trainer import _torch_backend, answer_eos
 
     convs = [Conversation(i, [p.text]) for i, p in enumerate(load_prompts("mt-bench"))]
     done = {c["id"] for _, c in read_shards(folder)} if folder.is_dir() else set()
@@ -50,7 +50,7 @@ def mtbench_records(folder: Path, model_dir: Path, threads: int) -> list[dict]:
         torch.set_num_threads(threads)
         tc = ModelConfig.load(model_dir)
         tok = load_tokenizer(model_dir, full=True)
-        eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
+        eos = answer_eos(tok, tc)
         engine = _torch_backend().slot_engine(model_dir, slots=16, capacity=2048, kv_dtype="f32", weights="f32")
         meta = {"target": Path(model_dir).name, "max_new_tokens": 256, "kv_cache": "f32", "weights": "f32",
                 "engine": "specrun slot engine (torch), greedy", "set": "mt-bench first turns"}
@@ -67,30 +67,19 @@ def mtbench_records(folder: Path, model_dir: Path, threads: int) -> list[dict]:
     return records
 
 
-def load_module(head: str, model_dir: Path, tc):
+def load_module(head: str, model_dir: Path):
     """(module, d2t, t2d, what, fc input scale or None) of a head folder, or of a training run's latest
     checkpoint (read again if the run replaced it meanwhile)."""
     import torch
 
     from specrun.eagle3 import Eagle3Checkpoint, read_safetensors, read_target_embedding
-    from specrun_train.trainer import (
-        SCALE_FILE,
-        TrainOptions,
-        _load_checkpoint,
-        new_head_module,
-        run_head_config,
-    )
+    from specrun_train.trainer import SCALE_FILE, TrainOptions, load_run_head, new_head_module
 
-    embed = read_target_embedding(model_dir)
     work = Path(head) / "work"
     if (work / "latest.json").exists():  # a run folder: its vocabulary and latest checkpoint
-        voc = read_safetensors(work / "vocab.safetensors")
-        d2t, t2d = voc["d2t"], voc["t2d"].astype(np.bool_)
-        module = new_head_module(run_head_config(TrainOptions(target=None, out=head), tc.raw, len(d2t)), embed, 0)
-        params = [p for n, p in module.named_parameters() if n != "embed_tokens.weight"]
         for attempt in range(3):  # a live run writes the next checkpoint, then deletes this one
             try:
-                step, _ = _load_checkpoint(work, module, torch.optim.AdamW(params))
+                module, d2t, t2d, _, step, _ = load_run_head(TrainOptions(target=None, out=head), model_dir)
                 break
             except SpecrunError:
                 if attempt == 2:
@@ -101,7 +90,7 @@ def load_module(head: str, model_dir: Path, tc):
             scale = torch.from_numpy(read_safetensors(work / SCALE_FILE)["scale"])
         return module, d2t, t2d, f"step {step}", scale
     ck = Eagle3Checkpoint.load(head, model_dir)
-    module = new_head_module(ck.config, embed, 0)
+    module = new_head_module(ck.config, read_target_embedding(model_dir), 0)
     module.load_checkpoint(ck)
     return module, ck.tensors["d2t"], ck.tensors["t2d"].astype(np.bool_), "head", None
 
@@ -115,7 +104,7 @@ def head_estimate(head: str, records: list[dict], model_dir: Path, opts, feature
     from specrun_train.trainer import TargetRunner, estimate, target_precision
 
     tc = ModelConfig.load(model_dir)
-    module, d2t, t2d, what, scale = load_module(head, model_dir, tc)
+    module, d2t, t2d, what, scale = load_module(head, model_dir)
     used = torch.as_tensor(np.arange(len(d2t)) + d2t)
     runner = TargetRunner(model_dir, module.cfg.aux_layers_for(tc.num_layers), "cpu", used, features, target_precision(opts))
     return what, {**estimate(module, records, runner, used, torch.as_tensor(t2d), opts, "cpu", scale),

@@ -253,6 +253,11 @@ def record_spans(rec: dict) -> list[tuple[int, int]]:
     return [(int(rec["prompt_len"]), len(rec["input_ids"]))]
 
 
+def answer_eos(tok, tc) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end-of-sequence token and the model config's."""
+    return ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
+
+
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has bf16 matrix units (AMX or avx512_bf16), where bf16 matmuls are ~2x f32's."""
     try:
@@ -330,7 +335,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
                                           kv_dtype=meta["kv_cache"], weights=engine_weights)
     tok = load_tokenizer(model_dir, full=True)
-    eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | set(tc.eos_token_ids)
+    eos = answer_eos(tok, tc)
     _log(opts, f"data: {len(todo)} conversations ({sum(len(c.turns) for c in todo)} human turns) to regenerate, "
                f"{len(done)} already in {folder}")
     counts = regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=opts.max_new_tokens, eos=eos,
@@ -979,8 +984,10 @@ class _DDPProxy:
 # ============================================================================ stage 4: export
 
 
-def export(opts: TrainOptions, model_dir: Path) -> dict:
-    """Write the head (SpecForge format) from the latest checkpoint, and estimate acceptance."""
+def load_run_head(opts: TrainOptions, model_dir: Path):
+    """(module, d2t, t2d, target embedding, step, losses) of the run's latest checkpoint (step 0 and
+    fresh weights where it has none): the head as the run trains it, its fc reading the scaled inputs
+    of a ``--precondition`` run (``export`` folds the scale in)."""
     import torch
 
     from specrun.eagle3 import read_target_embedding
@@ -990,11 +997,21 @@ def export(opts: TrainOptions, model_dir: Path) -> dict:
     tc = ModelConfig.load(model_dir)
     voc = read_safetensors(wd / "vocab.safetensors")
     d2t, t2d_np = voc["d2t"], voc["t2d"].astype(np.bool_)
-    cfg = run_head_config(opts, tc.raw, len(d2t))
     embed = read_target_embedding(model_dir)
-    module = new_head_module(cfg, embed, opts.seed)
+    module = new_head_module(run_head_config(opts, tc.raw, len(d2t)), embed, opts.seed)
     dummy = torch.optim.AdamW([p for n, p in module.named_parameters() if n != "embed_tokens.weight"])
     step, losses = _load_checkpoint(wd, module, dummy)
+    return module, d2t, t2d_np, embed, step, losses
+
+
+def export(opts: TrainOptions, model_dir: Path) -> dict:
+    """Write the head (SpecForge format) from the latest checkpoint, and estimate acceptance."""
+    import torch
+
+
+    wd = work_dir(opts)
+    module, d2t, t2d_np, embed, step, losses = load_run_head(opts, model_dir)
+    cfg = module.cfg
     if step == 0:
         raise SpecrunError(f"no training checkpoint in {wd}; run the train stage first")
     if (wd / SCALE_FILE).exists():  # trained on scaled inputs: fold the scale into fc (same function of x)
