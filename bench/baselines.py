@@ -15,13 +15,13 @@ from pathlib import Path
 import attrs
 
 from specrun.errors import SpecrunError
+from specrun_kit.genai import GENAI_WEIGHTS, INSTALL_GENAI
 
 BASELINES = ("transformers", "llama.cpp", "openvino-genai")
 clock = time.perf_counter  # the baselines' timer (one name, so tests can drive it)
 INSTALL = {
     "llama.cpp": "pip install llama-cpp-python (compiles llama.cpp, ~8 min on 2 cores), or pip install 'specrun[baselines]'",
-    "openvino-genai": "pip install openvino-genai openvino-tokenizers (the versions matching openvino), "
-                      "or pip install 'specrun[baselines]'",
+    "openvino-genai": INSTALL_GENAI,
 }
 
 
@@ -288,41 +288,8 @@ def openvino_genai_baseline(export_dir: Path, k: int, eos: Sequence[int], thread
                                        "prompt_lookup": f"prompt lookup (`num_assistant_tokens={k}`)"}, run)
 
 
-GENAI_WEIGHTS = ("fp32", "int8", "int4")
-
-
 def genai_export(model_dir: Path, weights: str = "int4") -> Path:
-    """OpenVINO GenAI's own export of the target (``optimum-cli export openvino``, as its users make
-    it; int4 with group size 64, the size this model's 576-wide layers allow), built once in the
-    cache and verified whole before each use."""
-    import hashlib
-    import shutil
-    import subprocess
-    import sys
+    """OpenVINO GenAI's own export of the target (``specrun_kit.genai``)."""
+    from specrun_kit.genai import genai_export as export
 
-    from specrun.store import build_once, cache_dir, content_digest
-
-    if weights not in GENAI_WEIGHTS:
-        raise SpecrunError(f"--baseline-weights takes one of {', '.join(GENAI_WEIGHTS)}, got '{weights}'")
-    weights_file = sorted(Path(model_dir).glob("*.safetensors"))
-    key = hashlib.sha256("|".join([weights, *(content_digest(f) for f in weights_file)]).encode()).hexdigest()[:16]
-    folder = cache_dir() / "openvino-genai" / f"{Path(model_dir).name}-{key}-{weights}"
-
-    def build(tmp: Path) -> None:
-        cli = shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
-        if not Path(cli).exists():
-            raise SpecrunError("the openvino-genai baseline exports the target with optimum-cli, which is not on PATH: "
-                               "pip install 'optimum-intel[openvino]' in an environment of its own (it pins other "
-                               "torch/transformers versions) and put its bin folder on PATH")
-        cmd = [cli, "export", "openvino", "-m", str(model_dir), "--task", "text-generation-with-past",
-               "--weight-format", weights]
-        if weights == "int4":
-            cmd += ["--group-size", "64", "--ratio", "1.0"]
-        print(f"specrun bench: exporting {Path(model_dir).name} for OpenVINO GenAI ({weights}, once) ...",
-              file=sys.stderr, flush=True)
-        done = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SpecrunError(f"optimum-cli export for OpenVINO GenAI failed: {last}")
-
-    return build_once(folder, "openvino_model.xml", build, version="1", info={"weights": weights}).parent
+    return export(model_dir, weights, who="specrun bench")

@@ -8,8 +8,12 @@ and the share of the engine's greedy answers identical to specrun's plain greedy
 
 ``--replay N`` measures the stage's real work instead: the last N conversations of the committed
 shards (training-data/smollm2-135m-instruct), every turn, regenerated again as the data stage does
-(answers up to 512 tokens in context), once per ``--lookup`` value; the identity check is then the
-share of answers equal to the committed ones (made by the f32 engine without lookup).
+(answers up to 512 tokens in context), once per ``--lookup`` value and, with ``--variant genai-f32``,
+on OpenVINO GenAI as ``train-draft --data-engine genai`` runs it; the identity check is then the
+share of answers equal to the committed ones (made by the f32 slot engine).
+
+``--variant genai-f32`` / ``genai-default`` need openvino-genai and optimum-cli on PATH (its own
+export of the target: ``bash bench/baselines_env.sh``).
 
 Pause a background data run first (``kill -STOP $(cat OUT.data.pid)``, ``bench/eagle3_data.sh``): both
 measure the same CPU.
@@ -24,6 +28,9 @@ from pathlib import Path
 import click
 
 VARIANTS = ["f32-f32", "f32-bf16", "bf16-bf16"]
+#: OpenVINO GenAI's ContinuousBatchingPipeline on its own export of the target (f32 weights), with its
+#: inference and KV-cache precision: f32 (the target's own arithmetic) or the CPU plugin's defaults
+GENAI_VARIANTS = {"genai-f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}, "genai-default": {}}
 
 
 def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -71,8 +78,33 @@ def run_engine(model_dir, prompts, new_tokens, slots, kv, eos, tok, weights="f32
     return counts, [answers[i] for i in range(len(prompts))]
 
 
-def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str) -> None:
-    """The data stage on the last ``n`` committed conversations, per lookup value, side by side."""
+def run_genai(model_dir, prompts, new_tokens, slots, eos, props: dict) -> tuple[dict, list[list[int]]]:
+    """(counts, answers in prompt order) of OpenVINO GenAI's continuous-batching pipeline (paged KV
+    cache, ``slots`` sequences at most in a step) on the same single-turn prompts, greedy."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    from specrun_kit.genai import continuous_batching, genai_export
+
+    pipe = continuous_batching(genai_export(model_dir, "fp32", who="data_engine"), slots=slots, cache_gb=4, threads=2,
+                               properties=props)
+    cfg = ov_genai.GenerationConfig()
+    cfg.max_new_tokens, cfg.do_sample = new_tokens, False
+    cfg.stop_token_ids = set(eos)
+    inputs = [ov.Tensor(np.array([p], dtype=np.int64)) for p in prompts]
+    t0 = time.perf_counter()
+    res = pipe.generate(inputs, [cfg] * len(inputs))
+    seconds = time.perf_counter() - t0
+    answers = [[int(t) for t in r.m_generation_ids[0]] for r in res]
+    n = sum(len(a) for a in answers)
+    return {"answer_tokens_per_s": n / seconds, "answer_tokens": n, "slot_steps": n, "rows": n}, answers
+
+
+def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str, genai: bool = False) -> None:
+    """The data stage on the last ``n`` committed conversations, per lookup value of the slot engine
+    and, with ``genai``, on OpenVINO GenAI's continuous batching (f32, prefix caching, as
+    ``train-draft --data-engine genai`` runs it), side by side."""
     import tempfile
 
     from specrun.models import ModelConfig
@@ -89,8 +121,15 @@ def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str) -> N
     tok = load_tokenizer(model_dir, full=True)
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
     res: dict = {"conversations": len(convs), "slots": slots, "max_new_tokens": meta["max_new_tokens"]}
-    for k in lookups:
-        engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=meta["max_context"])
+    for k in [*lookups, *(["genai"] if genai else [])]:
+        if k == "genai":
+            from specrun_train.trainer import TrainOptions, _genai_engine
+
+            opts = TrainOptions(target=None, out="-", gen_batch_size=slots, max_context=meta["max_context"], threads=2)
+            engine = _genai_engine(opts, model_dir, ModelConfig.load(model_dir), eos)
+            k = 0
+        else:
+            engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=meta["max_context"])
         with tempfile.TemporaryDirectory() as d:
             counts = regenerate(engine, tok, iter(convs), out=Path(d), meta={}, max_new_tokens=meta["max_new_tokens"],
                                 eos=eos, vocab_size=49152, total_turns=sum(len(c.turns) for c in convs), lookup=k)
@@ -101,11 +140,12 @@ def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str) -> N
                     total += 1
                     same += c["tokens"][t[1] : t[2]] == ref["tokens"][r[1] : r[2]] and t[:2] == r[:2]
         row = {"answer_tokens_per_s": counts["answer_tokens_per_s"], "answer_tokens": counts["answer_tokens"],
-               "seconds": counts["seconds"], "tokens_per_slot_step": round(counts["answer_tokens"] / max(1, counts["slot_steps"]), 2),
-               "rows_per_token": round(counts["rows"] / max(1, counts["answer_tokens"]), 2),
+               "seconds": counts["seconds"], "tokens_per_slot_step": round(counts["answer_tokens"] / max(1, counts.get("slot_steps", 0)), 2),
+               "rows_per_token": round(counts.get("rows", 0) / max(1, counts["answer_tokens"]), 2),
                "answers_identical_to_committed": f"{same}/{total}"}
-        res[f"lookup{k}"] = row
-        click.echo(f"lookup {k}: {json.dumps(row)}", err=True)
+        name = "genai-f32" if hasattr(engine, "advance") else f"lookup{k}"
+        res[name] = row
+        click.echo(f"{name}: {json.dumps(row)}", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))
     click.echo(json.dumps(res))
@@ -142,8 +182,9 @@ def run_transformers(model_dir, prompts, new_tokens, batch, eos) -> float:
 @click.option("--batch", default=16, show_default=True, help="Batch of the transformers stage.")
 @click.option("--identity", default=50, show_default=True, help="Prompts compared with plain greedy decoding.")
 @click.option("--max-prompt-tokens", default=512, show_default=True)
-@click.option("--variant", multiple=True, type=click.Choice(VARIANTS),
-              help="Engine precisions WEIGHTS-KVCACHE (repeatable) [default: all].")
+@click.option("--variant", multiple=True, type=click.Choice([*VARIANTS, *GENAI_VARIANTS]),
+              help="Engine precisions WEIGHTS-KVCACHE, or genai-f32 / genai-default: OpenVINO GenAI's "
+                   "ContinuousBatchingPipeline (repeatable) [default: the engine's three].")
 @click.option("--lookup", default="0", show_default=True,
               help="Prompt-lookup draft tokens per slot and step, comma-separated values each run (e.g. 0,3).")
 @click.option("--no-transformers", is_flag=True, help="Leave out the transformers stage (the engine variants only).")
@@ -158,14 +199,14 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
     torch.set_num_threads(2)
     model_dir = resolve_model(None)
     if replay:
-        return run_replay(model_dir, replay, slots, [int(x) for x in lookup.split(",")], out)
+        return run_replay(model_dir, replay, slots, [int(x) for x in lookup.split(",")], out, "genai-f32" in variant)
     tok = load_tokenizer(model_dir, full=True)
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
     ps = first_turns(tok, prompts, max_prompt_tokens)
     res: dict = {"prompts": len(ps), "new_tokens": new_tokens, "slots": slots, "transformers_batch": batch}
     lookups = [int(x) for x in lookup.split(",")]
     variants = []
-    for base in [v for v in VARIANTS if v in set(variant)] or VARIANTS:
+    for base in [v for v in VARIANTS if v in set(variant)] if variant else VARIANTS:
         for k in lookups:
             name = base if k == 0 else f"{base}-lookup{k}"
             variants.append(name)
@@ -179,6 +220,13 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
             res.setdefault("answers", {})[name] = answers
             click.echo(f"slot engine ({slots} slots, {weights} weights, {kv} KV cache, lookup {k}): {tps:.1f} answer "
                        f"tokens/s", err=True)
+    for name in [v for v in GENAI_VARIANTS if v in set(variant)]:
+        variants.append(name)
+        counts, answers = run_genai(model_dir, ps, new_tokens, slots, eos, GENAI_VARIANTS[name])
+        res[f"engine_{name}_tokens_per_s"] = round(counts["answer_tokens_per_s"], 1)
+        res.setdefault("answers", {})[name] = answers
+        click.echo(f"OpenVINO GenAI ContinuousBatchingPipeline ({name}, {slots} sequences): "
+                   f"{counts['answer_tokens_per_s']:.1f} answer tokens/s", err=True)
     if not no_transformers:
         tps = run_transformers(model_dir, ps, new_tokens, batch, eos)
         res["transformers_tokens_per_s"] = round(tps, 1)

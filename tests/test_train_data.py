@@ -350,3 +350,86 @@ def test_kill_during_the_data_stage_writes_what_finished(tmp_path, tiny_models):
     assert "specrun: interrupted" in log.read_text()
     finished = data_summary(tmp_path / "o" / "work" / "shards")
     assert finished["conversations"] >= 1 and os.path.getsize(next((tmp_path / "o" / "work" / "shards").glob("*.npz"))) > 0
+
+
+class FakeGenAIPipe:
+    """A stand-in for OpenVINO GenAI's ContinuousBatchingPipeline whose model is RuleEngine's rule:
+    requests are the whole conversation so far; each ``step`` gives every running request one
+    token, the stop token included in the output, as the real pipeline does."""
+
+    def __init__(self):
+        import openvino_genai as ov_genai
+
+        self.status = ov_genai.GenerationStatus
+        self.running: list[FakeGenAIPipe.Handle] = []
+        self.prompts: list[list[int]] = []
+
+    class Handle:
+        def __init__(self, pipe, ids, cfg):
+            self.pipe, self.seq, self.cfg, self.out, self.unread = pipe, list(ids), cfg, [], []
+            self.status = pipe.status.RUNNING
+
+        def can_read(self):
+            return bool(self.unread)
+
+        def read(self):
+            part = type("Out", (), {"generated_ids": self.unread})()
+            self.unread = []
+            return {0: part}
+
+        def get_status(self):
+            return self.status
+
+        def drop(self):
+            self.status = self.pipe.status.DROPPED_BY_HANDLE
+
+    def add_request(self, request_id, tensor, cfg):
+        ids = [int(t) for t in tensor.data[0]]
+        self.prompts.append(ids)
+        h = self.Handle(self, ids, cfg)
+        self.running.append(h)
+        return h
+
+    def step(self):
+        for h in self.running:
+            t = RuleEngine.rule(h.seq)
+            h.seq.append(t)
+            h.out.append(t)
+            h.unread.append(t)
+            if t in h.cfg.stop_token_ids or len(h.out) >= h.cfg.max_new_tokens:
+                h.status = self.status.FINISHED
+        self.running = [h for h in self.running if h.status == self.status.RUNNING]
+
+
+def test_genai_turns_regenerate_what_the_slot_engine_regenerates(tmp_path, tiny_models):
+    """The data stage on OpenVINO GenAI's request API (GenAITurns) writes the same conversations as
+    on the slot engine, each turn's request holding the whole conversation so far (the earlier
+    answers exactly as generated); a request the pipeline drops is one clear error."""
+    pytest.importorskip("openvino_genai")
+    from specrun.errors import SpecrunError
+    from specrun.pipeline import load_tokenizer
+    from specrun_train.data import GenAITurns
+
+    tok = load_tokenizer(tiny_models["llama"], full=True)
+    convs = [Conversation(i, [f"Question {i}?", "Go on.", "Why?"][: 1 + i % 3]) for i in range(5)]
+    ref = tmp_path / "slots"
+    regenerate(RuleEngine(2, 512), tok, iter(convs), out=ref, meta={}, max_new_tokens=60, eos={2}, vocab_size=49152,
+               quiet=True, lookup=4)
+    pipe = FakeGenAIPipe()
+    out = tmp_path / "genai"
+    counts = regenerate(GenAITurns(pipe, slots=2, capacity=512, eos={2}), tok, iter(convs), out=out, meta={},
+                        max_new_tokens=60, eos={2}, vocab_size=49152, quiet=True)
+    got = {c["id"]: c for _, c in read_shards(out)}
+    assert got == {c["id"]: c for _, c in read_shards(ref)} and counts["turns"] == 9
+    for c in got.values():  # a later turn's request is the conversation up to its prompt's end
+        for _, a, _, _ in c["turns"]:
+            assert c["tokens"][:a] in pipe.prompts
+
+    class Dropping(FakeGenAIPipe):
+        def step(self):
+            for h in self.running:
+                h.status = self.status.IGNORED
+
+    with pytest.raises(SpecrunError, match="did not finish a request"):
+        regenerate(GenAITurns(Dropping(), slots=2, capacity=512, eos={2}), tok, iter(convs), out=tmp_path / "x",
+                   meta={}, max_new_tokens=60, eos={2}, vocab_size=49152, quiet=True)

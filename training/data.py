@@ -288,6 +288,127 @@ def _interrupt_on_term():
     return lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
 
+class SlotTurns:
+    """A step-level slot engine (``SlotEngine`` of the torch backend: ``prefill`` / ``forward_blocks``
+    / ``rollback`` / ``reset``) driven a turn at a time: each ``advance`` decodes one block per
+    answering slot -- its pending token and, with ``lookup``, the draft that prompt lookup proposes
+    from the slot's own conversation (trigram matches) -- keeps the verified prefix (greedy: the
+    answers stay the target's own) and rolls the rejected rows back.
+
+    Trigram matches only: replayed offline on the committed answers at k=4, they give 2.56 tokens
+    per slot and step for 1.15 rows computed per token (150 conversations); 1-grams 2.90 for 1.42
+    (300)."""
+
+    def __init__(self, engine, *, eos: set[int], lookup: int = 0):
+        self.engine, self.eos, self.lookup = engine, set(eos), lookup
+        self.slots, self.capacity = engine.slots, engine.capacity
+        self.stats = {"slot_steps": 0, "rows": 0}
+        self._ctx: dict[int, list[int]] = {}  # each slot's conversation so far (what its cache holds)
+        self._index: dict[int, SuffixIndex] = {}
+        self._answer: dict[int, list[int]] = {}  # the slots answering now: their answer so far
+        self._budget: dict[int, int] = {}
+        self._next: dict[int, int] = {}  # the pending token (the target's choice after the context)
+
+    def start(self, slot: int, ids: list[int], budget: int) -> None:
+        """Append ``ids`` to the slot's conversation and answer them, up to ``budget`` tokens."""
+        self._next[slot] = self.engine.prefill(slot, ids)
+        self._ctx.setdefault(slot, []).extend(ids)
+        self._index.setdefault(slot, SuffixIndex(3, 3))
+        self._answer[slot], self._budget[slot] = [], budget
+
+    def reset(self, slot: int) -> None:
+        self.engine.reset(slot)
+        for d in (self._ctx, self._index, self._answer, self._budget, self._next):
+            d.pop(slot, None)
+
+    def _block(self, slot: int) -> list[int]:
+        room = self._budget[slot] - len(self._answer[slot]) - 1
+        if self.lookup <= 0 or room <= 0:
+            return [self._next[slot]]
+        ctx = [*self._ctx[slot], self._next[slot]]
+        return [self._next[slot], *self._index[slot].lookup(ctx, min(self.lookup, room))[0]]
+
+    def advance(self) -> list[tuple[int, list[int]]]:
+        """One step of every answering slot; the answers that ended in it: (slot, answer tokens, the
+        end-of-turn token included where the answer ended with one)."""
+        slots = list(self._answer)
+        fed = [self._block(s) for s in slots]
+        nxt = self.engine.forward_blocks(slots, fed)
+        self.stats["slot_steps"] += len(slots)
+        self.stats["rows"] += sum(map(len, fed))
+        done = []
+        for slot, rows, best in zip(slots, fed, nxt, strict=True):
+            ctx, answer, budget = self._ctx[slot], self._answer[slot], self._budget[slot]
+            for i, token in enumerate(rows):
+                if i > 0 and token != best[i - 1]:  # the draft token is not the target's greedy choice
+                    break
+                ctx.append(token)
+                answer.append(token)
+                self._next[slot] = best[i]
+                if token in self.eos or len(answer) >= budget:
+                    break
+            self.engine.rollback(slot, len(ctx))  # the cache holds exactly the conversation's tokens
+            if answer[-1] in self.eos or len(answer) >= budget:
+                done.append((slot, self._answer.pop(slot)))
+        return done
+
+
+class GenAITurns:
+    """OpenVINO GenAI's ``ContinuousBatchingPipeline`` (paged KV cache, its own scheduler) as the data
+    stage's engine: each turn is one request holding the whole conversation so far, so with prefix
+    caching its earlier turns' KV blocks are reused, not recomputed.  ``pipe`` is the pipeline,
+    ``slots`` the most conversations in flight, ``capacity`` the longest conversation."""
+
+    def __init__(self, pipe, *, slots: int, capacity: int, eos: set[int]):
+        self.pipe, self.slots, self.capacity, self.eos = pipe, slots, capacity, set(eos)
+        self.stats: dict[str, int] = {}
+        self._ctx: dict[int, list[int]] = {}
+        self._handles: dict[int, object] = {}
+        self._answer: dict[int, list[int]] = {}
+        self._request = 0
+
+    def start(self, slot: int, ids: list[int], budget: int) -> None:
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        ctx = self._ctx.setdefault(slot, [])
+        ctx.extend(ids)
+        cfg = ov_genai.GenerationConfig()
+        cfg.max_new_tokens, cfg.do_sample = budget, False
+        cfg.stop_token_ids = set(self.eos)
+        self._handles[slot] = self.pipe.add_request(self._request, ov.Tensor(np.array([ctx], dtype=np.int64)), cfg)
+        self._request += 1
+        self._answer[slot] = []
+
+    def reset(self, slot: int) -> None:
+        self._ctx.pop(slot, None)
+        self._answer.pop(slot, None)
+        handle = self._handles.pop(slot, None)
+        if handle is not None:
+            handle.drop()
+
+    def advance(self) -> list[tuple[int, list[int]]]:
+        import openvino_genai as ov_genai
+
+        self.pipe.step()
+        done = []
+        for slot, handle in list(self._handles.items()):
+            while handle.can_read():
+                for part in handle.read().values():
+                    self._answer[slot].extend(int(t) for t in part.generated_ids)
+            status = handle.get_status()
+            if status == ov_genai.GenerationStatus.RUNNING:
+                continue
+            if status != ov_genai.GenerationStatus.FINISHED:
+                raise SpecrunError(f"OpenVINO GenAI did not finish a request ({status}): its KV cache is too small "
+                                   "for the conversations in flight; lower --gen-batch-size")
+            del self._handles[slot]
+            answer = self._answer.pop(slot)
+            self._ctx[slot].extend(answer)
+            done.append((slot, answer))
+        return done
+
+
 @attrs.define
 class _Slot:
     conv: Conversation
@@ -297,9 +418,6 @@ class _Slot:
     turn: int  # index of the human turn being answered
     answer_start: int
     prompt_start: int
-    next_token: int
-    #: prompt lookup's n-gram index of this conversation (grows with it)
-    index: SuffixIndex = attrs.field(factory=lambda: SuffixIndex(3, 3))
 
 
 def regenerate(
@@ -320,23 +438,25 @@ def regenerate(
     lookup: int = 0,
 ) -> dict:
     """Drive ``engine`` over ``convs``; finished conversations go to shards in ``out``.  Returns
-    counts.  ``stop_after``: seconds after which no new conversation is started (the ones running
-    finish and are written).  ``lookup``: each step also verifies up to this many tokens that
-    prompt lookup proposes from the slot's conversation (greedy: the answers stay the target's own,
-    up to the float rounding of batched blocks; 0 = one token per slot and step)."""
+    counts.  ``engine``: a turn engine (``SlotTurns``, ``GenAITurns``: ``start`` / ``advance`` /
+    ``reset``) or a step-level slot engine, driven by ``SlotTurns`` with ``lookup`` (the prompt-lookup
+    draft tokens it verifies per slot and step; greedy: the answers stay the target's own, up to
+    the float rounding of batched blocks; 0 = one token per slot and step).  ``stop_after``:
+    seconds after which no new conversation is started (the ones running finish and are written)."""
     from tqdm import tqdm
 
+    turns = engine if hasattr(engine, "advance") else SlotTurns(engine, eos=eos, lookup=lookup)
     out.mkdir(parents=True, exist_ok=True)
     existing = shard_paths(out)
     next_index = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 0
     tt = TurnTokenizer(tok)
-    capacity = engine.capacity
+    capacity = turns.capacity
     queue = iter(convs)
-    free = deque(range(engine.slots))
+    free = deque(range(turns.slots))
     active: dict[int, _Slot] = {}
     finished: list[dict] = []
     counts = {"conversations": 0, "turns": 0, "answer_tokens": 0, "prompt_tokens": 0, "skipped_too_long": 0,
-              "turns_left_out": 0, "slot_steps": 0, "rows": 0}
+              "turns_left_out": 0}
     bar = tqdm(total=total_turns, desc="data (regenerating answers)", unit="turn", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
     t0 = last_shard = time.perf_counter()
@@ -357,7 +477,7 @@ def regenerate(
         if st.turns:
             finished.append({"id": st.conv.id, "tokens": st.tokens, "turns": st.turns})
             counts["conversations"] += 1
-        engine.reset(slot)
+        turns.reset(slot)
         free.append(slot)
         flush()
 
@@ -365,7 +485,7 @@ def regenerate(
         if ids is None or len(st.tokens) + len(ids) + max_new_tokens > capacity:
             return False
         st.prompt_start = len(st.tokens)
-        st.next_token = engine.prefill(slot, ids)
+        turns.start(slot, ids, max_new_tokens)
         st.tokens.extend(ids)
         st.answer_start = len(st.tokens)
         counts["prompt_tokens"] += len(ids)
@@ -382,57 +502,27 @@ def regenerate(
                 exhausted = True
                 return
             slot = free.popleft()
-            st = _Slot(conv, [], [], [], 0, 0, 0, 0)
+            st = _Slot(conv, [], [], [], 0, 0, 0)
             active[slot] = st
             if not start_turn(slot, st, tt.first(conv.turns[0])):
                 counts["skipped_too_long"] += 1
                 bar.update(len(conv.turns))
                 finish(slot)
 
-    # trigram matches only: replayed offline on the committed answers at k=4, they give 2.56 tokens
-    # per slot and step for 1.15 rows computed per token (150 conversations); 1-grams 2.90 for 1.42 (300)
-
-    def block(st: _Slot) -> list[int]:
-        """The pending token and, with ``lookup``, the draft that follows it (within the answer's budget)."""
-        room = max_new_tokens - (len(st.tokens) - st.answer_start) - 1
-        if lookup <= 0 or room <= 0:
-            return [st.next_token]
-        return [st.next_token, *st.index.lookup([*st.tokens, st.next_token], min(lookup, room))[0]]
-
-    def accept(slot: int, st: _Slot, fed: list[int], best: list[int]) -> bool:
-        """Append the verified tokens of ``fed`` (and the next pending one); True when the turn ended."""
-        for i, token in enumerate(fed):
-            if i > 0 and token != best[i - 1]:  # the draft token is not the target's greedy choice
-                break
-            st.tokens.append(token)
-            st.next_token = best[i]
-            if token in eos or len(st.tokens) - st.answer_start >= max_new_tokens:
-                break
-        engine.rollback(slot, len(st.tokens))  # the cache holds exactly the conversation's tokens
-        return st.tokens[-1] in eos or len(st.tokens) - st.answer_start >= max_new_tokens
-
     stop_signals = _interrupt_on_term()
     try:
         fill()
         while active:
-            slots = list(active)
-            fed = [block(active[s]) for s in slots]
-            nxt = engine.forward_blocks(slots, fed)
-            counts["slot_steps"] += len(slots)
-            counts["rows"] += sum(map(len, fed))
-            for slot, rows, best in zip(slots, fed, nxt, strict=True):
+            for slot, answer in turns.advance():
                 st = active[slot]
-                if not accept(slot, st, rows, best):
-                    continue
-                n = len(st.tokens) - st.answer_start
-                last = st.tokens[-1]
-                ended = last in eos
+                st.tokens.extend(answer)
+                n = len(answer)
+                ended = bool(answer) and answer[-1] in eos
                 counts["turns"] += 1
                 counts["answer_tokens"] += n
                 st.turns.append((st.prompt_start, st.answer_start, len(st.tokens), int(not ended)))
-                answer_ids = st.tokens[st.answer_start :]
                 st.messages += [{"role": "user", "content": st.conv.turns[st.turn]},
-                                {"role": "assistant", "content": tok.decode(answer_ids, skip_special_tokens=True)}]
+                                {"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)}]
                 st.turn += 1
                 bar.update(1)
                 if st.turn < len(st.conv.turns):
@@ -453,6 +543,7 @@ def regenerate(
         flush(force=True)
         bar.close()
         stop_signals()
+    counts.update(turns.stats)
     counts["seconds"] = round(time.perf_counter() - t0, 1)
     counts["answer_tokens_per_s"] = round(counts["answer_tokens"] / max(1e-9, counts["seconds"]), 1)
     return counts

@@ -74,6 +74,7 @@ class TrainOptions:
     data_dir: str | None = None  # the shards (default OUT/work/shards)
     data_seconds: float | None = None  # start no new conversation after this many seconds
     data_lookup: int = 4  # prompt-lookup draft tokens the data engine verifies per slot and step (0: off)
+    data_engine: str = "slots"  # slots (specrun's torch slot engine) or genai (OpenVINO GenAI's continuous batching, f32)
     max_prompt_tokens: int = 512
     steps: int = 2000
     batch_size: int = 4
@@ -276,6 +277,37 @@ def data_weights(opts: TrainOptions) -> str:
     return "bf16" if cpu_has_bf16_units() else "f32"
 
 
+def _genai_version() -> str:
+    import openvino_genai
+
+    return openvino_genai.__version__.split("-")[0]
+
+
+def _genai_engine(opts: TrainOptions, model_dir: Path, tc, eos: set[int]):
+    """The data stage on OpenVINO GenAI's continuous-batching pipeline (its own export of the target,
+    f32 compute and KV cache: the target's own greedy answers), prefix caching on, so a turn's
+    request reuses the KV blocks of the conversation's earlier turns."""
+    from specrun_kit.genai import F32, continuous_batching, genai_export
+
+    from .data import GenAITurns
+
+    if opts.data_weights != "f32" or opts.data_kv_dtype != "f32":
+        raise SpecrunError("--data-engine genai runs the target in f32 (its own greedy answers): "
+                           "drop --data-weights / --data-kv-dtype, or use --data-engine slots")
+    if opts.device != "cpu":
+        raise SpecrunError(f"--data-engine genai runs on the CPU, not --device {opts.device}; use --data-engine slots")
+    raw = tc.raw
+    heads = raw.get("num_attention_heads", 1)
+    head_dim = raw.get("head_dim") or tc.hidden_size // heads
+    per_token = tc.num_layers * 2 * raw.get("num_key_value_heads", heads) * head_dim * 4  # f32 keys and values
+    slots = max(1, opts.gen_batch_size)
+    # every slot's whole context, plus a fifth for the prefix cache's earlier turns
+    cache_gb = 1.2 * slots * opts.max_context * per_token / 2**30
+    pipe = continuous_batching(genai_export(model_dir, "fp32", who="specrun train-draft"), slots=slots,
+                               cache_gb=cache_gb, threads=opts.threads, prefix_caching=True, properties=F32)
+    return GenAITurns(pipe, slots=slots, capacity=opts.max_context, eos=eos)
+
+
 def target_precision(opts: TrainOptions) -> str:
     """The autocast of the target's forward in training: ``auto`` is bf16 on CUDA and on CPUs with
     bf16 matrix units (as SpecForge runs its target in bf16; 2x the f32 forward on this project's
@@ -332,10 +364,14 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
         return folder
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
-                                          kv_dtype=meta["kv_cache"], weights=engine_weights)
     tok = load_tokenizer(model_dir, full=True)
     eos = answer_eos(tok, tc)
+    if opts.data_engine == "genai":
+        engine = _genai_engine(opts, model_dir, tc, eos)
+        meta["engine"], meta["lookup"] = f"OpenVINO GenAI {_genai_version()} ContinuousBatchingPipeline, f32, greedy", 0
+    else:
+        engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
+                                              kv_dtype=meta["kv_cache"], weights=engine_weights)
     _log(opts, f"data: {len(todo)} conversations ({sum(len(c.turns) for c in todo)} human turns) to regenerate, "
                f"{len(done)} already in {folder}")
     counts = regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=opts.max_new_tokens, eos=eos,
@@ -1226,6 +1262,10 @@ def _command():
     @click.option("--data-weights", type=click.Choice(["auto", "bf16", "f32"]), default="f32", show_default=True,
                   help="Weights of the data engine: f32 (the target's own greedy answers: 50/50 identical), bf16 "
                   "(1.6x faster on CPUs with bf16 units, 10/50 identical; the KV cache is then bf16), auto.")
+    @click.option("--data-engine", type=click.Choice(["slots", "genai"]), default="slots", show_default=True,
+                  help="slots: specrun's torch slot engine; genai: OpenVINO GenAI's continuous-batching pipeline "
+                  "(f32, CPU; 2.2x the slot engine here, bench/data_engine.py; needs openvino-genai and optimum-cli "
+                  "on PATH: bash bench/baselines_env.sh).")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
     @click.option("--data-lookup", type=int, default=4, show_default=True,
@@ -1277,7 +1317,7 @@ def _command():
     @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a train-draft run "
                   "(never into a folder holding a model or head).")
     def train_draft(target, out, data, num_prompts, max_new_tokens, gen_batch_size, max_prompt_tokens, max_context,
-                    data_kv_dtype, data_weights, data_dir, data_seconds, data_lookup, steps, batch_size, max_length,
+                    data_kv_dtype, data_weights, data_engine, data_dir, data_seconds, data_lookup, steps, batch_size, max_length,
                     ttt_steps, lr, draft_vocab_size, save_every, data_fraction, eval_sequences, seed, device, threads, stages, resume, cache_target, precision, target_precision, intermediate_size, data_offset, save_dtype, precondition, init_from_target, init_from, stop_at, quiet, force):
         """Train an EAGLE-3 draft head for TARGET (data, vocabulary, training-time test, export)."""
         if num_prompts < 0:
@@ -1305,7 +1345,7 @@ def _command():
             raise SpecrunError(f"--eval-sequences must be >= 0 (0: no acceptance curve), got {eval_sequences}")
         opts = TrainOptions(target=target, out=out, data=data, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                             gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
-                            data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_dir=data_dir, data_seconds=data_seconds, data_lookup=data_lookup, steps=steps, batch_size=batch_size, max_length=max_length,
+                            data_kv_dtype=data_kv_dtype, data_weights=data_weights, data_engine=data_engine, data_dir=data_dir, data_seconds=data_seconds, data_lookup=data_lookup, steps=steps, batch_size=batch_size, max_length=max_length,
                             ttt_steps=ttt_steps, lr=lr, draft_vocab_size=draft_vocab_size, save_every=save_every, data_fraction=data_fraction, eval_sequences=eval_sequences,
                             seed=seed, device=device, resume=resume, cache_target=cache_target, init_from_target=init_from_target, init_from=init_from, precondition=precondition, precision=precision, target_precision=target_precision, intermediate_size=intermediate_size, data_offset=data_offset, save_dtype=save_dtype, stop_at=stop_at, threads=threads, quiet=quiet,
                             force=force)
