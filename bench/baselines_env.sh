@@ -18,10 +18,6 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_
 -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
   .venv/bin/python -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
-.venv/bin/python -m pip install -q "openvino-genai==$OV.0" "openvino-tokenizers==$OV.0" "openvino==$OV"
-[ -x "$OPTIMUM_ENV/bin/python" ] || "$PY" -m venv "$OPTIMUM_ENV"
-"$OPTIMUM_ENV/bin/python" -m pip install -q "torch==${SPECRUN_TORCH_VERSION:-2.13.0}"
-"$OPTIMUM_ENV/bin/python" -m pip install -q "transformers==5.5.4" "huggingface-hub>=1.5,<1.22" "nncf==3.4.0" \
-  "openvino==$OV" "openvino-tokenizers==$OV.0" accelerate safetensors sentencepiece requests einops "diffusers<0.38"
-"$OPTIMUM_ENV/bin/python" -m pip install -q --no-deps "optimum==2.3.0" "optimum-intel==2.2.0"
+.venv/bin/python -m pip install -q "openvino-genai==$OV.0" "openvino-tokenizers==$OV.0" "openvino==$OV"  # in .[all] too
+OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh
 echo "baselines installed; optimum-cli is $OPTIMUM_ENV/bin/optimum-cli (put $OPTIMUM_ENV/bin on PATH for bench)"

@@ -121,13 +121,13 @@ def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str, gena
     tok = load_tokenizer(model_dir, full=True)
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}
     res: dict = {"conversations": len(convs), "slots": slots, "max_new_tokens": meta["max_new_tokens"]}
-    for k in [*lookups, *(["genai"] if genai else [])]:
-        if k == "genai":
+    for k, on_genai in [(k, g) for k in lookups for g in ([False, True] if genai else [False])]:
+        if on_genai:
             from specrun_train.trainer import TrainOptions, _genai_engine
 
-            opts = TrainOptions(target=None, out="-", gen_batch_size=slots, max_context=meta["max_context"], threads=2)
+            opts = TrainOptions(target=None, out="-", gen_batch_size=slots, max_context=meta["max_context"], threads=2,
+                                data_lookup=k)
             engine = _genai_engine(opts, model_dir, ModelConfig.load(model_dir), eos)
-            k = 0
         else:
             engine = load_registry(["torch_cuda"]).get("torch_cuda").slot_engine(model_dir, slots=slots, capacity=meta["max_context"])
         with tempfile.TemporaryDirectory() as d:
@@ -140,10 +140,11 @@ def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str, gena
                     total += 1
                     same += c["tokens"][t[1] : t[2]] == ref["tokens"][r[1] : r[2]] and t[:2] == r[:2]
         row = {"answer_tokens_per_s": counts["answer_tokens_per_s"], "answer_tokens": counts["answer_tokens"],
-               "seconds": counts["seconds"], "tokens_per_slot_step": round(counts["answer_tokens"] / max(1, counts.get("slot_steps", 0)), 2),
-               "rows_per_token": round(counts.get("rows", 0) / max(1, counts["answer_tokens"]), 2),
-               "answers_identical_to_committed": f"{same}/{total}"}
-        name = "genai-f32" if hasattr(engine, "advance") else f"lookup{k}"
+               "seconds": counts["seconds"], "answers_identical_to_committed": f"{same}/{total}"}
+        if "slot_steps" in counts:  # the slot engine's own counts
+            row["tokens_per_slot_step"] = round(counts["answer_tokens"] / max(1, counts["slot_steps"]), 2)
+            row["rows_per_token"] = round(counts["rows"] / max(1, counts["answer_tokens"]), 2)
+        name = f"genai-f32-lookup{k}" if on_genai else f"lookup{k}"
         res[name] = row
         click.echo(f"{name}: {json.dumps(row)}", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

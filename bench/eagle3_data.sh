@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Stage 1 of `specrun train-draft` for the default model (SmolLM2-135M-Instruct): the target
 # regenerates every answer of every ShareGPT conversation that starts with a human turn (multi-turn,
-# in context, answers up to 512 tokens), with the continuous-batching slot engine (prompt-lookup drafts
-# verified per slot: --data-lookup 4, the default), on idle CPU only.
+# in context, answers up to 512 tokens), on idle CPU only, with OpenVINO GenAI's continuous batching
+# at f32 (--data-engine genai: 2.2x the slot engine on this EPYC, bench/data_engine.py; its export
+# needs optimum-cli, which bench/optimum_env.sh installs into ../optimum-env once if it is missing).
+# ENGINE=slots runs specrun's own torch slot engine instead (prompt-lookup drafts, --data-lookup 4).
 # The shards go to training-data/smollm2-135m-instruct/ (committed: they survive a lost machine).
 # Resumable: rerun the same command and it skips the conversations already in the shards.
 #
@@ -13,12 +15,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-../eagle3-work/smollm2-135m}
 SLOTS=${2:-64}
+ENGINE=${ENGINE:-genai}
+if [ "$ENGINE" = genai ]; then
+  OPTIMUM_ENV=${OPTIMUM_ENV:-../optimum-env}
+  [ -x "$OPTIMUM_ENV/bin/optimum-cli" ] || OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh
+  PATH="$(realpath "$OPTIMUM_ENV")/bin:$PATH"
+fi
 DATA=training-data/smollm2-135m-instruct
 mkdir -p "$(dirname "$OUT")" "$DATA"
 # passive OpenMP waits: threads sleep instead of spinning when other jobs hold the cores
 export OMP_WAIT_POLICY=PASSIVE
 nohup nice -n 19 .venv/bin/specrun train-draft --out "$OUT" --stage data --data sharegpt --data-dir "$DATA" \
-  --max-new-tokens 512 --max-context 2048 --gen-batch-size "$SLOTS" --threads 2 \
+  --max-new-tokens 512 --max-context 2048 --gen-batch-size "$SLOTS" --data-engine "$ENGINE" --threads 2 \
   >>"$OUT.data.log" 2>&1 &
 echo "$!" >"$OUT.data.pid"
 echo "data generation started: pid $(cat "$OUT.data.pid"), log $OUT.data.log, shards $DATA"

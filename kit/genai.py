@@ -57,9 +57,11 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
 
 def continuous_batching(export: Path, *, slots: int, cache_gb: float, threads: int | None = None,
-                        prefix_caching: bool = False, properties: dict | None = None):
+                        prefix_caching: bool = False, prompt_lookup: bool = False, properties: dict | None = None):
     """A ``ContinuousBatchingPipeline`` on ``export``: at most ``slots`` sequences a step, ``cache_gb``
-    of KV blocks, prompts split into chunks of up to 2,048 tokens between decode steps."""
+    of KV blocks, prompts split into chunks of up to 2,048 tokens between decode steps;
+    ``prompt_lookup``: requests whose config sets ``num_assistant_tokens`` are drafted by GenAI's
+    prompt lookup and verified by the model (greedy: the same tokens)."""
     try:
         import openvino_genai as ov_genai
     except ImportError:
@@ -70,5 +72,6 @@ def continuous_batching(export: Path, *, slots: int, cache_gb: float, threads: i
     sc.cache_size = max(1, round(cache_gb))
     sc.dynamic_split_fuse = True
     sc.enable_prefix_caching = prefix_caching
-    props = {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **(properties or {})}
+    props = {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **({"prompt_lookup": True} if prompt_lookup else {}),
+             **(properties or {})}
     return ov_genai.ContinuousBatchingPipeline(str(export), sc, "CPU", props)

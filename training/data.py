@@ -357,10 +357,12 @@ class GenAITurns:
     """OpenVINO GenAI's ``ContinuousBatchingPipeline`` (paged KV cache, its own scheduler) as the data
     stage's engine: each turn is one request holding the whole conversation so far, so with prefix
     caching its earlier turns' KV blocks are reused, not recomputed.  ``pipe`` is the pipeline,
-    ``slots`` the most conversations in flight, ``capacity`` the longest conversation."""
+    ``slots`` the most conversations in flight, ``capacity`` the longest conversation; ``lookup``:
+    draft tokens of GenAI's own prompt lookup (trigram matches, verified by the model: greedy answers
+    stay the same; the pipeline must be built with prompt lookup on)."""
 
-    def __init__(self, pipe, *, slots: int, capacity: int, eos: set[int]):
-        self.pipe, self.slots, self.capacity, self.eos = pipe, slots, capacity, set(eos)
+    def __init__(self, pipe, *, slots: int, capacity: int, eos: set[int], lookup: int = 0):
+        self.pipe, self.slots, self.capacity, self.eos, self.lookup = pipe, slots, capacity, set(eos), lookup
         self.stats: dict[str, int] = {}
         self._ctx: dict[int, list[int]] = {}
         self._handles: dict[int, object] = {}
@@ -376,6 +378,8 @@ class GenAITurns:
         cfg = ov_genai.GenerationConfig()
         cfg.max_new_tokens, cfg.do_sample = budget, False
         cfg.stop_token_ids = set(self.eos)
+        if self.lookup > 0:
+            cfg.num_assistant_tokens, cfg.max_ngram_size = self.lookup, 3
         self._handles[slot] = self.pipe.add_request(self._request, ov.Tensor(np.array([ctx], dtype=np.int64)), cfg)
         self._request += 1
         self._answer[slot] = []

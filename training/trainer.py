@@ -73,7 +73,7 @@ class TrainOptions:
     data_weights: str = "f32"  # the data engine's weights: f32 (the target's own answers), bf16 or auto
     data_dir: str | None = None  # the shards (default OUT/work/shards)
     data_seconds: float | None = None  # start no new conversation after this many seconds
-    data_lookup: int = 4  # prompt-lookup draft tokens the data engine verifies per slot and step (0: off)
+    data_lookup: int | None = None  # prompt-lookup draft tokens per sequence and step (0: off; None: the engine's best)
     data_engine: str = "slots"  # slots (specrun's torch slot engine) or genai (OpenVINO GenAI's continuous batching, f32)
     max_prompt_tokens: int = 512
     steps: int = 2000
@@ -277,6 +277,16 @@ def data_weights(opts: TrainOptions) -> str:
     return "bf16" if cpu_has_bf16_units() else "f32"
 
 
+#: each data engine's prompt-lookup default, measured on the real work (bench/data_engine.py --replay 64,
+#: 2-core AMD EPYC, 2026-12-08): the slot engine gains (4), GenAI's batched verification loses (169 vs
+#: 186 answer tokens/s)
+DATA_LOOKUP = {"slots": 4, "genai": 0}
+
+
+def data_lookup(opts: TrainOptions) -> int:
+    return DATA_LOOKUP[opts.data_engine] if opts.data_lookup is None else opts.data_lookup
+
+
 def _genai_version() -> str:
     import openvino_genai
 
@@ -304,8 +314,9 @@ def _genai_engine(opts: TrainOptions, model_dir: Path, tc, eos: set[int]):
     # every slot's whole context, plus a fifth for the prefix cache's earlier turns
     cache_gb = 1.2 * slots * opts.max_context * per_token / 2**30
     pipe = continuous_batching(genai_export(model_dir, "fp32", who="specrun train-draft"), slots=slots,
-                               cache_gb=cache_gb, threads=opts.threads, prefix_caching=True, properties=F32)
-    return GenAITurns(pipe, slots=slots, capacity=opts.max_context, eos=eos)
+                               cache_gb=cache_gb, threads=opts.threads, prefix_caching=True,
+                               prompt_lookup=data_lookup(opts) > 0, properties=F32)
+    return GenAITurns(pipe, slots=slots, capacity=opts.max_context, eos=eos, lookup=data_lookup(opts))
 
 
 def target_precision(opts: TrainOptions) -> str:
@@ -345,7 +356,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
             "max_new_tokens": opts.max_new_tokens, "max_context": opts.max_context,
             "kv_cache": "bf16" if engine_weights == "bf16" else opts.data_kv_dtype,  # what the engine runs
             "weights": engine_weights, "engine": "specrun slot engine (torch), greedy",
-            "lookup": opts.data_lookup}  # informational: lookup keeps the greedy answers (bench/data_engine.py --replay)
+            "lookup": data_lookup(opts)}  # informational: lookup keeps the greedy answers (bench/data_engine.py --replay)
     done = set()
     for m, c in read_shards(folder):
         # the same target: the same weights, or the same content-keyed conversion of the default model
@@ -368,7 +379,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
     eos = answer_eos(tok, tc)
     if opts.data_engine == "genai":
         engine = _genai_engine(opts, model_dir, tc, eos)
-        meta["engine"], meta["lookup"] = f"OpenVINO GenAI {_genai_version()} ContinuousBatchingPipeline, f32, greedy", 0
+        meta["engine"] = f"OpenVINO GenAI {_genai_version()} ContinuousBatchingPipeline, f32, greedy"
     else:
         engine = _torch_backend().slot_engine(model_dir, slots=max(1, opts.gen_batch_size), capacity=opts.max_context,
                                               kv_dtype=meta["kv_cache"], weights=engine_weights)
@@ -376,7 +387,7 @@ def generate_data(opts: TrainOptions, model_dir: Path) -> Path:
                f"{len(done)} already in {folder}")
     counts = regenerate(engine, tok, iter(todo), out=folder, meta=meta, max_new_tokens=opts.max_new_tokens, eos=eos,
                         vocab_size=tc.vocab_size, total_turns=sum(len(c.turns) for c in todo), quiet=opts.quiet,
-                        stop_after=opts.data_seconds, lookup=opts.data_lookup)
+                        stop_after=opts.data_seconds, lookup=data_lookup(opts))
     _log(opts, f"data: {counts['conversations']} conversations, {counts['turns']} answers, {counts['answer_tokens']} "
                f"answer tokens in {counts['seconds']:.0f} s ({counts['answer_tokens_per_s']:.0f} tokens/s) -> {folder}")
     return folder
@@ -1268,9 +1279,10 @@ def _command():
                   "on PATH: bash bench/baselines_env.sh).")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
-    @click.option("--data-lookup", type=int, default=4, show_default=True,
+    @click.option("--data-lookup", type=int, default=None,
                   help="Draft tokens from prompt lookup (trigram matches in the conversation) that the data engine "
-                  "verifies per sequence and step; greedy answers stay the target's own. 0: off.")
+                  "verifies per sequence and step; greedy answers stay the target's own. 0: off "
+                  "[default: 4 on the slot engine, 0 on genai: what measured faster].")
     @click.option("--steps", type=int, default=2000, show_default=True, help="Training steps.")
     @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per training step.")
     @click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens per training sequence.")
@@ -1329,7 +1341,7 @@ def _command():
                             ("--gen-batch-size", gen_batch_size), ("--draft-vocab-size", draft_vocab_size)):
             if value < 1:
                 raise SpecrunError(f"{name} must be >= 1, got {value}")
-        if data_lookup < 0:
+        if data_lookup is not None and data_lookup < 0:
             raise SpecrunError(f"--data-lookup must be >= 0 (0: off), got {data_lookup}")
         if not 0 < data_fraction <= 1:
             raise SpecrunError(f"--data-fraction must be in (0, 1], got {data_fraction}")
