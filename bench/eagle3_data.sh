@@ -2,7 +2,8 @@
 # Stage 1 of `specrun train-draft` for the default model (SmolLM2-135M-Instruct): the target
 # regenerates every answer of every ShareGPT conversation that starts with a human turn (multi-turn,
 # in context, answers up to 512 tokens), on idle CPU only, with OpenVINO GenAI's continuous batching
-# at f32 (--data-engine genai: 2.2x the slot engine on this EPYC, bench/data_engine.py; its export
+# at f32 (--data-engine genai: 1.3x the slot engine on the real multi-turn work, 2.2x on first turns,
+# 2-core AMD EPYC, bench/data_engine.py; its export
 # needs optimum-cli, which bench/optimum_env.sh installs into ../optimum-env once if it is missing).
 # ENGINE=slots runs specrun's own torch slot engine instead (prompt-lookup drafts, --data-lookup 4).
 # The shards go to training-data/smollm2-135m-instruct/ (committed: they survive a lost machine).

@@ -1275,7 +1275,7 @@ def _command():
                   "(1.6x faster on CPUs with bf16 units, 10/50 identical; the KV cache is then bf16), auto.")
     @click.option("--data-engine", type=click.Choice(["slots", "genai"]), default="slots", show_default=True,
                   help="slots: specrun's torch slot engine; genai: OpenVINO GenAI's continuous-batching pipeline "
-                  "(f32, CPU; 2.2x the slot engine here, bench/data_engine.py; needs openvino-genai and optimum-cli "
+                  "(f32, CPU; 1.3x the slot engine on multi-turn work here, bench/data_engine.py; needs optimum-cli "
                   "on PATH: bash bench/baselines_env.sh).")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
