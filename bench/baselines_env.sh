@@ -12,12 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPTIMUM_ENV=${OPTIMUM_ENV:-../optimum-env}
-PY=${PYTHON:-python3}
 OV=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('openvino'))")
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
   .venv/bin/python -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
 .venv/bin/python -m pip install -q "openvino-genai==$OV.0" "openvino-tokenizers==$OV.0" "openvino==$OV"  # in .[all] too
-OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh
+OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh  # PYTHON picks the interpreter of that environment
 echo "baselines installed; optimum-cli is $OPTIMUM_ENV/bin/optimum-cli (put $OPTIMUM_ENV/bin on PATH for bench)"

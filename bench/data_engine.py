@@ -147,6 +147,7 @@ def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str, gena
         name = f"genai-f32-lookup{k}" if on_genai else f"lookup{k}"
         res[name] = row
         click.echo(f"{name}: {json.dumps(row)}", err=True)
+        del engine  # one engine's KV cache at a time
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))
     click.echo(json.dumps(res))
@@ -200,6 +201,8 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
     torch.set_num_threads(2)
     model_dir = resolve_model(None)
     if replay:
+        if set(variant) - {"genai-f32"}:
+            raise click.UsageError("--replay runs the slot engine (f32) and, with --variant genai-f32, GenAI at f32 only")
         return run_replay(model_dir, replay, slots, [int(x) for x in lookup.split(",")], out, "genai-f32" in variant)
     tok = load_tokenizer(model_dir, full=True)
     eos = set(ModelConfig.load(model_dir).eos_token_ids) | {tok.eos_token_id}

@@ -17,11 +17,16 @@ cd "$(dirname "$0")/.."
 OUT=${1:-../eagle3-work/smollm2-135m}
 SLOTS=${2:-64}
 ENGINE=${ENGINE:-genai}
-if [ "$ENGINE" = genai ]; then
-  OPTIMUM_ENV=${OPTIMUM_ENV:-../optimum-env}
-  [ -x "$OPTIMUM_ENV/bin/optimum-cli" ] || OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh
-  PATH="$(realpath "$OPTIMUM_ENV")/bin:$PATH"
-fi
+case "$ENGINE" in
+  slots) ;;
+  genai)
+    if ! command -v optimum-cli >/dev/null; then
+      OPTIMUM_ENV=${OPTIMUM_ENV:-../optimum-env}
+      [ -x "$OPTIMUM_ENV/bin/optimum-cli" ] || OPTIMUM_ENV="$OPTIMUM_ENV" bash bench/optimum_env.sh
+      PATH="$PATH:$(realpath "$OPTIMUM_ENV")/bin"  # last: its python and pip do not shadow others
+    fi ;;
+  *) echo "eagle3_data.sh: ENGINE must be genai or slots, got '$ENGINE'" >&2; exit 2 ;;
+esac
 DATA=training-data/smollm2-135m-instruct
 mkdir -p "$(dirname "$OUT")" "$DATA"
 # passive OpenMP waits: threads sleep instead of spinning when other jobs hold the cores

@@ -3,11 +3,12 @@ openvino``, as its users make it), built once in the cache and verified whole be
 its continuous-batching pipeline (the benchmark's baseline and the data stage's fast engine).
 
 optimum-intel pins other torch / transformers versions than specrun's, so it lives in an
-environment of its own whose ``optimum-cli`` is found on ``PATH`` (``bench/baselines_env.sh``)."""
+environment of its own whose ``optimum-cli`` is found on ``PATH`` (``bench/optimum_env.sh``)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,17 @@ from specrun.errors import SpecrunError
 
 GENAI_WEIGHTS = ("fp32", "int8", "int4")
 INSTALL_GENAI = ("pip install openvino-genai openvino-tokenizers (the versions matching openvino), "
-                 "or pip install 'specrun[baselines]'")
+                 "or pip install 'specrun[genai]'")
 INSTALL_OPTIMUM = ("pip install 'optimum-intel[openvino]' in an environment of its own (it pins other torch/transformers "
-                   "versions; bash bench/baselines_env.sh makes ../optimum-env) and put its bin folder on PATH")
+                   "versions; bash bench/optimum_env.sh makes ../optimum-env) and put its bin folder on PATH")
+
+
+def require_genai() -> None:
+    """One clear line where openvino-genai is missing (before any export is made for it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino_genai") is None:
+        raise SpecrunError(f"OpenVINO GenAI is not installed: {INSTALL_GENAI}")
 
 
 def genai_export(model_dir: Path, weights: str = "int4", *, who: str = "specrun") -> Path:
@@ -62,16 +71,19 @@ def continuous_batching(export: Path, *, slots: int, cache_gb: float, threads: i
     of KV blocks, prompts split into chunks of up to 2,048 tokens between decode steps;
     ``prompt_lookup``: requests whose config sets ``num_assistant_tokens`` are drafted by GenAI's
     prompt lookup and verified by the model (greedy: the same tokens)."""
-    try:
-        import openvino_genai as ov_genai
-    except ImportError:
-        raise SpecrunError(f"OpenVINO GenAI is not installed: {INSTALL_GENAI}") from None
+    require_genai()
+    import openvino_genai as ov_genai
+
     sc = ov_genai.SchedulerConfig()
     sc.max_num_seqs = slots
     sc.max_num_batched_tokens = 2048
-    sc.cache_size = max(1, round(cache_gb))
+    sc.cache_size = max(1, math.ceil(cache_gb))
     sc.dynamic_split_fuse = True
     sc.enable_prefix_caching = prefix_caching
     props = {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **({"prompt_lookup": True} if prompt_lookup else {}),
              **(properties or {})}
-    return ov_genai.ContinuousBatchingPipeline(str(export), sc, "CPU", props)
+    try:
+        return ov_genai.ContinuousBatchingPipeline(str(export), sc, "CPU", props)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["no message"])[0]
+        raise SpecrunError(f"OpenVINO GenAI could not load {export}: {first}; remove that cache folder to rebuild it") from None

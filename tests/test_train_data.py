@@ -380,8 +380,9 @@ class FakeGenAIPipe:
         def get_status(self):
             return self.status
 
-        def drop(self):
-            self.status = self.pipe.status.DROPPED_BY_HANDLE
+        def cancel(self):
+            self.status = self.pipe.status.CANCEL
+            self.pipe.running.remove(self)
 
     def add_request(self, request_id, tensor, cfg):
         ids = [int(t) for t in tensor.data[0]]
@@ -433,3 +434,18 @@ def test_genai_turns_regenerate_what_the_slot_engine_regenerates(tmp_path, tiny_
     with pytest.raises(SpecrunError, match="did not finish a request"):
         regenerate(GenAITurns(Dropping(), slots=2, capacity=512, eos={2}), tok, iter(convs), out=tmp_path / "x",
                    meta={}, max_new_tokens=60, eos={2}, vocab_size=49152, quiet=True)
+
+    class OtherEnd(FakeGenAIPipe):  # a pipeline that also stops on a token the target's answers do not end with
+        def add_request(self, request_id, tensor, cfg):
+            cfg.stop_token_ids = {*cfg.stop_token_ids, 100}
+            return super().add_request(request_id, tensor, cfg)
+
+    with pytest.raises(SpecrunError, match="not an end-of-turn token"):
+        regenerate(GenAITurns(OtherEnd(), slots=2, capacity=512, eos={2}), tok, iter(convs), out=tmp_path / "y",
+                   meta={}, max_new_tokens=60, eos={2}, vocab_size=49152, quiet=True)
+
+    turns = GenAITurns(pipe := FakeGenAIPipe(), slots=2, capacity=512, eos={2})  # a reset mid-answer cancels it
+    turns.start(0, [5, 6, 7], 60)
+    turns.advance()
+    turns.reset(0)
+    assert not pipe.running and turns.advance() == []

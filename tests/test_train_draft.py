@@ -693,15 +693,18 @@ def test_heldout_script_reproduces_the_runs_own_estimate(tmp_path, tiny_models):
 
 
 def test_genai_data_engine_refusals_are_one_line(tmp_path, tiny_models, monkeypatch):
-    """--data-engine genai runs the target at f32 on the CPU from GenAI's own export: other weights
-    or caches, another device, and a missing optimum-cli (the export) are each one clear line."""
+    """--data-engine genai runs the target at f32 from GenAI's own export: other weights or caches
+    and a missing optimum-cli (the export) are each one clear line; the engines' lookup defaults."""
+    from specrun_train.trainer import TrainOptions, data_lookup
+
+    assert [data_lookup(TrainOptions(target=None, out="-", data_engine=e)) for e in ("slots", "genai")] == [4, 0]
+    assert data_lookup(TrainOptions(target=None, out="-", data_engine="genai", data_lookup=3)) == 3
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi?"}\n')
     common = ["--target", tiny_models["llama"], "--data", prompts, "--num-prompts", 1, "--max-new-tokens", 4,
               "--stage", "data", "--quiet", "--data-engine", "genai"]
     assert_one_line(train_cli(*common, "--out", tmp_path / "a", "--data-weights", "bf16"), "runs the target in f32")
     assert_one_line(train_cli(*common, "--out", tmp_path / "b", "--data-kv-dtype", "bf16"), "runs the target in f32")
-    assert_one_line(train_cli(*common, "--out", tmp_path / "c", "--device", "cuda"), "runs on the CPU")
     pytest.importorskip("openvino_genai")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no optimum-cli anywhere
     monkeypatch.setattr("sys.executable", str(tmp_path / "empty" / "python"))

@@ -6,10 +6,13 @@ conversations (as SpecForge's ``regenerate_train_data`` does), with continuous b
   appended to the conversation in the target's chat template and the target answers it in
   context, with its own earlier answers, greedily, up to ``max_new_tokens``.  A conversation in
   which any human turn is an MT-bench question is left out (MT-bench is the benchmark).
-* **Engine.** The target's slot engine (``SlotEngine`` of the torch backend): ``slots`` sequences
-  decode together, each in its own slot of one preallocated KV cache; a finished answer's slot
-  prefills the next human turn on top of its cache, a finished conversation's slot takes the next
-  conversation at once.  No padding to the longest answer.
+* **Engine.** Continuous batching, driven a turn at a time (``SlotTurns``, ``GenAITurns``): the
+  target's slot engine (``SlotEngine`` of the torch backend: ``slots`` sequences decode together,
+  each in its own slot of one preallocated KV cache; a finished answer's slot prefills the next
+  human turn on top of its cache, with prompt-lookup drafts verified per slot), or OpenVINO GenAI's
+  ``ContinuousBatchingPipeline`` (a request per turn holding the conversation so far, its earlier
+  turns' KV blocks reused by prefix caching).  A finished conversation's slot takes the next
+  conversation at once; no padding to the longest answer.
 * **Shards.** Finished conversations are written in compressed shards (``shard-NNNNN.npz``: the
   token ids of each conversation stored once, its turn boundaries, its source index; written
   atomically), so a run killed at any point resumes from the shards there, and the shards are
@@ -331,7 +334,7 @@ class SlotTurns:
     def advance(self) -> list[tuple[int, list[int]]]:
         """One step of every answering slot; the answers that ended in it: (slot, answer tokens, the
         end-of-turn token included where the answer ended with one)."""
-        slots = list(self._answer)
+        slots = [s for s in self._ctx if s in self._answer]  # in the order the conversations started, as before
         fed = [self._block(s) for s in slots]
         nxt = self.engine.forward_blocks(slots, fed)
         self.stats["slot_steps"] += len(slots)
@@ -367,6 +370,7 @@ class GenAITurns:
         self._ctx: dict[int, list[int]] = {}
         self._handles: dict[int, object] = {}
         self._answer: dict[int, list[int]] = {}
+        self._budget: dict[int, int] = {}
         self._request = 0
 
     def start(self, slot: int, ids: list[int], budget: int) -> None:
@@ -377,19 +381,21 @@ class GenAITurns:
         ctx.extend(ids)
         cfg = ov_genai.GenerationConfig()
         cfg.max_new_tokens, cfg.do_sample = budget, False
+        cfg.eos_token_id = min(self.eos)  # else the pipeline adds its export's own end token to the stop tokens
         cfg.stop_token_ids = set(self.eos)
         if self.lookup > 0:
             cfg.num_assistant_tokens, cfg.max_ngram_size = self.lookup, 3
         self._handles[slot] = self.pipe.add_request(self._request, ov.Tensor(np.array([ctx], dtype=np.int64)), cfg)
         self._request += 1
-        self._answer[slot] = []
+        self._answer[slot], self._budget[slot] = [], budget
 
     def reset(self, slot: int) -> None:
         self._ctx.pop(slot, None)
         self._answer.pop(slot, None)
+        self._budget.pop(slot, None)
         handle = self._handles.pop(slot, None)
-        if handle is not None:
-            handle.drop()
+        if handle is not None:  # a request still running: the pipeline frees its blocks
+            handle.cancel()
 
     def advance(self) -> list[tuple[int, list[int]]]:
         import openvino_genai as ov_genai
@@ -404,10 +410,15 @@ class GenAITurns:
             if status == ov_genai.GenerationStatus.RUNNING:
                 continue
             if status != ov_genai.GenerationStatus.FINISHED:
-                raise SpecrunError(f"OpenVINO GenAI did not finish a request ({status}): its KV cache is too small "
-                                   "for the conversations in flight; lower --gen-batch-size")
+                raise SpecrunError(f"OpenVINO GenAI did not finish a request ({status}): its KV cache could not hold "
+                                   "the conversations in flight; lower --max-context or free memory")
             del self._handles[slot]
             answer = self._answer.pop(slot)
+            budget = self._budget.pop(slot)
+            if not answer or (answer[-1] not in self.eos and len(answer) != budget):
+                raise SpecrunError(f"OpenVINO GenAI ended an answer after {len(answer)} of {budget} tokens on token "
+                                   f"{answer[-1] if answer else None}, not an end-of-turn token {sorted(self.eos)}: "
+                                   "its export's end tokens differ from the target's; use --data-engine slots")
             self._ctx[slot].extend(answer)
             done.append((slot, answer))
         return done

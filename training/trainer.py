@@ -278,8 +278,9 @@ def data_weights(opts: TrainOptions) -> str:
 
 
 #: each data engine's prompt-lookup default, measured on the real work (bench/data_engine.py --replay 64,
-#: 2-core AMD EPYC, 2026-12-08): the slot engine gains (4), GenAI's batched verification loses (169 vs
-#: 186 answer tokens/s)
+#: 2-core AMD EPYC, 2026-12-08): the slot engine gains with 4 (docs/training-eagle3.md), GenAI's own
+#: lookup lost (169.2 answer tokens/s with it, 185.8 without, in two runs whose slot-engine
+#: references were 148.0 and 144.0)
 DATA_LOOKUP = {"slots": 4, "genai": 0}
 
 
@@ -297,21 +298,21 @@ def _genai_engine(opts: TrainOptions, model_dir: Path, tc, eos: set[int]):
     """The data stage on OpenVINO GenAI's continuous-batching pipeline (its own export of the target,
     f32 compute and KV cache: the target's own greedy answers), prefix caching on, so a turn's
     request reuses the KV blocks of the conversation's earlier turns."""
-    from specrun_kit.genai import F32, continuous_batching, genai_export
+    from specrun_kit.genai import F32, continuous_batching, genai_export, require_genai
 
     from .data import GenAITurns
+
+    require_genai()
 
     if opts.data_weights != "f32" or opts.data_kv_dtype != "f32":
         raise SpecrunError("--data-engine genai runs the target in f32 (its own greedy answers): "
                            "drop --data-weights / --data-kv-dtype, or use --data-engine slots")
-    if opts.device != "cpu":
-        raise SpecrunError(f"--data-engine genai runs on the CPU, not --device {opts.device}; use --data-engine slots")
     raw = tc.raw
     heads = raw.get("num_attention_heads", 1)
     head_dim = raw.get("head_dim") or tc.hidden_size // heads
     per_token = tc.num_layers * 2 * raw.get("num_key_value_heads", heads) * head_dim * 4  # f32 keys and values
     slots = max(1, opts.gen_batch_size)
-    # every slot's whole context, plus a fifth for the prefix cache's earlier turns
+    # every slot's whole context, plus a fifth of headroom for the blocks of finished turns that prefix caching keeps
     cache_gb = 1.2 * slots * opts.max_context * per_token / 2**30
     pipe = continuous_batching(genai_export(model_dir, "fp32", who="specrun train-draft"), slots=slots,
                                cache_gb=cache_gb, threads=opts.threads, prefix_caching=True,
@@ -1276,7 +1277,7 @@ def _command():
     @click.option("--data-engine", type=click.Choice(["slots", "genai"]), default="slots", show_default=True,
                   help="slots: specrun's torch slot engine; genai: OpenVINO GenAI's continuous-batching pipeline "
                   "(f32, CPU; 1.3x the slot engine on multi-turn work here, bench/data_engine.py; needs optimum-cli "
-                  "on PATH: bash bench/baselines_env.sh).")
+                  "on PATH: bash bench/optimum_env.sh).")
     @click.option("--data-dir", default=None, help="Folder of the data shards [default: OUT/work/shards].")
     @click.option("--data-seconds", type=float, default=None, help="Start no new conversation after this many seconds.")
     @click.option("--data-lookup", type=int, default=None,
