@@ -21,6 +21,7 @@ conversations (as SpecForge's ``regenerate_train_data`` does), with continuous b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -558,6 +559,9 @@ def regenerate(
         flush(force=True)
         bar.close()
         stop_signals()
+        with contextlib.suppress(Exception):  # the answers in flight are given up (GenAI frees their blocks)
+            for slot in list(active):
+                turns.reset(slot)
     counts.update(turns.stats)
     counts["seconds"] = round(time.perf_counter() - t0, 1)
     counts["answer_tokens_per_s"] = round(counts["answer_tokens"] / max(1e-9, counts["seconds"]), 1)
