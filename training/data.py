@@ -559,7 +559,7 @@ def regenerate(
         flush(force=True)
         bar.close()
         stop_signals()
-        with contextlib.suppress(Exception):  # the answers in flight are given up (GenAI frees their blocks)
+        with contextlib.suppress(Exception):  # the answers in flight are given up (their requests cancelled)
             for slot in list(active):
                 turns.reset(slot)
     counts.update(turns.stats)
