@@ -13,7 +13,7 @@ on OpenVINO GenAI as ``train-draft --data-engine genai`` runs it; the identity c
 share of answers equal to the committed ones (made by the f32 slot engine).
 
 ``--variant genai-f32`` / ``genai-default`` need openvino-genai and optimum-cli on PATH (its own
-export of the target: ``bash bench/baselines_env.sh``).
+export of the target: ``bash bench/optimum_env.sh``).
 
 Pause a background data run first (``kill -STOP $(cat OUT.data.pid)``, ``bench/eagle3_data.sh``): both
 measure the same CPU.
@@ -30,7 +30,7 @@ import click
 VARIANTS = ["f32-f32", "f32-bf16", "bf16-bf16"]
 #: OpenVINO GenAI's ContinuousBatchingPipeline on its own export of the target (f32 weights), with its
 #: inference and KV-cache precision: f32 (the target's own arithmetic) or the CPU plugin's defaults
-GENAI_VARIANTS = {"genai-f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}, "genai-default": {}}
+GENAI_VARIANTS = ("genai-f32", "genai-default")
 
 
 def first_turns(tok, n: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -83,22 +83,19 @@ def run_genai(model_dir, prompts, new_tokens, slots, eos, props: dict) -> tuple[
     cache, ``slots`` sequences at most in a step) on the same single-turn prompts, greedy."""
     import numpy as np
     import openvino as ov
-    import openvino_genai as ov_genai
 
-    from specrun_kit.genai import continuous_batching, genai_export
+    from specrun_kit.genai import continuous_batching, genai_export, greedy_config
 
     pipe = continuous_batching(genai_export(model_dir, "fp32", who="data_engine"), slots=slots, cache_gb=4, threads=2,
                                properties=props)
-    cfg = ov_genai.GenerationConfig()
-    cfg.max_new_tokens, cfg.do_sample = new_tokens, False
-    cfg.stop_token_ids = set(eos)
+    cfg = greedy_config(new_tokens, eos)
     inputs = [ov.Tensor(np.array([p], dtype=np.int64)) for p in prompts]
     t0 = time.perf_counter()
     res = pipe.generate(inputs, [cfg] * len(inputs))
     seconds = time.perf_counter() - t0
     answers = [[int(t) for t in r.m_generation_ids[0]] for r in res]
     n = sum(len(a) for a in answers)
-    return {"answer_tokens_per_s": n / seconds, "answer_tokens": n, "slot_steps": n, "rows": n}, answers
+    return {"answer_tokens_per_s": n / seconds, "answer_tokens": n}, answers
 
 
 def run_replay(model_dir, n: int, slots: int, lookups: list[int], out: str, genai: bool = False) -> None:
@@ -225,8 +222,10 @@ def main(prompts, new_tokens, slots, batch, identity, max_prompt_tokens, variant
             click.echo(f"slot engine ({slots} slots, {weights} weights, {kv} KV cache, lookup {k}): {tps:.1f} answer "
                        f"tokens/s", err=True)
     for name in [v for v in GENAI_VARIANTS if v in set(variant)]:
+        from specrun_kit.genai import F32
+
         variants.append(name)
-        counts, answers = run_genai(model_dir, ps, new_tokens, slots, eos, GENAI_VARIANTS[name])
+        counts, answers = run_genai(model_dir, ps, new_tokens, slots, eos, F32 if name == "genai-f32" else {})
         res[f"engine_{name}_tokens_per_s"] = round(counts["answer_tokens_per_s"], 1)
         res.setdefault("answers", {})[name] = answers
         click.echo(f"OpenVINO GenAI ContinuousBatchingPipeline ({name}, {slots} sequences): "

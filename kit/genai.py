@@ -65,6 +65,21 @@ def genai_export(model_dir: Path, weights: str = "int4", *, who: str = "specrun"
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
 
+def greedy_config(budget: int, eos: set[int], lookup: int = 0):
+    """A request's greedy config: up to ``budget`` new tokens, ending on the target's own end tokens
+    only (``eos_token_id`` set, else the pipeline adds its export's end token to the stop tokens);
+    ``lookup``: draft tokens of GenAI's prompt lookup (trigram matches)."""
+    import openvino_genai as ov_genai
+
+    cfg = ov_genai.GenerationConfig()
+    cfg.max_new_tokens, cfg.do_sample = budget, False
+    cfg.eos_token_id = min(eos)
+    cfg.stop_token_ids = set(eos)
+    if lookup > 0:
+        cfg.num_assistant_tokens, cfg.max_ngram_size = lookup, 3
+    return cfg
+
+
 def continuous_batching(export: Path, *, slots: int, cache_gb: float, threads: int | None = None,
                         prefix_caching: bool = False, prompt_lookup: bool = False, properties: dict | None = None):
     """A ``ContinuousBatchingPipeline`` on ``export``: at most ``slots`` sequences a step, ``cache_gb``

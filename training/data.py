@@ -376,16 +376,12 @@ class GenAITurns:
 
     def start(self, slot: int, ids: list[int], budget: int) -> None:
         import openvino as ov
-        import openvino_genai as ov_genai
+
+        from specrun_kit.genai import greedy_config
 
         ctx = self._ctx.setdefault(slot, [])
         ctx.extend(ids)
-        cfg = ov_genai.GenerationConfig()
-        cfg.max_new_tokens, cfg.do_sample = budget, False
-        cfg.eos_token_id = min(self.eos)  # else the pipeline adds its export's own end token to the stop tokens
-        cfg.stop_token_ids = set(self.eos)
-        if self.lookup > 0:
-            cfg.num_assistant_tokens, cfg.max_ngram_size = self.lookup, 3
+        cfg = greedy_config(budget, self.eos, self.lookup)
         self._handles[slot] = self.pipe.add_request(self._request, ov.Tensor(np.array([ctx], dtype=np.int64)), cfg)
         self._request += 1
         self._answer[slot], self._budget[slot] = [], budget
@@ -395,7 +391,7 @@ class GenAITurns:
         self._answer.pop(slot, None)
         self._budget.pop(slot, None)
         handle = self._handles.pop(slot, None)
-        if handle is not None:  # a request still running: the pipeline frees its blocks
+        if handle is not None:  # a request still running: cancelled
             handle.cancel()
 
     def advance(self) -> list[tuple[int, list[int]]]:

@@ -302,11 +302,10 @@ def _genai_engine(opts: TrainOptions, model_dir: Path, tc, eos: set[int]):
 
     from .data import GenAITurns
 
-    require_genai()
-
     if opts.data_weights != "f32" or opts.data_kv_dtype != "f32":
         raise SpecrunError("--data-engine genai runs the target in f32 (its own greedy answers): "
                            "drop --data-weights / --data-kv-dtype, or use --data-engine slots")
+    require_genai()  # before the export is made for it
     raw = tc.raw
     heads = raw.get("num_attention_heads", 1)
     head_dim = raw.get("head_dim") or tc.hidden_size // heads
